@@ -1,0 +1,325 @@
+"""PatchCore: "Towards Total Recall in Industrial Anomaly Detection" (Roth et al., CVPR 2022).
+
+A frozen ImageNet CNN turns every image into a grid of locally aware patch features
+(Sec. 3.1, Eq. 1-2). A greedy coreset of the features of all normal training images
+is the memory bank (Sec. 3.2, Alg. 1). A test patch's anomaly score is the distance to
+its nearest memory patch; the image score is the largest patch score (Sec. 3.3, Eq. 6-7).
+
+This file holds the method only: no files, no command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
+
+WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
+
+
+class WeightsError(RuntimeError):
+    """The backbone weights asked for cannot be had."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but this torch build sees no CUDA GPU: use --device cpu")
+    return torch.device(device)
+
+
+def load_backbone(name: str, weights: str, seed: int) -> tuple[torch.nn.Module, str, str]:
+    """Build a torchvision classification network with the weights asked for.
+
+    weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded and cached), 'none'
+    (random init from `seed`, for tests), 'auto' (imagenet, else random init with a
+    warning) or a path to a local state_dict file.
+    Returns (network, weights_spec, weights_description); the spec rebuilds the same weights.
+    """
+    if weights in ("imagenet", "auto"):
+        imagenet = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            return torchvision.models.get_model(name, weights=imagenet), "imagenet", f"imagenet ({imagenet})"
+        except OSError as err:  # URLError, HTTP errors and unreadable cache files are OSErrors
+            if weights == "imagenet":
+                raise WeightsError(
+                    f"could not get ImageNet weights for {name} ({err}); on an offline machine pass "
+                    "--weights PATH to a state_dict file, or --weights none for random init (tests only)"
+                ) from err
+            print(
+                f"WARNING: ImageNet weights for {name} could not be had ({err}); using RANDOM INIT weights. "
+                "Scores will be far below the paper's.",
+                file=sys.stderr,
+            )
+            weights = "none"
+    if weights == "none":
+        torch.manual_seed(seed)
+        return torchvision.models.get_model(name, weights=None), "none", f"none (random init, seed {seed})"
+    return torchvision.models.get_model(name, weights=None), weights, f"file ({weights})"
+
+
+def random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A Gaussian [in_dim, out_dim] matrix scaled by 1/sqrt(out_dim): distances are kept in expectation."""
+    return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, H, W] maps, kernel radius 4*sigma.
+
+    Mirror padding at the border, like scipy.ndimage.gaussian_filter(mode='mirror').
+    """
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the deepest used layer: the rest of the network never runs."""
+
+
+class PatchCore:
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: tuple[str, ...] = ("layer2", "layer3"),
+        device: str = "auto",
+        coreset_ratio: float = 0.25,
+        coreset_proj_dim: int = 128,
+        weights: str = "imagenet",
+        seed: int = 0,
+        reweight_b: int = 0,
+        blur_sigma: float = 4.0,
+    ) -> None:
+        if not 0 < coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        self.device = resolve_device(device)
+        self.backbone_name = backbone
+        self.layers = tuple(layers)
+        self.coreset_ratio = coreset_ratio
+        self.coreset_proj_dim = coreset_proj_dim
+        self.seed = seed
+        self.reweight_b = reweight_b  # 0: image score = max patch score; b > 0: Eq. 7 with b neighbours
+        self.blur_sigma = blur_sigma  # 0: no smoothing of the anomaly map
+
+        network, self.weights_spec, self.weights = load_backbone(backbone, weights, seed)
+        self.backbone = self._cut_after_last_layer(network)
+        if self.weights_spec not in WEIGHT_CHOICES:
+            self._load_state_dict_file(self.weights_spec)
+        self.backbone_sha256 = self._fingerprint()
+        self.backbone.eval().requires_grad_(False).to(self.device)
+
+        # feature_extractor: forward hooks collect the used layers' outputs.
+        self._features: dict[str, torch.Tensor] = {}
+        for name in self.layers:
+            getattr(self.backbone, name).register_forward_hook(self._hook(name))
+
+        self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
+        self.index = None  # faiss.IndexFlatL2 over the memory bank
+
+    # ------------------------------------------------------------------ backbone
+    def _cut_after_last_layer(self, network: torch.nn.Module) -> torch.nn.Module:
+        """Replace every child after the deepest used layer by Identity (layer4, avgpool, fc)."""
+        names = [name for name, _ in network.named_children()]
+        unknown = [layer for layer in self.layers if layer not in names]
+        if unknown:
+            raise ValueError(f"{self.backbone_name} has no layer(s) {unknown}; it has {names}")
+        self._last_layer = max(self.layers, key=names.index)
+        for name in names[names.index(self._last_layer) + 1 :]:
+            setattr(network, name, torch.nn.Identity())
+        return network
+
+    def _load_state_dict_file(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never runs pickled code
+        except Exception as err:
+            raise WeightsError(f"--weights {path}: not a readable state_dict file ({err})") from err
+        if not isinstance(state, dict):
+            raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
+        used = self.backbone.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in used or not k.startswith(tuple(self._dropped_prefixes()))}
+        try:
+            self.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0:2]
+            raise WeightsError(
+                f"--weights {path}: not a state_dict of {self.backbone_name} ({' '.join(first)})"
+            ) from err
+
+    def _dropped_prefixes(self) -> list[str]:
+        names = [name for name, _ in self.backbone.named_children()]
+        return [name + "." for name in names[names.index(self._last_layer) + 1 :]]
+
+    def _fingerprint(self) -> str:
+        """sha256 of the used backbone weights: evaluation checks it equals training's."""
+        digest = hashlib.sha256()
+        for key, value in self.backbone.state_dict().items():
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self._features[name] = output
+            if name == self._last_layer:
+                raise _StopForward
+
+        return hook
+
+    # ------------------------------------------------------------------ features
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Raw feature maps of the used layers, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px."""
+        self._features = {}
+        try:
+            self.backbone(images.to(self.device))
+        except _StopForward:
+            pass
+        return [self._features[name] for name in self.layers]
+
+    @torch.no_grad()
+    def aggregate_patches(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Locally aware patch features (Eq. 1-2): [B, N, C], N = H*W of the largest map.
+
+        1. each layer: average over the 3x3 neighbourhood of every position (stride 1,
+           border positions average over their in-image neighbours only);
+        2. deeper maps upsampled bilinearly to the largest map's grid (28x28 for 224 px);
+        3. channels concatenated (512 + 1024 = 1536 for layer2 + layer3).
+        """
+        grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
+        maps = []
+        for f in features:
+            f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            if f.shape[-2:] != grid:
+                f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            maps.append(f)
+        return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+
+    def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        features = self.extract_features(images)
+        grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
+        return self.aggregate_patches(features), (int(grid[0]), int(grid[1]))
+
+    # ------------------------------------------------------------------ memory bank
+    @torch.no_grad()
+    def fit(self, dataloader) -> None:
+        """Build the memory bank from the normal training images (Sec. 3.2)."""
+        patches = []
+        for batch in tqdm(dataloader, desc="features", unit="batch"):
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
+            p, _ = self._patches(images)
+            patches.append(p.reshape(-1, p.shape[-1]).cpu())
+        if not patches:
+            raise ValueError("fit() got no training images")
+        patches = torch.cat(patches)
+        self.n_train_patches = patches.shape[0]
+        selected = self._greedy_coreset(patches, self.coreset_ratio)
+        self.set_memory_bank(patches[selected.cpu()])
+
+    @torch.no_grad()
+    def _greedy_coreset(self, features: torch.Tensor, ratio: float) -> torch.Tensor:
+        """k-center greedy coreset (Alg. 1): indices of round-down(ratio * N) patches, at least 1.
+
+        Distances are taken on a seeded random Gaussian projection to `coreset_proj_dim`
+        dims (Johnson-Lindenstrauss, Sec. 3.2); 0 keeps the full features. The random
+        start point is the first selected index.
+        """
+        n = features.shape[0]
+        n_select = max(1, int(n * ratio))
+        if n_select >= n:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = features.to(self.device, torch.float32)
+        if 0 < self.coreset_proj_dim < x.shape[1]:
+            x = x @ random_projection(x.shape[1], self.coreset_proj_dim, generator).to(self.device)
+        start = int(torch.randint(n, (1,), generator=generator))
+        selected = torch.empty(n_select, dtype=torch.long, device=self.device)
+        selected[0] = start
+        min_dist = ((x - x[start]) ** 2).sum(1)  # squared distance to the nearest selected point
+        for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
+            farthest = torch.argmax(min_dist)  # first index among ties
+            selected[i] = farthest
+            min_dist = torch.minimum(min_dist, ((x - x[farthest]) ** 2).sum(1))
+        return selected
+
+    def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
+        """Keep the memory bank and index it with faiss IndexFlatL2 (on the GPU when faiss has GPUs)."""
+        self.memory_bank = memory_bank.to(self.device, torch.float32).contiguous()
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatL2(self.memory_bank.shape[1])
+        index.add(self.memory_bank.cpu().numpy())
+        if self.device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            self._gpu_resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
+        self.index = index
+
+    def _nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances [M, k] and memory-bank indices [M, k] of each patch's k nearest memory patches."""
+        if self.index is None:
+            raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
+        if not 1 <= k <= self.index.ntotal:
+            raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {self.index.ntotal}")
+        queries = np.ascontiguousarray(patches.detach().cpu().numpy(), dtype=np.float32)
+        squared, indices = self.index.search(queries, k)  # faiss returns squared L2
+        distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0)))
+        return distances.to(self.device), torch.from_numpy(indices).to(self.device)
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores [B] and anomaly maps [B, H, W] at the input resolution (Sec. 3.3)."""
+        patches, (h, w) = self._patches(images)
+        b, n, c = patches.shape
+        distances, nearest = self._nearest_neighbors(patches.reshape(-1, c), k=1)
+        patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
+        if self.reweight_b:
+            scores = self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
+        else:
+            scores = patch_scores.max(dim=1).values
+        maps = F.interpolate(patch_scores.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if self.blur_sigma > 0:
+            maps = gaussian_blur(maps, self.blur_sigma)
+        return scores.cpu().numpy(), maps[:, 0].cpu().numpy()
+
+    def _reweighted_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*.
+
+        m_test* is the image's highest-scoring patch, m* its nearest memory patch and
+        N_b(m*) the b nearest memory patches of m* (m* itself among them).
+        """
+        rows = torch.arange(patches.shape[0], device=patches.device)
+        s_star, worst = patch_scores.max(dim=1)
+        m_test = patches[rows, worst]  # [B, C]
+        m_star = self.memory_bank[nearest[rows, worst]]  # [B, C]
+        _, support = self._nearest_neighbors(m_star, k=self.reweight_b)  # [B, b]
+        d = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)  # [B, b]
+        weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))
+        return weight * s_star
+
+    def config(self) -> dict:
+        """What produced this model's memory bank; stored with it and checked on loading."""
+        return {
+            "backbone": self.backbone_name,
+            "layers": list(self.layers),
+            "weights": self.weights,
+            "weights_spec": self.weights_spec,
+            "backbone_sha256": self.backbone_sha256,
+            "coreset_ratio": self.coreset_ratio,
+            "coreset_proj_dim": self.coreset_proj_dim,
+            "seed": self.seed,
+            "feature_dim": None if self.memory_bank is None else int(self.memory_bank.shape[1]),
+        }
+

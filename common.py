@@ -144,9 +144,7 @@ def load_memory_bank(path: Path) -> tuple[np.ndarray, dict]:
     if not isinstance(header, dict) or header.get("format") != BANK_FORMAT:
         raise BankError(f"{path} is not a PatchCore memory-bank file; {rerun}")
     if header.get("format_version") != BANK_FORMAT_VERSION:
-        raise BankError(
-            f"{path} has format version {header.get('format_version')}, this code reads {BANK_FORMAT_VERSION}; {rerun}"
-        )
+        raise BankError(f"{path} has format version {header.get('format_version')}, this code reads {BANK_FORMAT_VERSION}; {rerun}")
     if memory_bank.dtype != np.float32 or memory_bank.ndim != 2:
         raise BankError(f"{path} holds a {memory_bank.dtype} array of shape {memory_bank.shape}; {rerun}")
     if hashlib.sha256(memory_bank.tobytes()).hexdigest() != header.get("sha256"):

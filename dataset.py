@@ -90,9 +90,7 @@ def resolve_categories(root: Path, spec: str) -> list[str]:
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
     missing = [name for name in wanted if name not in found]
     if missing or not wanted:
-        raise DataError(
-            f"--category {','.join(missing) or spec!r} not found under {root}; found: {', '.join(found) or 'none'}"
-        )
+        raise DataError(f"--category {','.join(missing) or spec!r} not found under {root}; found: {', '.join(found) or 'none'}")
     return wanted
 
 

@@ -41,7 +41,12 @@ def parse_args():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--weights", default=None, help="backbone weights (default: those the memory bank was built with); must equal them")
-    parser.add_argument("--reweight_b", type=int, default=0, help="image score: 0 = max patch score (default); b > 0 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)")
+    parser.add_argument(
+        "--reweight_b",
+        type=int,
+        default=0,
+        help="image score: 0 = max patch score (default); b > 0 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)",
+    )
     parser.add_argument("--blur_sigma", type=float, default=4.0, help="Gaussian sigma for smoothing anomaly maps, 0 = none (default: 4)")
     args = parser.parse_args()
     check_common_args(parser, args)
@@ -187,7 +192,9 @@ def main() -> None:
     rows = [evaluate_category(args, category) for category in categories]
     print(f"\n{'category':<14} {'image AUROC':>11} {'pixel AUROC':>11} {'images':>7} {'ms/img':>7}")
     for m in rows:
-        print(f"{m['category']:<14} {percent(m['image_auroc']):>11} {percent(m['pixel_auroc']):>11} {m['n_images']:>7} {m['ms_per_image']:>7}")
+        print(
+            f"{m['category']:<14} {percent(m['image_auroc']):>11} {percent(m['pixel_auroc']):>11} {m['n_images']:>7} {m['ms_per_image']:>7}"
+        )
     print(f"\nweights: {rows[0]['weights']}; results and heatmaps in {Path(args.output_dir).resolve()}/<category>/")
 
 

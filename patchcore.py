@@ -155,9 +155,7 @@ class PatchCore:
             self.backbone.load_state_dict(state, strict=True)
         except RuntimeError as err:
             first = str(err).strip().splitlines()[0:2]
-            raise WeightsError(
-                f"--weights {path}: not a state_dict of {self.backbone_name} ({' '.join(first)})"
-            ) from err
+            raise WeightsError(f"--weights {path}: not a state_dict of {self.backbone_name} ({' '.join(first)})") from err
 
     def _dropped_prefixes(self) -> list[str]:
         names = [name for name, _ in self.backbone.named_children()]
@@ -322,4 +320,3 @@ class PatchCore:
             "seed": self.seed,
             "feature_dim": None if self.memory_bank is None else int(self.memory_bank.shape[1]),
         }
-

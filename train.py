@@ -1,6 +1,6 @@
 """Build a PatchCore memory bank per category and save it to OUTPUT_DIR/<category>/memory_bank.npz.
 
-    python train.py --data_path "/mnt/e/Big Data/MVTec AD" --category bottle --coreset_ratio 0.25
+python train.py --data_path "/mnt/e/Big Data/MVTec AD" --category bottle --coreset_ratio 0.25
 """
 
 from __future__ import annotations
@@ -20,13 +20,21 @@ def parse_args():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--coreset_ratio", type=float, default=0.25, help="fraction of training patches kept (default: 0.25)")
-    parser.add_argument("--coreset_proj_dim", type=int, default=128, help="random projection dims for coreset selection, 0 = none (default: 128)")
-    parser.add_argument("--weights", default="imagenet", help="imagenet (default), auto (imagenet, else random init), none (random init, tests only) or PATH to a state_dict")
+    parser.add_argument(
+        "--coreset_proj_dim", type=int, default=128, help="random projection dims for coreset selection, 0 = none (default: 128)"
+    )
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (default), auto (imagenet, else random init), none (random init, tests only) or PATH to a state_dict",
+    )
     parser.add_argument("--backbone", default="wide_resnet50_2", help="torchvision model (default: wide_resnet50_2)")
     parser.add_argument("--layers", default="layer2,layer3", help="backbone layers to take patch features from (default: layer2,layer3)")
     parser.add_argument("--resize", type=int, default=256, help="shorter image side before the crop (default: 256)")
     parser.add_argument("--image_size", type=int, default=224, help="center-crop size (default: 224)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the coreset's projection and start point, and of random-init weights (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the coreset's projection and start point, and of random-init weights (default: 0)"
+    )
     args = parser.parse_args()
     check_common_args(parser, args)
     if not 0 < args.coreset_ratio <= 1:

@@ -1,0 +1,19 @@
+"""Shared fixtures: a small synthetic category and a random-init model (no weights download)."""
+
+import pytest
+
+from dataset import make_synthetic_category
+from patchcore import PatchCore
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small category in MVTec's layout, under a path with a space and a non-ASCII character."""
+    root = tmp_path_factory.mktemp("data") / "Big Data ü"
+    make_synthetic_category(root, "widget", n_train=6, n_test_good=3, n_per_defect=2, size=80, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model():
+    return PatchCore(weights="none", device="cpu", seed=0)

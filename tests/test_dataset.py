@@ -1,0 +1,111 @@
+"""MVTec layout, preprocessing and the synthetic generator, on files the tests write."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset import DataError, MVTecDataset, Preprocess, load_rgb, make_synthetic_category, resolve_categories
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_synthetic_category_is_mvtec_layout_and_deterministic(tmp_path):
+    a = make_synthetic_category(tmp_path / "a", "toy", n_train=3, n_test_good=2, n_per_defect=2, size=64, seed=7)
+    b = make_synthetic_category(tmp_path / "b", "toy", n_train=3, n_test_good=2, n_per_defect=2, size=64, seed=7)
+    assert _digest(a) == _digest(b)
+    assert len(list((a / "train" / "good").glob("*.png"))) == 3
+    for defect in ("scratch", "spot", "stain"):
+        for image in (a / "test" / defect).glob("*.png"):
+            mask = np.asarray(Image.open(a / "ground_truth" / defect / f"{image.stem}_mask.png"))
+            assert set(np.unique(mask)) == {0, 255}
+
+
+def test_items_labels_and_masks(synthetic_root):
+    test = MVTecDataset(synthetic_root, "widget", "test", Preprocess(72, 64))
+    assert len(test) == 3 + 3 * 2
+    image, label, mask, path, defect = test[0]
+    assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
+    labels = [test[i][1] for i in range(len(test))]
+    assert labels.count(0) == 3 and labels.count(1) == 6
+    for i in range(len(test)):
+        _, label, mask, path, defect = test[i]
+        assert path.startswith("widget/test/") and (label == 1) == (defect != "good")
+        assert (mask.sum() > 0) == bool(label)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_masks_are_paired_by_name_not_position(tmp_path):
+    cat = tmp_path / "cat"
+    (cat / "train" / "good").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(cat / "train" / "good" / "0.png")
+    (cat / "test" / "hole").mkdir(parents=True)
+    (cat / "ground_truth" / "hole").mkdir(parents=True)
+    for name, column in (("b", 0), ("a", 16)):  # masks written in the opposite order to the images
+        Image.new("RGB", (32, 32)).save(cat / "test" / "hole" / f"{name}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, column : column + 16] = 255
+        Image.fromarray(mask).save(cat / "ground_truth" / "hole" / f"{name}_mask.png")
+    test = MVTecDataset(tmp_path, "cat", "test", Preprocess(32, 32))
+    for i in range(len(test)):
+        _, _, mask, path, _ = test[i]
+        left_half_defective = bool(mask[0, :, :16].all())
+        assert left_half_defective == path.endswith("b.png")
+
+
+def test_missing_mask_names_the_expected_path(tmp_path):
+    cat = tmp_path / "cat"
+    (cat / "test" / "crack").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(cat / "test" / "crack" / "007.png")
+    with pytest.raises(DataError, match=r"007\.png has no mask: expected .*ground_truth/crack/007_mask\.png"):
+        MVTecDataset(tmp_path, "cat", "test")
+
+
+def test_resolve_categories(synthetic_root, tmp_path):
+    assert resolve_categories(synthetic_root, "all") == ["widget"]
+    assert resolve_categories(synthetic_root, "widget") == ["widget"]
+    with pytest.raises(DataError, match="bottle.*found: widget"):
+        resolve_categories(synthetic_root, "widget,bottle")
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_categories(tmp_path / "nowhere", "bottle")
+
+
+def test_preprocess_resizes_shorter_side_then_crops_and_binarises_masks():
+    pre = Preprocess(resize=40, image_size=32)
+    assert pre.image(Image.new("RGB", (120, 80), (255, 0, 0))).shape == (3, 32, 32)
+    red = pre.image(Image.new("RGB", (120, 80), (255, 0, 0)))[:, 0, 0]
+    assert torch.allclose(red, (torch.tensor([1.0, 0, 0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    values = np.array([[0, 100, 127, 128, 200, 255]] * 6, np.uint8).repeat(8, axis=1).repeat(8, axis=0)
+    mask = pre.mask(Image.fromarray(values))  # 48x48 -> nearest 40x40 -> crop 32x32
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0}
+
+
+def test_non_image_files_are_skipped_with_one_note(tmp_path, capsys):
+    make_synthetic_category(tmp_path, "toy", n_train=2, n_test_good=1, n_per_defect=1, size=48)
+    (tmp_path / "toy" / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "toy" / "train" / "good" / "Thumbs.db").write_bytes(b"\0\1")
+    assert len(MVTecDataset(tmp_path, "toy", "train")) == 2
+    assert "skipped 2 non-image file(s)" in capsys.readouterr().err
+
+
+def test_sixteen_bit_greyscale_is_rescaled_not_saturated(tmp_path):
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(tmp_path / "g16.png")
+    assert np.asarray(load_rgb(tmp_path / "g16.png"))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_truncated_image_stops_before_work_naming_the_file(tmp_path):
+    make_synthetic_category(tmp_path, "toy", n_train=2, n_test_good=1, n_per_defect=1, size=48)
+    broken = tmp_path / "toy" / "train" / "good" / "001.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"cannot read image .*001\.png"):
+        MVTecDataset(tmp_path, "toy", "train")
+
+
+def test_empty_train_good_is_an_error(tmp_path):
+    (tmp_path / "toy" / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images in .*train/good"):
+        MVTecDataset(tmp_path, "toy", "train")

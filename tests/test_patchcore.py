@@ -19,7 +19,9 @@ def test_patch_features_have_the_papers_shapes(model):
 
 def test_forward_stops_after_layer3(model):
     calls = []
-    hooks = [getattr(model.backbone, n).register_forward_hook(lambda *a, n=n: calls.append(n)) for n in ("layer2", "layer4", "avgpool", "fc")]
+    hooks = [
+        getattr(model.backbone, n).register_forward_hook(lambda *a, n=n: calls.append(n)) for n in ("layer2", "layer4", "avgpool", "fc")
+    ]
     try:
         model.extract_features(torch.randn(1, 3, 64, 64))
     finally:

@@ -195,7 +195,7 @@ def main() -> None:
         print(
             f"{m['category']:<14} {percent(m['image_auroc']):>11} {percent(m['pixel_auroc']):>11} {m['n_images']:>7} {m['ms_per_image']:>7}"
         )
-    print(f"\nweights: {rows[0]['weights']}; results and heatmaps in {Path(args.output_dir).resolve()}/<category>/")
+    print(f"\nweights: {rows[0]['weights']}; results and heatmaps in {args.output_dir}/<category>/")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 BANK_FILE = "memory_bank.npz"
+TRAIN_LOG = "train.json"  # run-specific facts of the training run: seconds, device, time
 BANK_FORMAT = "patchcore-memory-bank"
 BANK_FORMAT_VERSION = 1
 
@@ -85,7 +86,7 @@ def run_main(main: Callable[[], None]) -> None:
 
 
 def environment() -> dict:
-    """Library versions and hardware, recorded in every output."""
+    """Library versions and GPU, recorded in every output."""
     import faiss
     import torch
     import torchvision
@@ -97,8 +98,11 @@ def environment() -> dict:
         "faiss": faiss.__version__,
         "numpy": np.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
@@ -120,6 +124,22 @@ def write_json(path: Path, obj: object) -> None:
     atomic_write(path, lambda f: json.dump(obj, f, indent=2), mode="w")
 
 
+def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> None:
+    """An .npz that np.load reads with allow_pickle=False, written atomically and byte for byte
+    reproducibly (fixed timestamps in the zip, unlike np.savez)."""
+
+    def write(f) -> None:
+        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+        with zipfile.ZipFile(f, "w", method) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                with archive.open(info, "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
 def save_memory_bank(path: Path, memory_bank: np.ndarray, header: dict) -> None:
     memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
     header = {
@@ -128,8 +148,8 @@ def save_memory_bank(path: Path, memory_bank: np.ndarray, header: dict) -> None:
         "sha256": hashlib.sha256(memory_bank.tobytes()).hexdigest(),
         **header,
     }
-    header_bytes = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, memory_bank=memory_bank, header=header_bytes))
+    header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+    save_npz(path, {"memory_bank": memory_bank, "header": header_bytes})
 
 
 def load_memory_bank(path: Path) -> tuple[np.ndarray, dict]:

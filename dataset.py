@@ -11,6 +11,7 @@ Layout (any category folder in it works, not only MVTec's 15):
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from pathlib import Path
 
@@ -162,6 +163,36 @@ class MVTecDataset(torch.utils.data.Dataset):
             with Image.open(mask_path) as m:
                 mask = self.transform.mask(m)
         return image, int(defect != "good"), mask, path.relative_to(self.root_path).as_posix(), defect
+
+
+def find_images(spec: str) -> list[Path]:
+    """Image files of a folder, or matching a glob pattern ('**' recurses); each checked readable."""
+    folder = Path(spec)
+    if folder.is_dir():
+        candidates = sorted(p for p in folder.iterdir() if p.is_file())
+    else:
+        candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if len(images) < len(candidates):
+        print(f"note: skipped {len(candidates) - len(images)} non-image file(s) in {spec}", file=sys.stderr)
+    if not images:
+        raise DataError(f"--images {spec}: no {'/'.join(IMAGE_EXTENSIONS)} files there; give a folder or a glob such as 'dir/*.png'")
+    for path in images:
+        _check_readable(path)
+    return images
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Unlabelled images, for scoring new parts: items are (image [3,S,S], index)."""
+
+    def __init__(self, paths: list[Path], transform: Preprocess) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
+        return self.transform.image(load_rgb(self.paths[idx])), idx
 
 
 # ---------------------------------------------------------------------- synthetic data

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import torch
 
-from common import BANK_FILE, ArgumentParser, add_common_args, check_common_args, environment, run_main, save_memory_bank
+from common import (
+    BANK_FILE,
+    TRAIN_LOG,
+    ArgumentParser,
+    add_common_args,
+    check_common_args,
+    environment,
+    now,
+    run_main,
+    save_memory_bank,
+    write_json,
+)
 from dataset import MVTecDataset, Preprocess, resolve_categories
 from patchcore import PatchCore
 
@@ -69,20 +80,15 @@ def main() -> None:
         )  # fmt: skip
         model.fit(loader)
         seconds = time.perf_counter() - start
-        header = {
+        header = {  # nothing run-specific here: the same data and seed give a byte-identical file
             "category": category,
             "config": {**model.config(), "resize": args.resize, "image_size": args.image_size},
-            "train": {
-                "n_images": len(dataset),
-                "n_patches": model.n_train_patches,
-                "memory_bank_size": int(model.memory_bank.shape[0]),
-                "seconds": round(seconds, 2),
-                "device": str(model.device),
-            },
+            "train": {"n_images": len(dataset), "n_patches": model.n_train_patches, "memory_bank_size": int(model.memory_bank.shape[0])},
             "environment": environment(),
         }
         path = Path(args.output_dir) / category / BANK_FILE
         save_memory_bank(path, model.memory_bank.cpu().numpy(), header)
+        write_json(path.parent / TRAIN_LOG, {"seconds": round(seconds, 2), "device": str(model.device), "created": now()})
         print(
             f"{category}: {len(dataset)} images -> {model.n_train_patches} patches -> memory bank "
             f"{tuple(model.memory_bank.shape)} in {seconds:.1f}s, saved to {path}"

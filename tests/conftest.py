@@ -1,9 +1,10 @@
-"""Shared fixtures: a small synthetic category and a random-init model (no weights download)."""
+"""Shared fixtures: a small synthetic category, a random-init model (no weights download), CLI runs."""
 
 import pytest
 
 from dataset import make_synthetic_category
 from patchcore import PatchCore
+from scripts import evaluate, train
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,14 @@ def synthetic_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def model():
     return PatchCore(weights="none", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def evaluated(synthetic_root, tmp_path_factory):
+    """The synthetic category trained and evaluated once: (data root, output dir, evaluate's stdout)."""
+    out = tmp_path_factory.mktemp("results")
+    result = train(synthetic_root, out)
+    assert result.returncode == 0, result.stderr
+    result = evaluate(synthetic_root, out)
+    assert result.returncode == 0, result.stderr
+    return synthetic_root, out, result.stdout

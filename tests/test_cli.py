@@ -1,44 +1,21 @@
 """train.py and evaluate.py end to end on a small synthetic category, and their one-line errors."""
 
+import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchvision
 from PIL import Image
 
 from common import load_memory_bank
 from dataset import make_synthetic_category
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--resize", "72", "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+from scripts import SMALL, evaluate, run, train
 
 
-def run(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO)
-
-
-def train(root, out, *extra):
-    return run("train.py", "--data_path", root, "--category", "widget", "--output_dir", out, "--weights", "none", *SMALL, *extra)
-
-
-def evaluate(root, out, *extra):
-    small = [a for a in SMALL if a not in ("--resize", "72", "--image_size", "64")]
-    return run("evaluate.py", "--data_path", root, "--category", "widget", "--output_dir", out, *small, *extra)
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    result = train(synthetic_root, out)
-    assert result.returncode == 0, result.stderr
-    return synthetic_root, out
-
-
-def test_train_saves_the_memory_bank_with_its_config(trained):
-    root, out = trained
+def test_train_saves_the_memory_bank_with_its_config(evaluated):
+    root, out, _ = evaluated
     bank, header = load_memory_bank(out / "widget" / "memory_bank.npz")
     n_patches = 6 * 8 * 8  # 6 training images, an 8x8 layer2 grid at 64 px
     assert bank.shape == (n_patches // 4, 1536)
@@ -48,39 +25,75 @@ def test_train_saves_the_memory_bank_with_its_config(trained):
     assert header["train"]["n_patches"] == n_patches and header["environment"]["torch"]
 
 
-def test_evaluate_writes_scores_metrics_and_heatmaps(trained):
-    root, out = trained
-    result = evaluate(root, out)
-    assert result.returncode == 0, result.stderr
-    assert "widget" in result.stdout and "image AUROC" in result.stdout
+def test_evaluate_writes_scores_metrics_and_heatmaps(evaluated):
+    root, out, stdout = evaluated
+    assert "| widget |" in stdout and "image AUROC" in stdout and "anomaly_maps" in stdout
     scores = json.loads((out / "widget" / "scores.json").read_text())
     metrics = json.loads((out / "widget" / "metrics.json").read_text())
     assert len(scores) == metrics["n_images"] == 9 and metrics["n_defective"] == 6
-    assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max"):
+        assert 0 <= metrics[key] <= 1, key
+    assert set(metrics["per_defect"]) == {"scratch", "spot", "stain"}
     assert metrics["weights"] == "none (random init, seed 0)" and metrics["memory_bank"]["config"]["seed"] == 0
     good = [s["score"] for s in scores if s["label"] == 0]
     defective = [s["score"] for s in scores if s["label"] == 1]
     assert np.mean(defective) > np.mean(good)
     heatmaps = sorted((out / "widget" / "anomaly_maps").rglob("*.png"))
-    assert len(heatmaps) == 9 and Image.open(heatmaps[0]).size == (128, 64)
+    assert len(heatmaps) == 9 and Image.open(heatmaps[0]).size == (3 * 64 + 72, 64)
+    for name in ("roc.png", "score_hist.png"):
+        assert Image.open(out / "widget" / name).size[0] > 100
     assert not list((out / "widget").glob(".*"))  # no temporary files or folders left
 
 
-def test_training_is_deterministic(trained, tmp_path):
-    root, out = trained
+def test_raw_maps_reproduce_the_pixel_auroc(evaluated):
+    from sklearn.metrics import roc_auc_score
+
+    from dataset import MVTecDataset, Preprocess
+
+    root, out, _ = evaluated
+    metrics = json.loads((out / "widget" / "metrics.json").read_text())
+    test = MVTecDataset(root, "widget", "test", Preprocess(72, 64))
+    with np.load(out / "widget" / "anomaly_maps.npz") as raw:
+        assert raw[test[0][3]].dtype == np.float16 and raw[test[0][3]].shape == (64, 64)
+        maps = np.stack([raw[test[i][3]].astype(np.float32) for i in range(len(test))])
+    masks = np.stack([test[i][2][0].numpy() for i in range(len(test))])
+    assert roc_auc_score(masks.ravel() > 0.5, maps.ravel()) == pytest.approx(metrics["pixel_auroc"], abs=1e-3)
+
+
+def test_summary_files(evaluated):
+    _, out, _ = evaluated
+    assert "| widget |" in (out / "summary.md").read_text()
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["category"] for r in rows] == ["widget", "mean"] and rows[0]["image_auroc"] == rows[1]["image_auroc"]
+
+
+def test_scoring_new_images(evaluated, tmp_path):
+    root, out, _ = evaluated
+    result = evaluate(root, out, "--images", root / "widget" / "test" / "spot")
+    assert result.returncode == 0, result.stderr
+    inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
+    metrics = json.loads((out / "widget" / "metrics.json").read_text())
+    assert inference["threshold"] == metrics["image_f1_threshold"] and len(inference["images"]) == 2
+    for record in inference["images"]:
+        assert record["decision"] == ("defective" if record["score"] >= inference["threshold"] else "good")
+        assert (out / "widget" / "inference" / record["heatmap"]).is_file()
+    result = evaluate(root, out, "--images", f"{root}/widget/test/*/000.png", "--threshold", "1e9")
+    assert result.returncode == 0, result.stderr
+    inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
+    assert len(inference["images"]) == 4 and {r["decision"] for r in inference["images"]} == {"good"}
+    assert not (out / "widget" / "inference" / "metrics.json").exists()
+
+
+def test_training_is_deterministic(evaluated, tmp_path):
+    root, out, _ = evaluated
     assert train(root, tmp_path).returncode == 0
     first, _ = load_memory_bank(out / "widget" / "memory_bank.npz")
     second, _ = load_memory_bank(tmp_path / "widget" / "memory_bank.npz")
     assert np.array_equal(first, second)
 
 
-def test_evaluate_refuses_a_bank_built_with_other_weights(trained, tmp_path):
-    root, out = trained
-    result = evaluate(root, out, "--weights", "none", "--output_dir", out)  # same spec: accepted
-    assert result.returncode == 0, result.stderr
-    import torch
-    import torchvision
-
+def test_evaluate_refuses_a_bank_built_with_other_weights(evaluated, tmp_path):
+    root, out, _ = evaluated
     torch.save(torchvision.models.wide_resnet50_2().state_dict(), tmp_path / "other.pth")  # other random weights
     result = evaluate(root, out, "--weights", tmp_path / "other.pth")
     assert result.returncode == 1 and "checksums differ" in result.stderr
@@ -131,8 +144,8 @@ def test_bad_arguments_are_usage_errors(synthetic_root, tmp_path, flags, message
     assert message in one_line_error(train(synthetic_root, tmp_path, *flags), code=2)
 
 
-def test_tampered_bank_is_refused_by_evaluate(trained, tmp_path):
-    root, _ = trained
+def test_tampered_bank_is_refused_by_evaluate(evaluated, tmp_path):
+    root, _, _ = evaluated
     (tmp_path / "widget").mkdir()
     (tmp_path / "widget" / "memory_bank.npz").write_bytes(b"PK\x03\x04 not really a zip")
     assert "rerun train.py" in one_line_error(evaluate(root, tmp_path))

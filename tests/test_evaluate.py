@@ -1,38 +1,47 @@
-"""Metrics on inputs whose answers are known by hand, and the heatmap panel."""
+"""evaluate.py's pieces: the summary table against the paper's targets, and the heatmap panel."""
+
+import csv
 
 import numpy as np
 import pytest
-import torch
 
-from evaluate import auroc, compute_metrics, heatmap_panel
-
-
-def test_auroc_hand_computed():
-    # pairs (defective, good) ranked right: (0.35>0.1), (0.8>0.1), (0.8>0.4); wrong: (0.35<0.4) -> 3/4
-    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]), "x")[0] == pytest.approx(0.75)
-    assert auroc(np.array([0, 1]), np.array([0.5, 0.5]), "x")[0] == pytest.approx(0.5)  # a tie counts half
-    assert auroc(np.array([1, 0, 0]), np.array([3.0, 2.0, 1.0]), "x")[0] == pytest.approx(1.0)
+from evaluate import heatmap_panel, summary_rows, write_summary
 
 
-def test_auroc_undefined_for_one_class():
-    value, reason = auroc(np.zeros(4), np.arange(4.0), "test image")
-    assert value is None and "every test image is good" in reason
+def _result(category, image, pixel, pro):
+    return {"category": category, "image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "weights": "w"}
 
 
-def test_pixel_auroc_over_all_pixels_of_all_images():
-    masks = np.zeros((2, 2, 2))
-    masks[1, 0, 0] = 1  # one defective pixel among 8
-    maps = np.array([[[0.1, 0.2], [0.3, 0.4]], [[0.35, 0.0], [0.0, 0.0]]])
-    # the defective pixel (0.35) outranks 0.1, 0.2, 0.3 and the three zeros of image 2, not 0.4: 6/7
-    metrics = compute_metrics(np.array([0, 1]), np.array([0.4, 0.35]), masks, maps)
-    assert metrics["pixel_auroc"] == pytest.approx(6 / 7)
-    assert metrics["image_auroc"] == pytest.approx(0.0)
+def test_summary_rows_compare_with_the_paper():
+    rows = summary_rows([_result("bottle", 0.99, 0.97, 0.9), _result("pill", 0.95, None, None), _result("mine", 0.8, 0.9, 0.7)])
+    bottle, pill, mine, mean = rows
+    assert bottle["paper_image_auroc"] == 100.0 and bottle["image_diff"] == pytest.approx(-1.0)
+    assert bottle["paper_pixel_auroc"] == 98.6 and bottle["pixel_diff"] == pytest.approx(-1.6)
+    assert pill["pixel_auroc"] is None and pill["pixel_diff"] is None  # undefined stays undefined
+    assert mine["paper_image_auroc"] is None and mine["image_diff"] is None  # no target for own categories
+    assert mean["image_auroc"] == pytest.approx((99 + 95 + 80) / 3, abs=0.01)
+    assert mean["paper_image_auroc"] == pytest.approx((100 + 96.6) / 2)
+    assert mean["pixel_auroc"] == pytest.approx((97 + 90) / 2) and mean["aupro"] == pytest.approx(80.0)
 
 
-def test_heatmap_panel_shows_input_and_outline():
-    image = torch.zeros(3, 32, 32)
+def test_write_summary_files(tmp_path):
+    table = write_summary(tmp_path, [_result("bottle", 0.99, 0.97, 0.9)])
+    assert "| bottle | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 |" in table
+    assert table in (tmp_path / "summary.md").read_text()
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert rows[0]["image_diff"] == "-1.0" and rows[1]["category"] == "mean"
+
+
+def test_heatmap_panel_layout_outline_and_region():
+    rgb = np.zeros((32, 32, 3))
+    anomaly_map = np.zeros((32, 32))
+    anomaly_map[:, 16:] = 1.0
     mask = np.zeros((32, 32))
     mask[8:24, 8:24] = 1
-    panel = np.asarray(heatmap_panel(image, np.random.default_rng(0).random((32, 32)), mask, 0.0, 1.0))
-    assert panel.shape == (32, 64, 3)
-    assert (panel[8, 32 + 8] == 255).all() and not (panel[16, 32 + 16] == 255).all()  # outline, not the inside
+    panel = np.asarray(heatmap_panel(rgb, anomaly_map, mask, 0.0, 1.0, threshold=0.5))
+    assert panel.shape == (32, 3 * 32 + 72, 3)
+    overlay, region = panel[:, 32:64], panel[:, 64:96]
+    assert (overlay[8, 8] == 255).all() and not (overlay[16, 16] == 255).all()  # outline, not the inside
+    assert region[2, 20, 0] > 100 and region[2, 20, 1] == 0  # above the threshold: red
+    assert (region[2, 4] == 0).all()  # below: the input as it was
+    assert (overlay[2, 4] != overlay[2, 20]).any()  # one fixed scale: low and high differ in colour

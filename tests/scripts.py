@@ -1,0 +1,21 @@
+"""Helpers that run train.py and evaluate.py as a user would, in a fresh interpreter."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO)
+
+
+def train(root, out, *extra):
+    return run("train.py", "--data_path", root, "--category", "widget", "--output_dir", out, "--weights", "none",
+               "--resize", "72", "--image_size", "64", *SMALL, *extra)  # fmt: skip
+
+
+def evaluate(root, out, *extra):
+    return run("evaluate.py", "--data_path", root, "--category", "widget", "--output_dir", out, *SMALL, *extra)

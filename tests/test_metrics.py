@@ -1,0 +1,103 @@
+"""Metrics on inputs whose answers are worked out by hand."""
+
+import numpy as np
+import pytest
+
+from metrics import aupro, auroc, compute_metrics, f1_max, per_defect_auroc, pro_curve
+
+
+def test_auroc_hand_computed():
+    # pairs (defective, good) ranked right: (0.35>0.1), (0.8>0.1), (0.8>0.4); wrong: (0.35<0.4) -> 3/4
+    assert auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))[0] == pytest.approx(0.75)
+    assert auroc(np.array([0, 1]), np.array([0.5, 0.5]))[0] == pytest.approx(0.5)  # a tie counts half
+    assert auroc(np.array([1, 0, 0]), np.array([3.0, 2.0, 1.0]))[0] == pytest.approx(1.0)
+
+
+def test_auroc_undefined_for_one_class():
+    value, reason = auroc(np.zeros(4), np.arange(4.0), "test image")
+    assert value is None and "every test image is good" in reason
+
+
+def test_f1_max_hand_computed():
+    # threshold 0.35 marks {0.35, 0.4, 0.8} defective: precision 2/3, recall 1 -> F1 0.8 (best)
+    f1, threshold, _ = f1_max(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    assert f1 == pytest.approx(0.8) and threshold == pytest.approx(0.35)
+
+
+def test_pixel_metrics_over_all_pixels_of_all_images():
+    masks = np.zeros((2, 2, 2))
+    masks[1, 0, 0] = 1  # one defective pixel among 8
+    maps = np.array([[[0.1, 0.2], [0.3, 0.4]], [[0.35, 0.0], [0.0, 0.0]]])
+    # the defective pixel (0.35) outranks 0.1, 0.2, 0.3 and the three zeros of image 2, not 0.4: 6/7
+    metrics = compute_metrics(np.array([0, 1]), np.array([0.4, 0.35]), masks, maps, ["good", "hole"])
+    assert metrics["pixel_auroc"] == pytest.approx(6 / 7)
+    assert metrics["image_auroc"] == pytest.approx(0.0)
+    assert metrics["per_defect"] == {"hole": {"image_auroc": 0.0, "n_images": 1, "n_good": 1}}
+
+
+def _square(size=10, top=2, left=2, side=2):
+    mask = np.zeros((1, size, size))
+    mask[0, top : top + side, left : left + side] = 1
+    return mask
+
+
+def test_aupro_perfect_map_is_one():
+    mask = _square()
+    assert aupro(mask, mask.copy())[0] == pytest.approx(1.0)
+
+
+def test_aupro_constant_map():
+    # one threshold: the curve jumps from (0, 0) to (1, 1); the line PRO = FPR integrates to 0.3^2/2, / 0.3
+    mask = _square()
+    assert aupro(mask, np.ones_like(mask))[0] == pytest.approx(0.15)
+
+
+def test_aupro_one_square_region():
+    mask = _square()  # 4 defective pixels, 96 defect-free
+    maps = np.zeros_like(mask)
+    maps[mask > 0] = 0.5
+    maps[0, 9, :10] = 0.95  # 10 defect-free pixels score above the region
+    # curve: (0,0) -> (10/96, 0) -> (10/96, 1) -> (1, 1); area to 0.3 is 0.3 - 10/96
+    fpr, pro = pro_curve(mask, maps)
+    np.testing.assert_allclose(fpr, [0, 10 / 96, 10 / 96, 1])
+    np.testing.assert_allclose(pro, [0, 0, 1, 1])
+    assert aupro(mask, maps)[0] == pytest.approx((0.3 - 10 / 96) / 0.3)
+
+
+def test_aupro_weights_regions_not_pixels():
+    mask = np.zeros((1, 12, 12))
+    mask[0, 0, 0] = 1  # region A: 1 pixel
+    mask[0, 5:8, 5:8] = 1  # region B: 9 pixels
+    maps = np.zeros_like(mask)
+    maps[0, 0, 0] = 1.0  # A found first: PRO jumps to 0.5 (pixel-weighted it would be 0.1)
+    maps[0, 5:8, 5:8] = 0.5
+    maps[0, 11, :6] = 0.7  # 6 of 134 defect-free pixels in between
+    f = 6 / 134
+    fpr, pro = pro_curve(mask, maps)
+    np.testing.assert_allclose(fpr, [0, 0, f, f, 1])
+    np.testing.assert_allclose(pro, [0, 0.5, 0.5, 1, 1])
+    assert aupro(mask, maps)[0] == pytest.approx((0.5 * f + (0.3 - f)) / 0.3)
+
+
+def test_aupro_regions_are_separate_per_image_and_8_connected():
+    mask = np.zeros((2, 4, 4))
+    mask[0, 0, 0] = mask[0, 1, 1] = 1  # diagonal neighbours: one region
+    mask[1, 0, 0] = 1  # the same place in another image: another region
+    maps = np.zeros_like(mask)
+    maps[1, 0, 0] = 1.0
+    fpr, pro = pro_curve(mask, maps)
+    assert pro[1] == pytest.approx(0.5)  # 1 of 2 regions found at the first threshold
+
+
+def test_aupro_undefined_without_defects():
+    value, reason = aupro(np.zeros((2, 4, 4)), np.random.default_rng(0).random((2, 4, 4)))
+    assert value is None and "every test pixel is good" in reason
+
+
+def test_per_defect_auroc_compares_good_with_each_type():
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.9, 0.15, 0.05])
+    result = per_defect_auroc(labels, scores, ["good", "good", "crack", "hole", "hole"])
+    assert result["crack"]["image_auroc"] == pytest.approx(1.0)
+    assert result["hole"]["image_auroc"] == pytest.approx(0.25)  # 0.15 beats 0.1 only
+    assert result["hole"]["n_images"] == 2 and result["hole"]["n_good"] == 2

@@ -81,6 +81,8 @@ def run_main(main: Callable[[], None]) -> None:
         if "--debug" in sys.argv:
             traceback.print_exc()
         message = " ".join(str(err).split()) or type(err).__name__
+        if "torch" in sys.modules and isinstance(err, sys.modules["torch"].cuda.OutOfMemoryError):
+            message = f"GPU out of memory ({message[:120]}): try a smaller --batch_size, or --device cpu"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
 
@@ -115,8 +117,10 @@ def atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise OSError(f"could not write {path} ({err.strerror or err}): free some disk space or choose another --output_dir") from err
         raise
 
 

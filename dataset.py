@@ -57,20 +57,35 @@ class Preprocess:
         return self._image(image)
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
-        """[1, S, S] float 0/1: a pixel is defective when at least half the mask's range."""
+        """[1, S, S] float 0/1 from a 0/255 mask (see load_mask)."""
         mask = np.asarray(self._mask(mask.convert("L")), dtype=np.uint8)
         return torch.from_numpy((mask >= 128).astype(np.float32))[None]
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images rescaled to 8 bits over their type's range, not clipped."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Any PNG/JPEG/BMP/TIFF as 8-bit RGB; 16-bit and float greyscale are rescaled, not clipped."""
+    """Any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB."""
     with Image.open(path) as image:
         image.load()
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    return _to_8bit(image).convert("RGB")
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A ground-truth mask as 0/255 (defective at half its value range or more), at the image's size."""
+    with Image.open(path) as mask:
+        mask.load()
+    mask = _to_8bit(mask).convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    return mask.point(lambda v: 255 if v >= 128 else 0)
 
 
 def list_categories(root: Path) -> list[str]:
@@ -156,12 +171,12 @@ class MVTecDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int, torch.Tensor, str, str]:
         path, defect, mask_path = self.samples[idx]
-        image = self.transform.image(load_rgb(path))
+        rgb = load_rgb(path)
+        image = self.transform.image(rgb)
         if mask_path is None:
             mask = torch.zeros(1, *image.shape[-2:])
         else:
-            with Image.open(mask_path) as m:
-                mask = self.transform.mask(m)
+            mask = self.transform.mask(load_mask(mask_path, rgb.size))
         return image, int(defect != "good"), mask, path.relative_to(self.root_path).as_posix(), defect
 
 

@@ -13,6 +13,7 @@ evaluated. With --images it scores unlabelled images into OUTPUT_DIR/<category>/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -171,17 +172,27 @@ def heatmap_panel(
 
 
 def write_heatmaps(folder: Path, names: list[str], rgbs, maps, masks, vmin: float, vmax: float, threshold: float | None) -> None:
-    """One PNG per image under folder/, replacing folder only once all are written."""
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    """One PNG per image under folder/."""
+    for i, name in enumerate(tqdm(names, desc="heatmaps", unit="img")):
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        heatmap_panel(rgbs[i], maps[i], None if masks is None else masks[i], vmin, vmax, threshold).save(target)
+
+
+@contextlib.contextmanager
+def staging(folder: Path):
+    """Outputs are written into a hidden folder inside `folder` and moved into place only when all
+    are complete (metrics.json last); an error or Ctrl-C leaves the previous outputs untouched."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=".staging."))
     try:
-        for i, name in enumerate(tqdm(names, desc="heatmaps", unit="img")):
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            heatmap_panel(rgbs[i], maps[i], None if masks is None else masks[i], vmin, vmax, threshold).save(target)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        yield stage
+        for item in sorted(stage.iterdir(), key=lambda p: p.name == "metrics.json"):
+            if item.is_dir():
+                shutil.rmtree(folder / item.name, ignore_errors=True)
+            os.replace(item, folder / item.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def save_figure(path: Path, figure) -> None:
@@ -269,13 +280,14 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
 
     names = [str(Path(d) / (Path(p).stem + ".png")) for p, d in zip(paths, defects)]
     rgbs = [to_rgb(image) for b in batches for image in b[0]]
-    write_heatmaps(out_dir / "anomaly_maps", names, rgbs, maps, masks, *metrics["heatmap_scale"], metrics["pixel_f1_threshold"])
-    save_npz(out_dir / "anomaly_maps.npz", {p: m.astype(np.float16) for p, m in zip(paths, maps)}, compress=True)
-    plot_roc(out_dir / "roc.png", labels, scores, metrics["image_auroc"], category)
-    plot_histogram(out_dir / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
     records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
-    write_json(out_dir / "scores.json", records)
-    write_json(out_dir / "metrics.json", metrics)  # last: its presence means the category is complete
+    with staging(out_dir) as stage:
+        write_heatmaps(stage / "anomaly_maps", names, rgbs, maps, masks, *metrics["heatmap_scale"], metrics["pixel_f1_threshold"])
+        save_npz(stage / "anomaly_maps.npz", {p: m.astype(np.float16) for p, m in zip(paths, maps)}, compress=True)
+        plot_roc(stage / "roc.png", labels, scores, metrics["image_auroc"], category)
+        plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
+        write_json(stage / "scores.json", records)
+        write_json(stage / "metrics.json", metrics)
     return metrics
 
 
@@ -295,16 +307,16 @@ def score_new_images(args: argparse.Namespace) -> None:
     names = [p.resolve().relative_to(base).with_suffix(".png").as_posix() for p in paths]
     vmin, vmax = known.get("heatmap_scale") or (float(maps.min()), float(maps.max()))
     rgbs = [to_rgb(image) for b in batches for image in b[0]]
-    inference = out_dir / "inference"
-    inference.mkdir(parents=True, exist_ok=True)
-    write_heatmaps(inference / "anomaly_maps", names, rgbs, maps, None, vmin, vmax, known.get("pixel_f1_threshold"))
     records = []
     for path, name, value in zip(paths, names, scores):
         record = {"path": str(path), "heatmap": f"anomaly_maps/{name}", "score": float(value)}
         if threshold is not None:
             record["decision"] = "defective" if value >= threshold else "good"
         records.append(record)
-    write_json(inference / "scores.json", {"threshold": threshold, "weights": model.weights, "created": now(), "images": records})
+    inference = out_dir / "inference"
+    with staging(inference) as stage:
+        write_heatmaps(stage / "anomaly_maps", names, rgbs, maps, None, vmin, vmax, known.get("pixel_f1_threshold"))
+        write_json(stage / "scores.json", {"threshold": threshold, "weights": model.weights, "created": now(), "images": records})
     print(f"\n{'image':<40} {'score':>10}  decision")
     for record in records:
         print(f"{Path(record['path']).name:<40} {record['score']:>10.4f}  {record.get('decision', '(no threshold)')}")

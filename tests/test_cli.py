@@ -1,7 +1,14 @@
 """train.py and evaluate.py end to end on a small synthetic category, and their one-line errors."""
 
 import csv
+import errno
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +18,7 @@ from PIL import Image
 
 from common import load_memory_bank
 from dataset import make_synthetic_category
-from scripts import SMALL, evaluate, run, train
+from scripts import REPO, SMALL, evaluate, run, train
 
 
 def test_train_saves_the_memory_bank_with_its_config(evaluated):
@@ -84,14 +91,6 @@ def test_scoring_new_images(evaluated, tmp_path):
     assert not (out / "widget" / "inference" / "metrics.json").exists()
 
 
-def test_training_is_deterministic(evaluated, tmp_path):
-    root, out, _ = evaluated
-    assert train(root, tmp_path).returncode == 0
-    first, _ = load_memory_bank(out / "widget" / "memory_bank.npz")
-    second, _ = load_memory_bank(tmp_path / "widget" / "memory_bank.npz")
-    assert np.array_equal(first, second)
-
-
 def test_evaluate_refuses_a_bank_built_with_other_weights(evaluated, tmp_path):
     root, out, _ = evaluated
     torch.save(torchvision.models.wide_resnet50_2().state_dict(), tmp_path / "other.pth")  # other random weights
@@ -144,8 +143,140 @@ def test_bad_arguments_are_usage_errors(synthetic_root, tmp_path, flags, message
     assert message in one_line_error(train(synthetic_root, tmp_path, *flags), code=2)
 
 
-def test_tampered_bank_is_refused_by_evaluate(evaluated, tmp_path):
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this would create the marker file
+
+
+def test_a_pickle_payload_bank_is_refused_and_never_run(evaluated, tmp_path):
     root, _, _ = evaluated
+    marker = tmp_path / "pwned"
     (tmp_path / "widget").mkdir()
-    (tmp_path / "widget" / "memory_bank.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    assert "rerun train.py" in one_line_error(evaluate(root, tmp_path))
+    payload = np.array([_Payload(str(marker))], dtype=object)
+    np.savez(tmp_path / "widget" / "memory_bank.npz", memory_bank=payload, header=payload)
+    line = one_line_error(evaluate(root, tmp_path))
+    assert "not a readable memory bank" in line and "rerun train.py" in line
+    assert not marker.exists()
+
+
+def test_same_seed_same_bytes_and_same_scores(evaluated, tmp_path):
+    root, out, _ = evaluated
+    assert train(root, tmp_path).returncode == 0
+    assert (tmp_path / "widget" / "memory_bank.npz").read_bytes() == (out / "widget" / "memory_bank.npz").read_bytes()
+    assert evaluate(root, tmp_path).returncode == 0
+    assert (tmp_path / "widget" / "scores.json").read_text() == (out / "widget" / "scores.json").read_text()
+
+
+def test_test_split_with_one_class_gives_undefined_metrics(tmp_path):
+    make_synthetic_category(tmp_path / "data", "widget", n_train=2, n_test_good=2, n_per_defect=1, size=48)
+    for defect in ("scratch", "spot", "stain"):
+        shutil.rmtree(tmp_path / "data" / "widget" / "test" / defect)
+    assert train(tmp_path / "data", tmp_path / "out").returncode == 0
+    result = evaluate(tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "out" / "widget" / "metrics.json").read_text()
+    assert "NaN" not in text
+    metrics = json.loads(text)
+    assert metrics["image_auroc"] is None and metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["undefined"]["image_auroc"] == "undefined: every test image is good"
+    assert "n/a" in result.stdout
+
+
+def test_reweighting_neighbours_beyond_the_bank_are_refused(evaluated):
+    from common import BankError
+    from evaluate import load_model
+
+    _, out, _ = evaluated
+    with pytest.raises(BankError, match="--reweight_b 100000 is larger than the memory bank"):
+        load_model(out / "widget" / "memory_bank.npz", "cpu", reweight_b=100000)
+
+
+def test_reweighted_scores_end_to_end(evaluated, tmp_path):
+    root, out, _ = evaluated
+    shutil.copytree(out / "widget", tmp_path / "widget", ignore=shutil.ignore_patterns("anomaly_maps*", "*.json"))
+    result = evaluate(root, tmp_path, "--reweight_b", "9")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "widget" / "metrics.json").read_text())
+    assert metrics["image_score"] == "Eq. 7 reweighting, b=9" and 0 <= metrics["image_auroc"] <= 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_cuda_is_a_usage_error(synthetic_root, tmp_path):
+    line = one_line_error(run("train.py", "--data_path", synthetic_root, "--category", "widget", "--device", "cuda"), code=2)
+    assert "--device cuda" in line and "--device cpu" in line
+
+
+def test_incompatible_weights_file(synthetic_root, tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    result = run("train.py", "--data_path", synthetic_root, "--category", "widget", "--output_dir", tmp_path / "out",
+                 "--weights", tmp_path / "r18.pth", *SMALL)  # fmt: skip
+    assert "not a state_dict of wide_resnet50_2" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_dir(synthetic_root, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    line = one_line_error(train(synthetic_root, tmp_path / "a_file" / "results"), code=2)
+    assert "--output_dir" in line and "cannot be written" in line
+
+
+@pytest.fixture(scope="module")
+def slow_category(tmp_path_factory):
+    """Full-size images, so that each run lasts long enough to be interrupted."""
+    root = tmp_path_factory.mktemp("slow")
+    make_synthetic_category(root, "widget", n_train=12, n_test_good=16, n_per_defect=4, size=256)
+    return root
+
+
+def _interrupt_when(command, text, timeout=120):
+    """Start command, send Ctrl-C (SIGINT) once its stderr shows text; return (exit code, stderr)."""
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO)
+    seen, deadline = b"", time.time() + timeout
+    while text.encode() not in seen and time.time() < deadline:
+        chunk = os.read(child.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    assert text.encode() in seen, seen.decode(errors="replace")
+    child.send_signal(signal.SIGINT)
+    _, rest = child.communicate(timeout=60)
+    return child.returncode, (seen + rest).decode(errors="replace")
+
+
+def test_ctrl_c_leaves_no_partial_outputs(slow_category, tmp_path):
+    base = [sys.executable, "--data_path", slow_category, "--category", "widget", "--output_dir", tmp_path, "--weights", "none"]
+    base = [str(a) for a in base] + ["--num_workers", "0", "--batch_size", "2", "--device", "cpu"]
+    code, err = _interrupt_when([base[0], str(REPO / "train.py"), *base[1:]], "features:")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "widget").exists() or not list((tmp_path / "widget").iterdir())
+
+    assert subprocess.run([base[0], str(REPO / "train.py"), *base[1:], "--coreset_ratio", "0.01"], cwd=REPO).returncode == 0
+    evaluate_args = [a for a in base[1:] if a not in ("--weights", "none")]
+    code, err = _interrupt_when([base[0], str(REPO / "evaluate.py"), *evaluate_args], "widget test:")
+    assert code == 130 and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "widget").iterdir()) == ["memory_bank.npz", "train.json"]
+
+
+def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, monkeypatch, capsys):
+    import evaluate as evaluate_module
+    from common import run_main
+
+    root, out, _ = evaluated
+    shutil.copytree(out / "widget", tmp_path / "widget")
+    before = (tmp_path / "widget" / "metrics.json").read_text()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("common.os.fsync", no_space)
+    argv = ["evaluate.py", "--data_path", str(root), "--category", "widget", "--output_dir", str(tmp_path), *SMALL]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(evaluate_module.main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 1 and "No space left on device" in err[-1] and "--output_dir" in err[-1]
+    assert (tmp_path / "widget" / "metrics.json").read_text() == before
+    assert not list((tmp_path / "widget").glob(".*"))

@@ -109,3 +109,51 @@ def test_empty_train_good_is_an_error(tmp_path):
     (tmp_path / "toy" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DataError, match="no images in .*train/good"):
         MVTecDataset(tmp_path, "toy", "train")
+
+
+@pytest.mark.parametrize(
+    "name, make, expected",
+    [
+        ("grey.png", lambda: Image.fromarray(np.full((8, 8), 90, np.uint8)), [90, 90, 90]),
+        ("rgba.png", lambda: Image.fromarray(np.dstack([np.full((8, 8, 3), 200, np.uint8), np.zeros((8, 8), np.uint8)])), [200] * 3),
+        (
+            "palette.png",
+            lambda: Image.fromarray(np.full((8, 8, 3), (10, 120, 250), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE),
+            [10, 120, 250],
+        ),
+        ("grey16.png", lambda: Image.fromarray(np.full((8, 8), 65535, np.uint16)), [255, 255, 255]),
+        ("grey16.tif", lambda: Image.fromarray(np.full((8, 8), 16448, np.uint16)), [64, 64, 64]),
+        ("grey.jpg", lambda: Image.fromarray(np.full((8, 8), 100, np.uint8)), [100, 100, 100]),
+        ("rgb.bmp", lambda: Image.fromarray(np.full((8, 8, 3), (1, 2, 3), np.uint8)), [1, 2, 3]),
+    ],
+)
+def test_image_modes_become_8bit_rgb(tmp_path, name, make, expected):
+    make().save(tmp_path / name)
+    rgb = load_rgb(tmp_path / name)
+    assert rgb.mode == "RGB"
+    np.testing.assert_allclose(np.asarray(rgb)[4, 4], expected, atol=2)  # JPEG may round
+
+
+def _category_with_mask(tmp_path, mask_image):
+    cat = tmp_path / "cat"
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (cat / folder).mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(cat / "train" / "good" / "0.png")
+    Image.new("RGB", (64, 64)).save(cat / "test" / "crack" / "0.png")
+    mask_image.save(cat / "ground_truth" / "crack" / "0_mask.png")
+    return MVTecDataset(tmp_path, "cat", "test", Preprocess(64, 64))
+
+
+def test_mask_of_another_size_is_resized_nearest(tmp_path):
+    values = np.zeros((32, 32), np.uint8)
+    values[:, :16] = 255  # left half defective, at half the image's resolution
+    mask = _category_with_mask(tmp_path, Image.fromarray(values))[0][2][0]
+    assert mask.shape == (64, 64) and mask[:, :32].all() and not mask[:, 32:].any()
+
+
+def test_mask_values_are_binarised_at_half_range(tmp_path):
+    values = np.array([[0, 100, 127, 128, 200, 255]], np.uint8).repeat(64, 0).repeat(11, 1)[:, :64]
+    mask = _category_with_mask(tmp_path, Image.fromarray(values))[0][2][0]
+    assert mask[0, :33].sum() == 0 and mask[0, 33:].all()  # columns 0..32 hold 0/100/127, the rest >= 128
+    sixteen = np.full((64, 64), 40000, np.uint16)  # 16-bit mask above half of 65535
+    assert _category_with_mask(tmp_path / "b", Image.fromarray(sixteen))[0][2].all()

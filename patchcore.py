@@ -74,6 +74,67 @@ def random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> 
     return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
 
 
+def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int) -> torch.Tensor:
+    """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path)."""
+    selected = torch.empty(n_select, dtype=torch.long, device=points.device)
+    selected[0] = start
+    min_dist = ((points - points[start]) ** 2).sum(1)  # squared distance to the nearest selected point
+    for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
+        farthest = torch.argmax(min_dist)  # first index among ties
+        selected[i] = farthest
+        min_dist = torch.minimum(min_dist, ((points - points[farthest]) ** 2).sum(1))
+    return selected
+
+
+def k_center_greedy_pruned(points: np.ndarray, n_select: int, start: int, n_pivots: int = 16) -> np.ndarray:
+    """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
+
+    Every point belongs to its nearest center j, and r_j is the largest distance in j's
+    group. A new center c can only come closer to points of group j if d(j, c) < 2 r_j
+    (triangle inequality), so other groups are skipped. d(j, c) itself is first bounded
+    from below through a few pivot centers, |d(k, j) - d(k, c)| <= d(j, c), so that most
+    centers are ruled out without a full distance. Same selection as the dense loop.
+    """
+    n, dim = points.shape
+
+    def squared(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+        diff = a - c
+        return np.einsum("ij,ij->i", diff, diff)
+
+    selected = np.empty(n_select, np.int64)
+    centers = np.empty((n_select, dim), np.float32)
+    radius = np.zeros(n_select, np.float32)  # r_j, exact for every group
+    pivot_dist = np.zeros((n_pivots, n_select), np.float32)  # d(pivot k, center j)
+    selected[0], centers[0] = start, points[start]
+    min_dist = squared(points, points[start])
+    group = np.zeros(n, np.int64)
+    radius[0] = np.sqrt(min_dist.max())
+    slack = 1e-4 * float(radius[0]) + 1e-12  # covers float32 rounding of the distances in the bounds
+    n_piv = 1
+    for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
+        farthest = int(np.argmax(min_dist))  # first index among ties
+        c = points[farthest]
+        selected[i], centers[i] = farthest, c
+        if n_piv < n_pivots:  # the first centers serve as pivots
+            pivot_dist[n_piv, : i + 1] = np.sqrt(squared(centers[: i + 1], c))
+            n_piv += 1
+        to_pivots = np.sqrt(squared(centers[:n_piv], c))
+        pivot_dist[:n_piv, i] = to_pivots
+        lower = np.abs(pivot_dist[:n_piv, :i] - to_pivots[:, None]).max(0)
+        maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)
+        near = maybe[np.sqrt(squared(centers[maybe], c)) < 2 * radius[maybe] + slack]
+        in_near = np.zeros(i + 1, bool)
+        in_near[near] = True
+        touched = np.flatnonzero(in_near[group])
+        dist = squared(points[touched], c)
+        closer = dist < min_dist[touched]
+        min_dist[touched[closer]] = dist[closer]
+        group[touched[closer]] = i
+        radius[near] = 0
+        np.maximum.at(radius, group[touched], np.sqrt(min_dist[touched]))
+    return selected
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of [B, 1, H, W] maps, kernel radius 4*sigma.
 
@@ -103,6 +164,7 @@ class PatchCore:
         seed: int = 0,
         reweight_b: int = 0,
         blur_sigma: float = 4.0,
+        feature_memory_gb: float = 8.0,
     ) -> None:
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -114,6 +176,7 @@ class PatchCore:
         self.seed = seed
         self.reweight_b = reweight_b  # 0: image score = max patch score; b > 0: Eq. 7 with b neighbours
         self.blur_sigma = blur_sigma  # 0: no smoothing of the anomaly map
+        self.feature_memory_gb = feature_memory_gb  # fit(): full features kept in RAM up to this, else a second pass
 
         network, self.weights_spec, self.weights = load_backbone(backbone, weights, seed)
         self.backbone = self._cut_after_last_layer(network)
@@ -214,44 +277,81 @@ class PatchCore:
     # ------------------------------------------------------------------ memory bank
     @torch.no_grad()
     def fit(self, dataloader) -> None:
-        """Build the memory bank from the normal training images (Sec. 3.2)."""
-        patches = []
+        """Build the memory bank from the normal training images (Sec. 3.2).
+
+        Pass 1 keeps every patch's projected feature (N x coreset_proj_dim) for the coreset,
+        and its full feature only while all of them fit in `feature_memory_gb`. Beyond that,
+        pass 2 runs the images again and keeps just the selected patches, so memory grows
+        with N x coreset_proj_dim, not N x 1536. Both ways give the same memory bank.
+        """
+        projected, full, full_bytes, projection = [], [], 0, None
         for batch in tqdm(dataloader, desc="features", unit="batch"):
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            p, _ = self._patches(images)
-            patches.append(p.reshape(-1, p.shape[-1]).cpu())
-        if not patches:
+            patches = self._patches(batch[0])[0]
+            patches = patches.reshape(-1, patches.shape[-1])
+            if projection is None:
+                projection = self._coreset_projection(patches.shape[1])
+            projected.append((patches if projection is None else patches @ projection).cpu())
+            full_bytes += patches.numel() * patches.element_size()
+            if full is not None and projection is not None:
+                if full_bytes <= self.feature_memory_gb * 2**30:
+                    full.append(patches.cpu())
+                else:
+                    full = None  # too big to keep: pass 2 will fetch the selected patches
+        if not projected:
             raise ValueError("fit() got no training images")
-        patches = torch.cat(patches)
-        self.n_train_patches = patches.shape[0]
-        selected = self._greedy_coreset(patches, self.coreset_ratio)
-        self.set_memory_bank(patches[selected.cpu()])
+        projected = torch.cat(projected)
+        self.n_train_patches = projected.shape[0]
+        selected = self._k_center_greedy(projected, self.coreset_ratio)
+        if projection is None:
+            self.set_memory_bank(projected[selected])
+        elif full is not None:
+            self.set_memory_bank(torch.cat(full)[selected])
+        else:
+            self.set_memory_bank(self._collect_patches(dataloader, selected))
+
+    @torch.no_grad()
+    def _collect_patches(self, dataloader, selected: torch.Tensor) -> torch.Tensor:
+        """Pass 2: the full features of the patches at the `selected` global indices, in that order."""
+        order = torch.argsort(selected)
+        ordered = selected[order]
+        bank, offset = None, 0
+        for batch in tqdm(dataloader, desc="memory bank", unit="batch"):
+            patches = self._patches(batch[0])[0]
+            patches = patches.reshape(-1, patches.shape[-1]).cpu()
+            lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(patches)))
+            if bank is None:
+                bank = torch.empty(len(selected), patches.shape[1])
+            bank[order[lo:hi]] = patches[ordered[lo:hi] - offset]
+            offset += len(patches)
+        return bank
+
+    def _coreset_projection(self, in_dim: int) -> torch.Tensor | None:
+        """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
+        if not 0 < self.coreset_proj_dim < in_dim:
+            return None
+        return random_projection(in_dim, self.coreset_proj_dim, torch.Generator().manual_seed(self.seed)).to(self.device)
 
     @torch.no_grad()
     def _greedy_coreset(self, features: torch.Tensor, ratio: float) -> torch.Tensor:
-        """k-center greedy coreset (Alg. 1): indices of round-down(ratio * N) patches, at least 1.
+        """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(ratio * N) patches, at least 1.
 
-        Distances are taken on a seeded random Gaussian projection to `coreset_proj_dim`
-        dims (Johnson-Lindenstrauss, Sec. 3.2); 0 keeps the full features. The random
-        start point is the first selected index.
+        Distances are taken on the seeded random projection to `coreset_proj_dim` dims
+        (Johnson-Lindenstrauss, Sec. 3.2); 0 keeps the full features.
         """
-        n = features.shape[0]
+        x = features.to(self.device, torch.float32)
+        projection = self._coreset_projection(x.shape[1])
+        return self._k_center_greedy(x if projection is None else x @ projection, ratio)
+
+    def _k_center_greedy(self, points: torch.Tensor, ratio: float) -> torch.Tensor:
+        """Greedy k-center selection on `points`; the seeded random start is the first index returned."""
+        n = points.shape[0]
         n_select = max(1, int(n * ratio))
         if n_select >= n:
             return torch.arange(n)
-        generator = torch.Generator().manual_seed(self.seed)
-        x = features.to(self.device, torch.float32)
-        if 0 < self.coreset_proj_dim < x.shape[1]:
-            x = x @ random_projection(x.shape[1], self.coreset_proj_dim, generator).to(self.device)
-        start = int(torch.randint(n, (1,), generator=generator))
-        selected = torch.empty(n_select, dtype=torch.long, device=self.device)
-        selected[0] = start
-        min_dist = ((x - x[start]) ** 2).sum(1)  # squared distance to the nearest selected point
-        for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
-            farthest = torch.argmax(min_dist)  # first index among ties
-            selected[i] = farthest
-            min_dist = torch.minimum(min_dist, ((x - x[farthest]) ** 2).sum(1))
-        return selected
+        start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
+        if self.device.type == "cpu":
+            return torch.from_numpy(k_center_greedy_pruned(points.float().numpy(), n_select, start))
+        return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start).cpu()
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
         """Keep the memory bank and index it with faiss IndexFlatL2 (on the GPU when faiss has GPUs)."""

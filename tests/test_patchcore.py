@@ -8,7 +8,15 @@ import scipy.ndimage
 import torch
 import torchvision
 
-from patchcore import PatchCore, WeightsError, gaussian_blur, random_projection, resolve_device
+from patchcore import (
+    PatchCore,
+    WeightsError,
+    gaussian_blur,
+    k_center_greedy_dense,
+    k_center_greedy_pruned,
+    random_projection,
+    resolve_device,
+)
 
 
 def test_patch_features_have_the_papers_shapes(model):
@@ -96,6 +104,39 @@ def test_greedy_coreset_equals_naive_loop(model, proj_dim, monkeypatch):
     if proj_dim:  # the same seeded projection
         points = features @ random_projection(20, proj_dim, torch.Generator().manual_seed(model.seed))
     assert selected == _naive_greedy(points.numpy(), 30, selected[0])
+
+
+@pytest.mark.parametrize("n, dim, n_select", [(50, 2, 20), (400, 3, 100), (1000, 16, 250), (2000, 128, 60)])
+def test_pruned_and_dense_greedy_equal_the_naive_loop(n, dim, n_select):
+    points = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
+    points[: n // 10] *= 0.01  # a dense cluster next to the spread-out rest
+    expected = _naive_greedy(points, n_select, start=7)
+    assert k_center_greedy_pruned(points, n_select, start=7).tolist() == expected
+    assert k_center_greedy_dense(torch.from_numpy(points), n_select, start=7).tolist() == expected
+
+
+def test_greedy_ties_go_to_the_first_index():
+    # integer grid points, each twice: many exactly equal distances, all exact in float32
+    grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2).astype(np.float32)
+    points = np.concatenate([grid, grid])
+    expected = _naive_greedy(points, 30, start=0)
+    assert k_center_greedy_pruned(points, 30, start=0).tolist() == expected
+    assert k_center_greedy_dense(torch.from_numpy(points), 30, start=0).tolist() == expected
+    assert max(expected) < 36  # a duplicate's later copy is never preferred
+
+
+def test_two_pass_fit_equals_one_pass(monkeypatch):
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
+    one_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1)
+    one_pass.fit(loader)
+    two_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, feature_memory_gb=0)
+    calls = []
+    monkeypatch.setattr(two_pass, "_collect_patches", lambda *a, f=two_pass._collect_patches: calls.append(1) or f(*a))
+    two_pass.fit(loader)
+    assert calls == [1] and torch.equal(one_pass.memory_bank, two_pass.memory_bank)
+    patches = torch.cat([one_pass._patches(b[0])[0].reshape(-1, 1536) for b in loader])
+    assert torch.equal(one_pass.memory_bank, patches[one_pass._greedy_coreset(patches, 0.1)])
 
 
 def test_coreset_start_is_seeded_and_full_ratio_keeps_all(model):

@@ -71,6 +71,15 @@ def parse_args():
         help="image score: 0 = max patch score (default); b > 0 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)",
     )
     parser.add_argument("--blur_sigma", type=float, default=4.0, help="Gaussian sigma for smoothing anomaly maps, 0 = none (default: 4)")
+    parser.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="backbone autocast precision (default: none = fp32)"
+    )
+    parser.add_argument(
+        "--search_precision",
+        default="fp32",
+        choices=["fp32", "tf32", "fp16"],
+        help="matmul precision of the exact torch kNN search used on a GPU without faiss GPU support (default: fp32)",
+    )
     parser.add_argument("--images", default=None, help="score these unlabelled images instead of the test split: a folder or a glob")
     parser.add_argument(
         "--threshold",
@@ -92,10 +101,11 @@ def parse_args():
     return args
 
 
-def load_model(bank_path: Path, device: str = "auto", weights: str | None = None, reweight_b: int = 0, blur_sigma: float = 4.0):
+def load_model(bank_path: Path, device: str = "auto", weights: str | None = None, reweight_b: int = 0, blur_sigma: float = 4.0, **options):
     """Rebuild the model a memory bank was made with, and refuse a bank that does not match it.
 
-    Returns (model, header); the header's config holds the preprocessing sizes.
+    Returns (model, header); the header's config holds the preprocessing sizes. `options` go to
+    PatchCore (amp, search_precision).
     """
     if not bank_path.is_file():
         raise BankError(
@@ -114,6 +124,7 @@ def load_model(bank_path: Path, device: str = "auto", weights: str | None = None
         seed=config["seed"],
         reweight_b=reweight_b,
         blur_sigma=blur_sigma,
+        **options,  # amp, search_precision
     )
     if model.backbone_sha256 != config["backbone_sha256"]:
         raise BankError(
@@ -247,7 +258,15 @@ def make_loader(dataset, args: argparse.Namespace, model: PatchCore):
 
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     out_dir = Path(args.output_dir) / category
-    model, header = load_model(out_dir / BANK_FILE, args.device, args.weights, args.reweight_b, args.blur_sigma)
+    model, header = load_model(
+        out_dir / BANK_FILE,
+        args.device,
+        args.weights,
+        args.reweight_b,
+        args.blur_sigma,
+        amp=args.amp,
+        search_precision=args.search_precision,
+    )
     config = header["config"]
     dataset = MVTecDataset(args.data_path, category, "test", Preprocess(config["resize"], config["image_size"]))
     scores, maps, batches, seconds = score(model, make_loader(dataset, args, model), f"{category} test")
@@ -266,6 +285,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         f"at the evaluation resolution {maps.shape[-1]}x{maps.shape[-2]} (center crop)",
         "image_score": f"Eq. 7 reweighting, b={args.reweight_b}" if args.reweight_b else "max patch score",
         "blur_sigma": args.blur_sigma,
+        "amp": args.amp,
+        "nearest_neighbour_search": "faiss IndexFlatL2" if model.index is not None else f"exact torch search ({args.search_precision})",
         "heatmap_scale": [float(maps.min()), float(maps.max())],
         "seconds": round(seconds, 2),
         "ms_per_image": round(1000 * seconds / len(paths), 1),
@@ -296,7 +317,15 @@ def score_new_images(args: argparse.Namespace) -> None:
     category = args.category
     out_dir = Path(args.output_dir) / category
     paths = find_images(args.images)
-    model, header = load_model(out_dir / BANK_FILE, args.device, args.weights, args.reweight_b, args.blur_sigma)
+    model, header = load_model(
+        out_dir / BANK_FILE,
+        args.device,
+        args.weights,
+        args.reweight_b,
+        args.blur_sigma,
+        amp=args.amp,
+        search_precision=args.search_precision,
+    )
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     threshold = args.threshold if args.threshold is not None else known.get("image_f1_threshold")
     config = header["config"]

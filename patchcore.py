@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -22,6 +23,7 @@ import torchvision
 from tqdm import tqdm
 
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class WeightsError(RuntimeError):
@@ -64,8 +66,11 @@ def load_backbone(name: str, weights: str, seed: int) -> tuple[torch.nn.Module, 
             )
             weights = "none"
     if weights == "none":
-        torch.manual_seed(seed)
-        return torchvision.models.get_model(name, weights=None), "none", f"none (random init, seed {seed})"
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            return torchvision.models.get_model(name, weights=None), "none", f"none (random init, seed {seed})"
+    if not Path(weights).is_file():
+        raise WeightsError(f"--weights {weights}: no such file; use imagenet, auto, none or the path of a state_dict file")
     return torchvision.models.get_model(name, weights=None), weights, f"file ({weights})"
 
 
@@ -74,65 +79,129 @@ def random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> 
     return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
 
 
-def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int) -> torch.Tensor:
-    """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path)."""
+def squared_distances(points: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """||p - c||^2 for every row p. Both greedy variants use exactly this arithmetic, so their
+    float32 distances, and therefore their selections, agree bit for bit."""
+    return ((points - center) ** 2).sum(1)
+
+
+def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int, block: int = 64) -> torch.Tensor:
+    """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path).
+
+    On CUDA, `block` iterations are captured once as a CUDA graph and replayed, so the
+    per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
+    """
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
     selected[0] = start
-    min_dist = ((points - points[start]) ** 2).sum(1)  # squared distance to the nearest selected point
-    for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
-        farthest = torch.argmax(min_dist)  # first index among ties
-        selected[i] = farthest
-        min_dist = torch.minimum(min_dist, ((points - points[farthest]) ** 2).sum(1))
+    min_dist = squared_distances(points, points[start])  # squared distance to the nearest selected point
+    position = torch.ones(1, dtype=torch.long, device=points.device)  # where the next index goes
+
+    def step() -> None:
+        farthest = torch.argmax(min_dist).view(1)  # first index among ties
+        selected.index_copy_(0, position, farthest)
+        torch.minimum(min_dist, squared_distances(points, points[farthest]), out=min_dist)
+        position.add_(1)
+
+    remaining = n_select - 1
+    progress = tqdm(total=remaining, desc="coreset", unit="pt", mininterval=1.0)
+    if points.device.type == "cuda" and remaining >= 2 * block:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
+            for _ in range(block):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        remaining -= block
+        progress.update(block)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            for _ in range(block):
+                step()
+        while remaining >= block:
+            graph.replay()
+            remaining -= block
+            progress.update(block)
+    for _ in range(remaining):
+        step()
+        progress.update(1)
+    progress.close()
     return selected
 
 
-def k_center_greedy_pruned(points: np.ndarray, n_select: int, start: int, n_pivots: int = 16) -> np.ndarray:
+def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pivots: int = 16) -> torch.Tensor:
     """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
 
     Every point belongs to its nearest center j, and r_j is the largest distance in j's
     group. A new center c can only come closer to points of group j if d(j, c) < 2 r_j
     (triangle inequality), so other groups are skipped. d(j, c) itself is first bounded
     from below through a few pivot centers, |d(k, j) - d(k, c)| <= d(j, c), so that most
-    centers are ruled out without a full distance. Same selection as the dense loop.
+    centers are ruled out without a full distance. A slack of 1e-4 of the data's scale on
+    the bounds covers float32 rounding. Same selection as k_center_greedy_dense.
     """
     n, dim = points.shape
+    x = points.numpy()
 
-    def squared(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    def center_distances(a: np.ndarray, c: np.ndarray) -> np.ndarray:  # for the bounds only
         diff = a - c
-        return np.einsum("ij,ij->i", diff, diff)
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
     selected = np.empty(n_select, np.int64)
     centers = np.empty((n_select, dim), np.float32)
     radius = np.zeros(n_select, np.float32)  # r_j, exact for every group
     pivot_dist = np.zeros((n_pivots, n_select), np.float32)  # d(pivot k, center j)
-    selected[0], centers[0] = start, points[start]
-    min_dist = squared(points, points[start])
+    selected[0], centers[0] = start, x[start]
+    min_dist = squared_distances(points, points[start]).numpy()
     group = np.zeros(n, np.int64)
     radius[0] = np.sqrt(min_dist.max())
-    slack = 1e-4 * float(radius[0]) + 1e-12  # covers float32 rounding of the distances in the bounds
+    slack = 1e-4 * float(radius[0]) + 1e-12
     n_piv = 1
     for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
         farthest = int(np.argmax(min_dist))  # first index among ties
-        c = points[farthest]
+        c = x[farthest]
         selected[i], centers[i] = farthest, c
         if n_piv < n_pivots:  # the first centers serve as pivots
-            pivot_dist[n_piv, : i + 1] = np.sqrt(squared(centers[: i + 1], c))
+            pivot_dist[n_piv, : i + 1] = center_distances(centers[: i + 1], c)
             n_piv += 1
-        to_pivots = np.sqrt(squared(centers[:n_piv], c))
+        to_pivots = center_distances(centers[:n_piv], c)
         pivot_dist[:n_piv, i] = to_pivots
         lower = np.abs(pivot_dist[:n_piv, :i] - to_pivots[:, None]).max(0)
         maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)
-        near = maybe[np.sqrt(squared(centers[maybe], c)) < 2 * radius[maybe] + slack]
+        near = maybe[center_distances(centers[maybe], c) < 2 * radius[maybe] + slack]
         in_near = np.zeros(i + 1, bool)
         in_near[near] = True
         touched = np.flatnonzero(in_near[group])
-        dist = squared(points[touched], c)
+        dist = squared_distances(points[torch.from_numpy(touched)], points[farthest]).numpy()
         closer = dist < min_dist[touched]
         min_dist[touched[closer]] = dist[closer]
         group[touched[closer]] = i
         radius[near] = 0
         np.maximum.at(radius, group[touched], np.sqrt(min_dist[touched]))
-    return selected
+    return torch.from_numpy(selected)
+
+
+def exact_knn_torch(queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours by ||q||^2 - 2 q.m + ||m||^2, in query chunks whose distance
+    block stays under 256 MiB whatever the bank size. For a GPU where faiss has no GPU support.
+
+    precision: 'fp32', 'tf32' (TF32 tensor-core matmul on Ampere and newer) or 'fp16' (the
+    cross term in half precision, accumulated in fp32); norms and the rest stay in fp32.
+    """
+    bank_sq = (bank.float() ** 2).sum(1)
+    bank_mm = bank.half() if precision == "fp16" else bank.float()
+    rows = max(1, 2**26 // bank.shape[0])  # 2^26 fp32 distances = 256 MiB per chunk
+    distances, indices = [], []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        for q in queries.split(rows):
+            cross = (q.to(bank_mm.dtype) @ bank_mm.T).float()
+            squared = (q.float() ** 2).sum(1, keepdim=True) - 2 * cross + bank_sq
+            value, index = squared.topk(k, dim=1, largest=False)
+            distances.append(value.clamp_min(0).sqrt())
+            indices.append(index)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return torch.cat(distances), torch.cat(indices)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -165,6 +234,8 @@ class PatchCore:
         reweight_b: int = 0,
         blur_sigma: float = 4.0,
         feature_memory_gb: float = 8.0,
+        amp: str = "none",
+        search_precision: str = "fp32",
     ) -> None:
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -177,6 +248,12 @@ class PatchCore:
         self.reweight_b = reweight_b  # 0: image score = max patch score; b > 0: Eq. 7 with b neighbours
         self.blur_sigma = blur_sigma  # 0: no smoothing of the anomaly map
         self.feature_memory_gb = feature_memory_gb  # fit(): full features kept in RAM up to this, else a second pass
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        if search_precision not in ("fp32", "tf32", "fp16"):
+            raise ValueError(f"search_precision must be fp32, tf32 or fp16, got {search_precision!r}")
+        self.amp = amp  # backbone autocast: none, bf16 or fp16
+        self.search_precision = search_precision  # used by the torch GPU search only; faiss is fp32
 
         network, self.weights_spec, self.weights = load_backbone(backbone, weights, seed)
         self.backbone = self._cut_after_last_layer(network)
@@ -184,6 +261,8 @@ class PatchCore:
             self._load_state_dict_file(self.weights_spec)
         self.backbone_sha256 = self._fingerprint()
         self.backbone.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda":  # NHWC convolutions run faster on tensor cores
+            self.backbone.to(memory_format=torch.channels_last)
 
         # feature_extractor: forward hooks collect the used layers' outputs.
         self._features: dict[str, torch.Tensor] = {}
@@ -245,11 +324,13 @@ class PatchCore:
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Raw feature maps of the used layers, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px."""
         self._features = {}
+        images = images.to(self.device, memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
         try:
-            self.backbone(images.to(self.device))
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "none"):
+                self.backbone(images)
         except _StopForward:
             pass
-        return [self._features[name] for name in self.layers]
+        return [self._features[name].float().contiguous() for name in self.layers]
 
     @torch.no_grad()
     def aggregate_patches(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -350,26 +431,32 @@ class PatchCore:
             return torch.arange(n)
         start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
         if self.device.type == "cpu":
-            return torch.from_numpy(k_center_greedy_pruned(points.float().numpy(), n_select, start))
+            return k_center_greedy_pruned(points.float().contiguous(), n_select, start)
         return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start).cpu()
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
-        """Keep the memory bank and index it with faiss IndexFlatL2 (on the GPU when faiss has GPUs)."""
+        """Keep the memory bank and index it: faiss IndexFlatL2 on the CPU, or on the GPU when faiss
+        has GPUs; on a GPU without faiss GPU support, an exact chunked torch search instead."""
         self.memory_bank = memory_bank.to(self.device, torch.float32).contiguous()
+        self.index = None
+        if self.device.type == "cuda" and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+            return  # _nearest_neighbors uses exact_knn_torch on the GPU
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatL2(self.memory_bank.shape[1])
         index.add(self.memory_bank.cpu().numpy())
-        if self.device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        if self.device.type == "cuda":
             self._gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
         self.index = index
 
     def _nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances [M, k] and memory-bank indices [M, k] of each patch's k nearest memory patches."""
-        if self.index is None:
+        if self.memory_bank is None:
             raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
-        if not 1 <= k <= self.index.ntotal:
-            raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {self.index.ntotal}")
+        if not 1 <= k <= len(self.memory_bank):
+            raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.memory_bank)}")
+        if self.index is None:
+            return exact_knn_torch(patches.to(self.device), self.memory_bank, k, self.search_precision)
         queries = np.ascontiguousarray(patches.detach().cpu().numpy(), dtype=np.float32)
         squared, indices = self.index.search(queries, k)  # faiss returns squared L2
         distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0)))
@@ -419,4 +506,5 @@ class PatchCore:
             "coreset_proj_dim": self.coreset_proj_dim,
             "seed": self.seed,
             "feature_dim": None if self.memory_bank is None else int(self.memory_bank.shape[1]),
+            "amp": self.amp,
         }

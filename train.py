@@ -41,6 +41,15 @@ def parse_args():
     )
     parser.add_argument("--backbone", default="wide_resnet50_2", help="torchvision model (default: wide_resnet50_2)")
     parser.add_argument("--layers", default="layer2,layer3", help="backbone layers to take patch features from (default: layer2,layer3)")
+    parser.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="backbone autocast precision (default: none = fp32)"
+    )
+    parser.add_argument(
+        "--feature_memory_gb",
+        type=float,
+        default=8.0,
+        help="keep all full patch features in RAM up to this size, else run the images a second time (default: 8)",
+    )
     parser.add_argument("--resize", type=int, default=256, help="shorter image side before the crop (default: 256)")
     parser.add_argument("--image_size", type=int, default=224, help="center-crop size (default: 224)")
     parser.add_argument(
@@ -52,6 +61,8 @@ def parse_args():
         parser.error(f"--coreset_ratio must be in (0, 1], got {args.coreset_ratio}")
     if args.coreset_proj_dim < 0:
         parser.error(f"--coreset_proj_dim must be 0 (no projection) or more, got {args.coreset_proj_dim}")
+    if args.feature_memory_gb < 0:
+        parser.error(f"--feature_memory_gb must be 0 or more, got {args.feature_memory_gb}")
     if not 0 < args.image_size <= args.resize:
         parser.error(f"--image_size must be positive and at most --resize ({args.resize}), got {args.image_size}")
     return args
@@ -70,6 +81,8 @@ def main() -> None:
         coreset_proj_dim=args.coreset_proj_dim,
         weights=args.weights,
         seed=args.seed,
+        feature_memory_gb=args.feature_memory_gb,
+        amp=args.amp,
     )
     print(f"backbone {args.backbone} {model.layers}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():

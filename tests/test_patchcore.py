@@ -11,6 +11,7 @@ import torchvision
 from patchcore import (
     PatchCore,
     WeightsError,
+    exact_knn_torch,
     gaussian_blur,
     k_center_greedy_dense,
     k_center_greedy_pruned,
@@ -111,7 +112,7 @@ def test_pruned_and_dense_greedy_equal_the_naive_loop(n, dim, n_select):
     points = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
     points[: n // 10] *= 0.01  # a dense cluster next to the spread-out rest
     expected = _naive_greedy(points, n_select, start=7)
-    assert k_center_greedy_pruned(points, n_select, start=7).tolist() == expected
+    assert k_center_greedy_pruned(torch.from_numpy(points), n_select, start=7).tolist() == expected
     assert k_center_greedy_dense(torch.from_numpy(points), n_select, start=7).tolist() == expected
 
 
@@ -120,7 +121,7 @@ def test_greedy_ties_go_to_the_first_index():
     grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2).astype(np.float32)
     points = np.concatenate([grid, grid])
     expected = _naive_greedy(points, 30, start=0)
-    assert k_center_greedy_pruned(points, 30, start=0).tolist() == expected
+    assert k_center_greedy_pruned(torch.from_numpy(points), 30, start=0).tolist() == expected
     assert k_center_greedy_dense(torch.from_numpy(points), 30, start=0).tolist() == expected
     assert max(expected) < 36  # a duplicate's later copy is never preferred
 
@@ -157,6 +158,35 @@ def test_nearest_neighbors_equal_brute_force(model):
     np.testing.assert_allclose(distances.numpy(), expected_d.numpy(), rtol=1e-4)
     with pytest.raises(ValueError, match="memory bank has 500"):
         model._nearest_neighbors(queries, k=501)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_torch_search_equals_brute_force(precision):
+    generator = torch.Generator().manual_seed(8)
+    bank, queries = torch.randn(3000, 24, generator=generator), torch.randn(700, 24, generator=generator)
+    distances, indices = exact_knn_torch(queries, bank, k=2, precision=precision)
+    expected_d, expected_i = torch.cdist(queries.double(), bank.double()).topk(2, largest=False)
+    assert torch.equal(indices, expected_i)
+    np.testing.assert_allclose(distances.numpy(), expected_d.numpy(), rtol=1e-4)
+
+
+def test_torch_search_in_fp16_keeps_distances_close():
+    generator = torch.Generator().manual_seed(9)
+    bank, queries = torch.randn(500, 64, generator=generator), torch.randn(100, 64, generator=generator)
+    distances, _ = exact_knn_torch(queries, bank, k=1, precision="fp16")
+    expected = torch.cdist(queries, bank).min(1).values
+    assert torch.allclose(distances[:, 0], expected, rtol=2e-2)
+
+
+def test_bf16_autocast_backbone_scores_close_to_fp32(model):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    bank = torch.randn(200, 1536, generator=torch.Generator().manual_seed(11))
+    model.set_memory_bank(bank)
+    fp32, _ = model.predict(images)
+    fast = PatchCore(weights="none", device="cpu", amp="bf16")
+    fast.set_memory_bank(bank)
+    bf16, _ = fast.predict(images)
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)
 
 
 def test_gaussian_blur_matches_scipy():

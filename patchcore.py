@@ -170,7 +170,10 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
         in_near = np.zeros(i + 1, bool)
         in_near[near] = True
         touched = np.flatnonzero(in_near[group])
-        dist = squared_distances(points[torch.from_numpy(touched)], points[farthest]).numpy()
+        if len(touched) > n // 4:  # little to prune (early on, or data without cluster structure): one dense pass
+            dist = squared_distances(points, points[farthest]).numpy()[touched]
+        else:
+            dist = squared_distances(points[torch.from_numpy(touched)], points[farthest]).numpy()
         closer = dist < min_dist[touched]
         min_dist[touched[closer]] = dist[closer]
         group[touched[closer]] = i

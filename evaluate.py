@@ -412,6 +412,12 @@ def main() -> None:
         score_new_images(args)
         return
     categories = resolve_categories(Path(args.data_path), args.category)
+    untrained = [c for c in categories if not (Path(args.output_dir) / c / BANK_FILE).is_file()]
+    if untrained:  # before any work, so that 'all' does not stop halfway
+        raise BankError(
+            f"no memory bank for {', '.join(untrained)} in {args.output_dir}: run `python train.py --data_path {args.data_path} "
+            f"--category {','.join(untrained)} --output_dir {args.output_dir}` first"
+        )
     results = [evaluate_category(args, category) for category in categories]
     table = write_summary(Path(args.output_dir), results)
     print(f"\nweights: {results[0]['weights']} (percent; paper = the design document's MVTec AD targets)\n{table}")

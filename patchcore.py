@@ -295,12 +295,19 @@ class PatchCore:
         if not isinstance(state, dict):
             raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
         used = self.backbone.state_dict().keys()
-        state = {k: v for k, v in state.items() if k in used or not k.startswith(tuple(self._dropped_prefixes()))}
+        dropped = tuple(self._dropped_prefixes())
+        state = {k: v for k, v in state.items() if k in used or not k.startswith(dropped)}
+        missing, unexpected = sorted(set(used) - set(state)), sorted(set(state) - set(used))
+        if missing or unexpected:
+            example = f"'{(missing or unexpected)[0]}'"
+            raise WeightsError(
+                f"--weights {path}: not a state_dict of {self.backbone_name} ({len(missing)} missing keys, {len(unexpected)} "
+                f"unexpected, e.g. {example}); use torchvision's {self.backbone_name} checkpoint"
+            )
         try:
             self.backbone.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0:2]
-            raise WeightsError(f"--weights {path}: not a state_dict of {self.backbone_name} ({' '.join(first)})") from err
+        except RuntimeError as err:  # right keys, wrong shapes
+            raise WeightsError(f"--weights {path}: not a state_dict of {self.backbone_name} ({str(err).splitlines()[-1].strip()})") from err
 
     def _dropped_prefixes(self) -> list[str]:
         names = [name for name, _ in self.backbone.named_children()]

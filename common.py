@@ -49,6 +49,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes")
+    parser.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"], help="backbone autocast precision (default: none = fp32)"
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 

@@ -72,9 +72,6 @@ def parse_args():
     )
     parser.add_argument("--blur_sigma", type=float, default=4.0, help="Gaussian sigma for smoothing anomaly maps, 0 = none (default: 4)")
     parser.add_argument(
-        "--amp", default="none", choices=["none", "bf16", "fp16"], help="backbone autocast precision (default: none = fp32)"
-    )
-    parser.add_argument(
         "--search_precision",
         default="fp32",
         choices=["fp32", "tf32", "fp16"],
@@ -256,17 +253,15 @@ def make_loader(dataset, args: argparse.Namespace, model: PatchCore):
     )
 
 
+def load_model_for(args: argparse.Namespace, out_dir: Path) -> tuple[PatchCore, dict]:
+    """load_model with the command line's scoring options."""
+    options = {"amp": args.amp, "search_precision": args.search_precision}
+    return load_model(out_dir / BANK_FILE, args.device, args.weights, args.reweight_b, args.blur_sigma, **options)
+
+
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     out_dir = Path(args.output_dir) / category
-    model, header = load_model(
-        out_dir / BANK_FILE,
-        args.device,
-        args.weights,
-        args.reweight_b,
-        args.blur_sigma,
-        amp=args.amp,
-        search_precision=args.search_precision,
-    )
+    model, header = load_model_for(args, out_dir)
     config = header["config"]
     dataset = MVTecDataset(args.data_path, category, "test", Preprocess(config["resize"], config["image_size"]))
     scores, maps, batches, seconds = score(model, make_loader(dataset, args, model), f"{category} test")
@@ -317,15 +312,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     category = args.category
     out_dir = Path(args.output_dir) / category
     paths = find_images(args.images)
-    model, header = load_model(
-        out_dir / BANK_FILE,
-        args.device,
-        args.weights,
-        args.reweight_b,
-        args.blur_sigma,
-        amp=args.amp,
-        search_precision=args.search_precision,
-    )
+    model, header = load_model_for(args, out_dir)
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     threshold = args.threshold if args.threshold is not None else known.get("image_f1_threshold")
     config = header["config"]

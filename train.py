@@ -42,9 +42,6 @@ def parse_args():
     parser.add_argument("--backbone", default="wide_resnet50_2", help="torchvision model (default: wide_resnet50_2)")
     parser.add_argument("--layers", default="layer2,layer3", help="backbone layers to take patch features from (default: layer2,layer3)")
     parser.add_argument(
-        "--amp", default="none", choices=["none", "bf16", "fp16"], help="backbone autocast precision (default: none = fp32)"
-    )
-    parser.add_argument(
         "--feature_memory_gb",
         type=float,
         default=8.0,

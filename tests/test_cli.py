@@ -233,7 +233,13 @@ def slow_category(tmp_path_factory):
 
 def _interrupt_when(command, text, timeout=120):
     """Start command, send Ctrl-C (SIGINT) once its stderr shows text; return (exit code, stderr)."""
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO)
+    child = subprocess.Popen(  # SIGINT un-ignored in the child: background shells start jobs with it ignored
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen, deadline = b"", time.time() + timeout
     while text.encode() not in seen and time.time() < deadline:
         chunk = os.read(child.stderr.fileno(), 4096)

@@ -147,14 +147,16 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) 
     atomic_write(path, write)
 
 
+def _checksum(memory_bank: np.ndarray, header: dict) -> str:
+    """sha256 of the features and of every header field but the checksum itself."""
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(memory_bank.tobytes() + json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def save_memory_bank(path: Path, memory_bank: np.ndarray, header: dict) -> None:
     memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
-    header = {
-        "format": BANK_FORMAT,
-        "format_version": BANK_FORMAT_VERSION,
-        "sha256": hashlib.sha256(memory_bank.tobytes()).hexdigest(),
-        **header,
-    }
+    header = {"format": BANK_FORMAT, "format_version": BANK_FORMAT_VERSION, **header}
+    header["sha256"] = _checksum(memory_bank, header)
     header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
     save_npz(path, {"memory_bank": memory_bank, "header": header_bytes})
 
@@ -174,6 +176,6 @@ def load_memory_bank(path: Path) -> tuple[np.ndarray, dict]:
         raise BankError(f"{path} has format version {header.get('format_version')}, this code reads {BANK_FORMAT_VERSION}; {rerun}")
     if memory_bank.dtype != np.float32 or memory_bank.ndim != 2:
         raise BankError(f"{path} holds a {memory_bank.dtype} array of shape {memory_bank.shape}; {rerun}")
-    if hashlib.sha256(memory_bank.tobytes()).hexdigest() != header.get("sha256"):
+    if _checksum(memory_bank, header) != header.get("sha256"):
         raise BankError(f"{path} fails its checksum: the file was changed or damaged; {rerun}")
     return memory_bank, header

@@ -128,8 +128,11 @@ def load_model(bank_path: Path, device: str = "auto", weights: str | None = None
             f"{bank_path} was built with backbone weights '{config['weights']}', but evaluation has '{model.weights}' "
             "(their checksums differ): evaluate with the training weights, or retrain"
         )
-    if memory_bank.shape[1] != config["feature_dim"]:
-        raise BankError(f"{bank_path}: features have {memory_bank.shape[1]} dims, its config says {config['feature_dim']}; rerun train.py")
+    if memory_bank.shape[1] != model.feature_dim:
+        raise BankError(
+            f"{bank_path} holds {memory_bank.shape[1]}-d features, but {config['backbone']} {config['layers']} makes "
+            f"{model.feature_dim}-d ones: rerun train.py with these settings"
+        )
     if reweight_b > memory_bank.shape[0]:
         raise BankError(f"--reweight_b {reweight_b} is larger than the memory bank ({memory_bank.shape[0]} patches)")
     model.set_memory_bank(torch.from_numpy(memory_bank))

@@ -272,6 +272,7 @@ class PatchCore:
         for name in self.layers:
             getattr(self.backbone, name).register_forward_hook(self._hook(name))
 
+        self.feature_dim = sum(f.shape[1] for f in self.extract_features(torch.zeros(1, 3, 64, 64)))  # 1536
         self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
         self.index = None  # faiss.IndexFlatL2 over the memory bank
 
@@ -515,6 +516,6 @@ class PatchCore:
             "coreset_ratio": self.coreset_ratio,
             "coreset_proj_dim": self.coreset_proj_dim,
             "seed": self.seed,
-            "feature_dim": None if self.memory_bank is None else int(self.memory_bank.shape[1]),
+            "feature_dim": self.feature_dim,
             "amp": self.amp,
         }

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from common import load_memory_bank
+from common import load_memory_bank, save_memory_bank
 from dataset import make_synthetic_category
 from scripts import REPO, SMALL, evaluate, run, train
 
@@ -286,3 +286,15 @@ def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, mo
     assert exit_info.value.code == 1 and "No space left on device" in err[-1] and "--output_dir" in err[-1]
     assert (tmp_path / "widget" / "metrics.json").read_text() == before
     assert not list((tmp_path / "widget").glob(".*"))
+
+
+def test_a_bank_of_another_feature_size_is_refused(evaluated, tmp_path):
+    from common import BankError
+    from evaluate import load_model
+
+    _, out, _ = evaluated
+    bank, header = load_memory_bank(out / "widget" / "memory_bank.npz")
+    header["config"]["layers"] = ["layer3"]  # a consistent file, but 1024-d features expected
+    save_memory_bank(tmp_path / "memory_bank.npz", bank, {k: v for k, v in header.items() if k != "sha256"})
+    with pytest.raises(BankError, match="holds 1536-d features, but wide_resnet50_2 \\['layer3'\\] makes 1024-d"):
+        load_model(tmp_path / "memory_bank.npz", "cpu")

@@ -159,3 +159,14 @@ def test_full_disk_gives_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="could not write .*metrics.json \\(No space left on device\\): free some disk space"):
         write_json(tmp_path / "metrics.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_edited_header_fails_the_checksum(tmp_path):
+    path = tmp_path / "bank.npz"
+    save_memory_bank(path, np.ones((5, 4), np.float32), {"config": {"layers": ["layer2", "layer3"]}})
+    with np.load(path) as data:
+        memory_bank, header = data["memory_bank"], json.loads(data["header"].tobytes())
+    header["config"]["layers"] = ["layer3"]
+    np.savez(path, memory_bank=memory_bank, header=np.frombuffer(json.dumps(header).encode(), np.uint8))
+    with pytest.raises(BankError, match="checksum"):
+        load_memory_bank(path)

@@ -378,8 +378,7 @@ class PatchCore:
         """
         projected, full, full_bytes, projection = [], [], 0, None
         for batch in tqdm(dataloader, desc="features", unit="batch"):
-            patches = self._patches(batch[0])[0]
-            patches = patches.reshape(-1, patches.shape[-1])
+            patches = self._patches(batch[0])[0].flatten(0, 1)  # [B*N, C]
             if projection is None:
                 projection = self._coreset_projection(patches.shape[1])
             projected.append((patches if projection is None else patches @ projection).cpu())
@@ -408,8 +407,7 @@ class PatchCore:
         ordered = selected[order]
         bank, offset = None, 0
         for batch in tqdm(dataloader, desc="memory bank", unit="batch"):
-            patches = self._patches(batch[0])[0]
-            patches = patches.reshape(-1, patches.shape[-1]).cpu()
+            patches = self._patches(batch[0])[0].flatten(0, 1).cpu()
             lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(patches)))
             if bank is None:
                 bank = torch.empty(len(selected), patches.shape[1])

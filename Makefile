@@ -1,12 +1,13 @@
 # make demo : set up .venv, write a synthetic category, train, evaluate, print metrics and heatmap path
 # make test : set up .venv, lint, run the test suite
+# make mutations : check that the suite catches deliberate errors in the method (slow; not part of make test)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
 DEMO_OUT := results/demo
 
-.PHONY: demo test clean
+.PHONY: demo test mutations clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+mutations: $(VENV)/.test
+	$(PY) tests/mutations.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_OUT) .pytest_cache .ruff_cache

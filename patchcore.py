@@ -182,16 +182,18 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
     return torch.from_numpy(selected)
 
 
-def exact_knn_torch(queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours by ||q||^2 - 2 q.m + ||m||^2, in query chunks whose distance
-    block stays under 256 MiB whatever the bank size. For a GPU where faiss has no GPU support.
+def exact_knn_torch(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32", block_bytes: int = 2**28
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours by ||q||^2 - 2 q.m + ||m||^2, in query chunks whose fp32
+    distance block stays under `block_bytes` (256 MiB) whatever the bank size.
 
     precision: 'fp32', 'tf32' (TF32 tensor-core matmul on Ampere and newer) or 'fp16' (the
     cross term in half precision, accumulated in fp32); norms and the rest stay in fp32.
     """
     bank_sq = (bank.float() ** 2).sum(1)
     bank_mm = bank.half() if precision == "fp16" else bank.float()
-    rows = max(1, 2**26 // bank.shape[0])  # 2^26 fp32 distances = 256 MiB per chunk
+    rows = max(1, block_bytes // (4 * bank.shape[0]))  # query rows per chunk
     distances, indices = [], []
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
@@ -207,17 +209,31 @@ def exact_knn_torch(queries: torch.Tensor, bank: torch.Tensor, k: int, precision
     return torch.cat(distances), torch.cat(indices)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of [B, 1, H, W] maps, kernel radius 4*sigma.
+def _border_indices(n: int, radius: int, mode: str) -> torch.Tensor:
+    """Source index of each position of a length-n axis padded by `radius` on both sides, for
+    scipy.ndimage's border modes at any n, even n <= radius (repeated reflections):
+    'mirror' reflects about the edge sample (d c b | a b c d | c b a), 'reflect' about the
+    edge itself (c b a | a b c d | d c b)."""
+    i = torch.arange(-radius, n + radius)
+    if n == 1:
+        return torch.zeros_like(i)
+    period = 2 * (n - 1) if mode == "mirror" else 2 * n
+    i = i.remainder(period)
+    return torch.where(i < n, i, period - i - int(mode == "reflect"))
 
-    Mirror padding at the border, like scipy.ndimage.gaussian_filter(mode='mirror').
-    """
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, H, W] maps, kernel radius int(4 sigma + 0.5), as
+    scipy.ndimage.gaussian_filter(sigma, mode=mode, truncate=4) computes it, for maps of any size."""
     radius = int(4 * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-(x**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    h, w = maps.shape[-2:]
+    rows = _border_indices(h, radius, mode).to(maps.device)
+    cols = _border_indices(w, radius, mode).to(maps.device)
+    maps = F.conv2d(maps[..., cols], kernel.view(1, 1, 1, -1))
+    return F.conv2d(maps[..., rows, :], kernel.view(1, 1, -1, 1))
 
 
 class _StopForward(Exception):
@@ -239,6 +255,7 @@ class PatchCore:
         feature_memory_gb: float = 8.0,
         amp: str = "none",
         search_precision: str = "fp32",
+        search: str = "auto",
     ) -> None:
         if not 0 < coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
@@ -256,7 +273,10 @@ class PatchCore:
         if search_precision not in ("fp32", "tf32", "fp16"):
             raise ValueError(f"search_precision must be fp32, tf32 or fp16, got {search_precision!r}")
         self.amp = amp  # backbone autocast: none, bf16 or fp16
-        self.search_precision = search_precision  # used by the torch GPU search only; faiss is fp32
+        self.search_precision = search_precision  # used by the torch search only; faiss is fp32
+        if search not in ("auto", "faiss", "torch"):
+            raise ValueError(f"search must be auto, faiss or torch, got {search!r}")
+        self.search = search  # auto: faiss where it runs on the model's device, else the exact torch search
 
         network, self.weights_spec, self.weights = load_backbone(backbone, weights, seed)
         self.backbone = self._cut_after_last_layer(network)
@@ -422,7 +442,7 @@ class PatchCore:
         return random_projection(in_dim, self.coreset_proj_dim, torch.Generator().manual_seed(self.seed)).to(self.device)
 
     @torch.no_grad()
-    def _greedy_coreset(self, features: torch.Tensor, ratio: float) -> torch.Tensor:
+    def select_coreset(self, features: torch.Tensor, ratio: float) -> torch.Tensor:
         """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(ratio * N) patches, at least 1.
 
         Distances are taken on the seeded random projection to `coreset_proj_dim` dims
@@ -448,8 +468,9 @@ class PatchCore:
         has GPUs; on a GPU without faiss GPU support, an exact chunked torch search instead."""
         self.memory_bank = memory_bank.to(self.device, torch.float32).contiguous()
         self.index = None
-        if self.device.type == "cuda" and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
-            return  # _nearest_neighbors uses exact_knn_torch on the GPU
+        faiss_on_device = self.device.type == "cpu" or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+        if self.search == "torch" or (self.search == "auto" and not faiss_on_device):
+            return  # nearest_neighbors uses exact_knn_torch
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatL2(self.memory_bank.shape[1])
         index.add(self.memory_bank.cpu().numpy())
@@ -458,7 +479,7 @@ class PatchCore:
             index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
         self.index = index
 
-    def _nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances [M, k] and memory-bank indices [M, k] of each patch's k nearest memory patches."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
@@ -477,7 +498,7 @@ class PatchCore:
         """Image scores [B] and anomaly maps [B, H, W] at the input resolution (Sec. 3.3)."""
         patches, (h, w) = self._patches(images)
         b, n, c = patches.shape
-        distances, nearest = self._nearest_neighbors(patches.reshape(-1, c), k=1)
+        distances, nearest = self.nearest_neighbors(patches.reshape(-1, c), k=1)
         patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
         if self.reweight_b:
             scores = self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
@@ -498,7 +519,7 @@ class PatchCore:
         s_star, worst = patch_scores.max(dim=1)
         m_test = patches[rows, worst]  # [B, C]
         m_star = self.memory_bank[nearest[rows, worst]]  # [B, C]
-        _, support = self._nearest_neighbors(m_star, k=self.reweight_b)  # [B, b]
+        _, support = self.nearest_neighbors(m_star, k=self.reweight_b)  # [B, b]
         d = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)  # [B, b]
         weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))
         return weight * s_star

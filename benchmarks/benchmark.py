@@ -177,9 +177,9 @@ def main() -> None:
 
     per_image = (args.image_size // 8) ** 2  # layer2 has stride 8: 784 patches at 224 px
     queries = features[: args.batch_size * per_image]
-    model._nearest_neighbors(queries[:per_image], 1)  # warm-up
+    model.nearest_neighbors(queries[:per_image], 1)  # warm-up
     with Stage(device) as s:
-        model._nearest_neighbors(queries, 1)
+        model.nearest_neighbors(queries, 1)
     knn_ms = 1000 * s.seconds / args.batch_size
     q, m = queries.to(device), model.memory_bank
     torch.mm(q[:per_image], m.T)

@@ -1,15 +1,18 @@
 """Helpers that run train.py and evaluate.py as a user would, in a fresh interpreter."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
+THREADS = {"OMP_NUM_THREADS": "2"}  # results are reproducible at a fixed thread count (docs/architecture.md)
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO)
+    env = {**os.environ, **THREADS}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env)
 
 
 def train(root, out, *extra):

@@ -67,6 +67,32 @@ def test_raw_maps_reproduce_the_pixel_auroc(evaluated):
     assert roc_auc_score(masks.ravel() > 0.5, maps.ravel()) == pytest.approx(metrics["pixel_auroc"], abs=1e-3)
 
 
+def test_scores_and_image_metrics_follow_the_papers_definition(evaluated):
+    """scores.json against Eq. 6 and the max computed here in float64 from the saved bank; metrics.json against sklearn."""
+    from sklearn.metrics import roc_auc_score
+
+    from dataset import MVTecDataset, Preprocess
+    from patchcore import PatchCore
+
+    root, out, _ = evaluated
+    bank, _ = load_memory_bank(out / "widget" / "memory_bank.npz")
+    test = MVTecDataset(root, "widget", "test", Preprocess(72, 64))
+    model = PatchCore(weights="none", device="cpu", seed=0)  # the training run's weights
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    patches = model.aggregate_patches(model.extract_features(images)).numpy().astype(np.float64)
+    expected = {}
+    for i, image_patches in enumerate(patches):
+        d = np.sqrt(((image_patches[:, None, :] - bank[None].astype(np.float64)) ** 2).sum(-1))
+        expected[test[i][3]] = d.min(1).max()
+    records = json.loads((out / "widget" / "scores.json").read_text())
+    got = {r["path"]: r["score"] for r in records}
+    assert got.keys() == expected.keys()
+    np.testing.assert_allclose([got[p] for p in expected], list(expected.values()), rtol=2.5e-4)  # measured: 3e-6
+    metrics = json.loads((out / "widget" / "metrics.json").read_text())
+    labels, scores = [r["label"] for r in records], [r["score"] for r in records]
+    assert metrics["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
 def test_summary_files(evaluated):
     _, out, _ = evaluated
     assert "| widget |" in (out / "summary.md").read_text()
@@ -163,6 +189,7 @@ def test_a_pickle_payload_bank_is_refused_and_never_run(evaluated, tmp_path):
 
 
 def test_same_seed_same_bytes_and_same_scores(evaluated, tmp_path):
+    """At a fixed thread count (tests/scripts.py pins it): other counts change float32 summation order."""
     root, out, _ = evaluated
     assert train(root, tmp_path).returncode == 0
     assert (tmp_path / "widget" / "memory_bank.npz").read_bytes() == (out / "widget" / "memory_bank.npz").read_bytes()

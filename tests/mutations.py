@@ -1,0 +1,162 @@
+"""Mutation check: does the test suite notice when PatchCore is computed wrongly?
+
+    python tests/mutations.py            (or: make mutations; about 15-25 minutes on 2 cores)
+    python tests/mutations.py --only max_to_mean,blur_off
+
+Each mutation below is a small deliberate error in a library module. One at a time, it is
+applied to a temporary copy of the repository, and the suite runs there with -x (fast test
+files first). A mutation is CAUGHT when some test fails, and the first failing test is
+reported; it SURVIVED when the whole suite passes. Not part of `make test`. Exits 1 when a
+mutation survives or no longer applies (the code it targets has changed: update its text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# fast, value-level test files first, so that a caught mutation stops early
+TEST_ORDER = ["test_patchcore.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_report.py",
+              "test_official.py", "test_calibration.py", "test_cli.py", "test_notebook.py", "test_benchmark.py"]  # fmt: skip
+
+# (name, file, original text, mutated text); the original must occur exactly once in the file
+MUTATIONS = [
+    ("max_to_mean", "patchcore.py",
+     "scores = patch_scores.max(dim=1).values",
+     "scores = patch_scores.mean(dim=1)"),
+    ("blur_off", "patchcore.py",
+     "if self.blur_sigma > 0:",
+     "if False:"),
+    ("eq7_index_0", "patchcore.py",
+     "self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))",
+     "self._reweighted_scores(patches, patch_scores, torch.zeros_like(nearest[:, 0]).reshape(b, n))"),
+    ("torch_search_first_chunk", "patchcore.py",
+     "for q in queries.split(rows):",
+     "for q in queries.split(rows)[:1]:"),
+    ("coreset_start_0", "patchcore.py",
+     "start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))",
+     "start = 0"),
+    ("zero_padded_neighbourhood", "patchcore.py",
+     "count_include_pad=False",
+     "count_include_pad=True"),
+    ("layer3_nearest_upsampling", "patchcore.py",
+     'f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)',
+     'f = F.interpolate(f, size=grid, mode="nearest")'),
+    ("squared_distances", "patchcore.py",
+     "distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0)))",
+     "distances = torch.from_numpy(np.maximum(squared, 0))"),
+    ("pruning_bound_too_tight", "patchcore.py",
+     "maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)",
+     "maybe = np.flatnonzero(lower < radius[:i] + slack)"),
+    ("blur_radius_2_sigma", "patchcore.py",
+     "radius = int(4 * sigma + 0.5)",
+     "radius = int(2 * sigma + 0.5)"),
+    ("eq7_weight_without_one_minus", "patchcore.py",
+     "weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))",
+     "weight = torch.exp(s_star - torch.logsumexp(d, dim=1))"),
+    ("two_pass_bank_out_of_order", "patchcore.py",
+     "bank[order[lo:hi]] = patches[ordered[lo:hi] - offset]",
+     "bank[lo:hi] = patches[ordered[lo:hi] - offset]"),
+    ("autocast_ignored", "patchcore.py",
+     'enabled=self.amp != "none"',
+     "enabled=False"),
+    ("aupro_4_connected", "metrics.py",
+     "structure=np.ones((3, 3))",
+     "structure=None"),
+    ("f1_threshold_off_by_one", "metrics.py",
+     "return float(f1[best]), float(thresholds[best]), None",
+     "return float(f1[best]), float(thresholds[min(best + 1, len(thresholds) - 1)]), None"),
+    ("aupro_not_normalised", "metrics.py",
+     "return float(area / fpr_limit), None",
+     "return float(area), None"),
+    ("masks_binarised_at_1", "dataset.py",
+     "return mask.point(lambda v: 255 if v >= 128 else 0)",
+     "return mask.point(lambda v: 255 if v >= 1 else 0)"),
+    ("normalise_with_std_as_mean", "dataset.py",
+     "transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)",
+     "transforms.Normalize(IMAGENET_STD, IMAGENET_STD)"),
+    ("checksum_ignores_header", "common.py",
+     "hashlib.sha256(memory_bank.tobytes() + json.dumps(rest, sort_keys=True).encode())",
+     "hashlib.sha256(memory_bank.tobytes())"),
+]  # fmt: skip
+
+
+def repository_files() -> list[str]:
+    """Tracked files and untracked ones git does not ignore: what a fresh clone plus work in progress holds."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [f for f in listed.stdout.splitlines() if (REPO / f).is_file()]
+
+
+def test_files(root: Path) -> list[str]:
+    present = sorted(p.name for p in (root / "tests").glob("test_*.py"))
+    return [f"tests/{name}" for name in [n for n in TEST_ORDER if n in present] + [n for n in present if n not in TEST_ORDER]]
+
+
+def run_suite(root: Path) -> tuple[bool, str]:
+    """(passed, first failing test) of the suite with -x in root."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *test_files(root)]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)
+    if result.returncode == 0:
+        return True, ""
+    return False, failed[0] if failed else result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-300:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma list of mutation names to run (default: all)")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the check that the unmutated suite passes")
+    args = parser.parse_args()
+    wanted = [m for m in MUTATIONS if not args.only or m[0] in args.only.split(",")]
+    if args.only and len(wanted) != len(args.only.split(",")):
+        parser.error(f"unknown mutation in --only; known: {', '.join(m[0] for m in MUTATIONS)}")
+
+    work = Path(tempfile.mkdtemp(prefix="patchcore-mutations-"))
+    try:
+        files = repository_files()
+        copy = work / "repo"
+        for name in files:
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+        if not args.no_baseline:
+            start = time.perf_counter()
+            passed, failure = run_suite(copy)
+            verdict = "passes" if passed else f"FAILS at {failure}"
+            print(f"baseline (no mutation): {verdict} ({time.perf_counter() - start:.0f}s)", flush=True)
+            if not passed:
+                return 1
+        rows, bad = [], 0
+        for name, file, original, mutated in wanted:
+            source = (copy / file).read_text()
+            if source.count(original) != 1:
+                rows.append((name, file, "NOT APPLIED (text not found once: update the mutation)", 0.0))
+                bad += 1
+                print(f"{name:<30} NOT APPLIED", flush=True)
+                continue
+            (copy / file).write_text(source.replace(original, mutated))
+            start = time.perf_counter()
+            passed, failure = run_suite(copy)
+            seconds = time.perf_counter() - start
+            (copy / file).write_text(source)
+            verdict = "SURVIVED" if passed else f"caught by {failure}"
+            bad += passed
+            rows.append((name, file, verdict, seconds))
+            print(f"{name:<30} {verdict} ({seconds:.0f}s)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n| mutation | file | result |\n|---|---|---|")
+    for name, file, verdict, _ in rows:
+        print(f"| {name} | {file} | {verdict} |")
+    print(f"\n{len(rows) - bad} of {len(rows)} mutations caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,14 @@
 # make demo : set up .venv, write a synthetic category, train, evaluate, print metrics and heatmap path
 # make test : set up .venv, lint, run the test suite
 # make mutations : check that the suite catches deliberate errors in the method (slow; not part of make test)
+# make notebook : install Jupyter into .venv and open visualization.ipynb
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
 DEMO_OUT := results/demo
 
-.PHONY: demo test mutations clean
+.PHONY: demo test mutations notebook clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,13 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+$(VENV)/.notebook: $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check notebook
+	touch $@
+
+notebook: $(VENV)/.notebook
+	$(VENV)/bin/jupyter notebook visualization.ipynb
 
 mutations: $(VENV)/.test
 	$(PY) tests/mutations.py

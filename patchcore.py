@@ -5,14 +5,22 @@ A frozen ImageNet CNN turns every image into a grid of locally aware patch featu
 is the memory bank (Sec. 3.2, Alg. 1). A test patch's anomaly score is the distance to
 its nearest memory patch; the image score is the largest patch score (Sec. 3.3, Eq. 6-7).
 
-This file holds the method only: no files, no command line.
+PatchCoreConfig holds everything that decides a memory bank's content and how it is scored;
+it is saved in the bank, and PatchCore.from_bank rebuilds the model from it. This file holds
+the method and that round trip; no command line, and the file format lives in bank.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -22,18 +30,114 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
+from bank import BankError, environment, load_bank, save_bank
+
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEARCHES = ("auto", "faiss", "torch")
+SEARCH_PRECISIONS = ("fp32", "tf32", "fp16")
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Everything that decides a memory bank's content and how it is scored.
+
+    Stored whole in the bank; PatchCore.from_bank rebuilds the model with PatchCoreConfig(**saved).
+    These defaults are the only ones: train.py's options are generated from these fields, with
+    their help texts. How a run is executed (device, batch size, search) is not part of it.
+    """
+
+    backbone: str = field(default="wide_resnet50_2", metadata={"help": "torchvision classification network"})
+    layers: tuple[str, ...] = field(
+        default=("layer2", "layer3"), metadata={"help": "backbone layers the patch features come from, comma list", "metavar": "LAYERS"}
+    )
+    weights: str = field(
+        default="imagenet",
+        metadata={
+            "help": "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) or PATH to a state_dict"
+        },
+    )
+    resize: int = field(default=256, metadata={"help": "shorter image side before the center crop"})
+    image_size: int = field(default=224, metadata={"help": "center-crop size, the model's input"})
+    coreset_ratio: float = field(default=0.25, metadata={"help": "fraction of the training patches kept in the memory bank"})
+    coreset_proj_dim: int = field(default=128, metadata={"help": "random-projection dims for the coreset distances, 0 = none"})
+    seed: int = field(default=0, metadata={"help": "seed of the coreset's projection and start point, and of random-init weights"})
+    amp: str = field(default="none", metadata={"help": "backbone autocast precision: none (fp32), bf16 or fp16"})
+    reweight_b: int = field(
+        default=0,
+        metadata={"help": "image score: 0 = max patch score; b >= 2 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)"},
+    )
+    blur_sigma: float = field(default=4.0, metadata={"help": "Gaussian sigma for smoothing anomaly maps, 0 = none"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON
+        checks = [
+            (bool(self.layers), "--layers must name at least one layer"),
+            (
+                0 < self.image_size <= self.resize,
+                f"--image_size must be positive and at most --resize ({self.resize}), got {self.image_size}",
+            ),
+            (0 < self.coreset_ratio <= 1, f"--coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
+            (self.coreset_proj_dim >= 0, f"--coreset_proj_dim must be 0 (no projection) or more, got {self.coreset_proj_dim}"),
+            (self.amp in AMP_DTYPES, f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}"),
+            (self.reweight_b >= 0, f"--reweight_b must be 0 (max score) or at least 2, got {self.reweight_b}"),
+            (self.reweight_b != 1, "--reweight_b 1 would score every image 0 (Eq. 7's weight is then 1 - e^s/e^s): use 0 or b >= 2"),
+            (self.blur_sigma >= 0, f"--blur_sigma must be 0 (off) or more, got {self.blur_sigma}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
 
 class WeightsError(RuntimeError):
     """The backbone weights asked for cannot be had."""
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"WARNING: {message}", file=sys.stderr)
+
+
+def _visible_nvidia_gpu() -> str | None:
+    """The first GPU nvidia-smi lists ('name, driver version'), or None when it is absent or lists none."""
+    smi = shutil.which("nvidia-smi") or ("/usr/lib/wsl/lib/nvidia-smi" if Path("/usr/lib/wsl/lib/nvidia-smi").is_file() else None)
+    if smi is None:
+        return None
+    try:
+        listed = subprocess.run(
+            [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = listed.stdout.strip().splitlines()
+    return lines[0].strip() if listed.returncode == 0 and lines else None
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is an error."""
+    """'auto' -> cuda when torch can use a GPU, else cpu (saying why, when an NVIDIA GPU is there
+    but torch cannot use it); 'cuda' without CUDA is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        gpu = _visible_nvidia_gpu()
+        if gpu:
+            cuda = torch.version.cuda
+            why = (
+                f"this torch {torch.__version__} is built for CUDA {cuda}, which needs a newer NVIDIA driver (CUDA 13 needs 580 or newer, "
+                f"CUDA 12 needs 525 or newer): update the driver, or install a torch build for your driver's CUDA "
+                f"(e.g. pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126)"
+                if cuda
+                else f"this torch {torch.__version__} is a CPU-only build: install a CUDA build of torch"
+            )
+            _warn_once(f"an NVIDIA GPU is visible ({gpu}) but torch cannot use it; running on the CPU. {why}")
+        return torch.device("cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"unknown device '{device}': use auto, cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -46,7 +150,7 @@ def load_backbone(name: str, weights: str, seed: int) -> tuple[torch.nn.Module, 
 
     weights: 'imagenet' (torchvision's IMAGENET1K_V1, downloaded and cached), 'none'
     (random init from `seed`, for tests), 'auto' (imagenet, else random init with a
-    warning) or a path to a local state_dict file.
+    warning) or a path to a local state_dict file (loaded by PatchCore).
     Returns (network, weights_spec, weights_description); the spec rebuilds the same weights.
     """
     if weights in ("imagenet", "auto"):
@@ -74,6 +178,28 @@ def load_backbone(name: str, weights: str, seed: int) -> tuple[torch.nn.Module, 
     return torchvision.models.get_model(name, weights=None), weights, f"file ({weights})"
 
 
+def available_memory_bytes() -> int | None:
+    """RAM the system can give without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_feature_memory_gb() -> float:
+    """fit()'s default budget for holding all full patch features: half the available RAM."""
+    available = available_memory_bytes()
+    if available is None:
+        _warn_once("could not read the available memory; fit keeps full features up to 8 GB (set --feature_memory_gb)")
+        return 8.0
+    return round(available / 2**30 / 2, 1)
+
+
 def random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
     """A Gaussian [in_dim, out_dim] matrix scaled by 1/sqrt(out_dim): distances are kept in expectation."""
     return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
@@ -83,6 +209,15 @@ def squared_distances(points: torch.Tensor, center: torch.Tensor) -> torch.Tenso
     """||p - c||^2 for every row p. Both greedy variants use exactly this arithmetic, so their
     float32 distances, and therefore their selections, agree bit for bit."""
     return ((points - center) ** 2).sum(1)
+
+
+def squared_distances_chunked(points: torch.Tensor, center: torch.Tensor, rows: int = 65536) -> np.ndarray:
+    """squared_distances over all rows, a block of rows at a time, so that no N x D temporary
+    exists; each row's arithmetic is the same, so is every value."""
+    out = np.empty(len(points), np.float32)
+    for lo in range(0, len(points), rows):
+        out[lo : lo + rows] = squared_distances(points[lo : lo + rows], center).numpy()
+    return out
 
 
 def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int, block: int = 64) -> torch.Tensor:
@@ -150,8 +285,8 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
     radius = np.zeros(n_select, np.float32)  # r_j, exact for every group
     pivot_dist = np.zeros((n_pivots, n_select), np.float32)  # d(pivot k, center j)
     selected[0], centers[0] = start, x[start]
-    min_dist = squared_distances(points, points[start]).numpy()
-    group = np.zeros(n, np.int64)
+    min_dist = squared_distances_chunked(points, points[start])
+    group = np.zeros(n, np.int32)
     radius[0] = np.sqrt(min_dist.max())
     slack = 1e-4 * float(radius[0]) + 1e-12
     n_piv = 1
@@ -171,7 +306,7 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
         in_near[near] = True
         touched = np.flatnonzero(in_near[group])
         if len(touched) > n // 4:  # little to prune (early on, or data without cluster structure): one dense pass
-            dist = squared_distances(points, points[farthest]).numpy()[touched]
+            dist = squared_distances_chunked(points, points[farthest])[touched]
         else:
             dist = squared_distances(points[torch.from_numpy(touched)], points[farthest]).numpy()
         closer = dist < min_dist[touched]
@@ -240,48 +375,46 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest used layer: the rest of the network never runs."""
 
 
-class PatchCore:
-    def __init__(
-        self,
-        backbone: str = "wide_resnet50_2",
-        layers: tuple[str, ...] = ("layer2", "layer3"),
-        device: str = "auto",
-        coreset_ratio: float = 0.25,
-        coreset_proj_dim: int = 128,
-        weights: str = "imagenet",
-        seed: int = 0,
-        reweight_b: int = 0,
-        blur_sigma: float = 4.0,
-        feature_memory_gb: float = 8.0,
-        amp: str = "none",
-        search_precision: str = "fp32",
-        search: str = "auto",
-    ) -> None:
-        if not 0 < coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        self.device = resolve_device(device)
-        self.backbone_name = backbone
-        self.layers = tuple(layers)
-        self.coreset_ratio = coreset_ratio
-        self.coreset_proj_dim = coreset_proj_dim
-        self.seed = seed
-        self.reweight_b = reweight_b  # 0: image score = max patch score; b > 0: Eq. 7 with b neighbours
-        self.blur_sigma = blur_sigma  # 0: no smoothing of the anomaly map
-        self.feature_memory_gb = feature_memory_gb  # fit(): full features kept in RAM up to this, else a second pass
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
-        if search_precision not in ("fp32", "tf32", "fp16"):
-            raise ValueError(f"search_precision must be fp32, tf32 or fp16, got {search_precision!r}")
-        self.amp = amp  # backbone autocast: none, bf16 or fp16
-        self.search_precision = search_precision  # used by the torch search only; faiss is fp32
-        if search not in ("auto", "faiss", "torch"):
-            raise ValueError(f"search must be auto, faiss or torch, got {search!r}")
-        self.search = search  # auto: faiss where it runs on the model's device, else the exact torch search
+def _gather_rows(chunks: Iterable[torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
+    """Rows `selected` (global indices into the chunks laid end to end), in that order, taken
+    chunk by chunk: the chunks are never concatenated, and each can be freed once read."""
+    order = torch.argsort(selected)
+    ordered = selected[order]
+    rows, offset = None, 0
+    for chunk in chunks:
+        lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(chunk)))
+        if rows is None:
+            rows = torch.empty(len(selected), chunk.shape[1])
+        rows[order[lo:hi]] = chunk[ordered[lo:hi] - offset]
+        offset += len(chunk)
+    return rows
 
-        network, self.weights_spec, self.weights = load_backbone(backbone, weights, seed)
+
+class PatchCore:
+    """The method, built from a PatchCoreConfig; `device`, `search` and `search_precision` only
+    decide how it runs. PatchCore(weights="none", seed=3) is PatchCore(PatchCoreConfig(weights="none", seed=3)).
+
+    search: 'faiss' (exact IndexFlatL2, on the GPU when faiss has GPUs), 'torch' (exact chunked
+    matrix-product search in torch, `search_precision` fp32, tf32 or fp16), or 'auto': faiss
+    where it runs on the model's device, else torch.
+    """
+
+    def __init__(
+        self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", search_precision: str = "fp32", **fields
+    ) -> None:
+        config = dataclasses.replace(config or PatchCoreConfig(), **fields)
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        if search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {search_precision!r}")
+        self.device = resolve_device(device)
+        self.search, self.search_precision = search, search_precision
+
+        network, weights_spec, self.weights = load_backbone(config.backbone, config.weights, config.seed)
+        self.config = dataclasses.replace(config, weights=weights_spec)  # 'auto' resolved: the bank records what was used
         self.backbone = self._cut_after_last_layer(network)
-        if self.weights_spec not in WEIGHT_CHOICES:
-            self._load_state_dict_file(self.weights_spec)
+        if weights_spec not in WEIGHT_CHOICES:
+            self._load_state_dict_file(weights_spec)
         self.backbone_sha256 = self._fingerprint()
         self.backbone.eval().requires_grad_(False).to(self.device)
         if self.device.type == "cuda":  # NHWC convolutions run faster on tensor cores
@@ -289,21 +422,23 @@ class PatchCore:
 
         # feature_extractor: forward hooks collect the used layers' outputs.
         self._features: dict[str, torch.Tensor] = {}
-        for name in self.layers:
+        for name in self.config.layers:
             getattr(self.backbone, name).register_forward_hook(self._hook(name))
 
-        self.feature_dim = sum(f.shape[1] for f in self.extract_features(torch.zeros(1, 3, 64, 64)))  # 1536
+        probe = self.extract_features(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
+        self.feature_dim = sum(f.shape[1] for f in probe)  # 1536
+        self.grid = max((tuple(f.shape[-2:]) for f in probe), key=lambda hw: hw[0] * hw[1])  # (28, 28): patches per image
         self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
-        self.index = None  # faiss.IndexFlatL2 over the memory bank
+        self.index = None  # faiss index over the memory bank, or None for the torch search
 
     # ------------------------------------------------------------------ backbone
     def _cut_after_last_layer(self, network: torch.nn.Module) -> torch.nn.Module:
         """Replace every child after the deepest used layer by Identity (layer4, avgpool, fc)."""
         names = [name for name, _ in network.named_children()]
-        unknown = [layer for layer in self.layers if layer not in names]
+        unknown = [layer for layer in self.config.layers if layer not in names]
         if unknown:
-            raise ValueError(f"{self.backbone_name} has no layer(s) {unknown}; it has {names}")
-        self._last_layer = max(self.layers, key=names.index)
+            raise ValueError(f"{self.config.backbone} has no layer(s) {unknown}; it has {names}")
+        self._last_layer = max(self.config.layers, key=names.index)
         for name in names[names.index(self._last_layer) + 1 :]:
             setattr(network, name, torch.nn.Identity())
         return network
@@ -316,23 +451,22 @@ class PatchCore:
         if not isinstance(state, dict):
             raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
         used = self.backbone.state_dict().keys()
-        dropped = tuple(self._dropped_prefixes())
+        names = [name for name, _ in self.backbone.named_children()]
+        dropped = tuple(name + "." for name in names[names.index(self._last_layer) + 1 :])
         state = {k: v for k, v in state.items() if k in used or not k.startswith(dropped)}
         missing, unexpected = sorted(set(used) - set(state)), sorted(set(state) - set(used))
         if missing or unexpected:
             example = f"'{(missing or unexpected)[0]}'"
             raise WeightsError(
-                f"--weights {path}: not a state_dict of {self.backbone_name} ({len(missing)} missing keys, {len(unexpected)} "
-                f"unexpected, e.g. {example}); use torchvision's {self.backbone_name} checkpoint"
+                f"--weights {path}: not a state_dict of {self.config.backbone} ({len(missing)} missing keys, {len(unexpected)} "
+                f"unexpected, e.g. {example}); use torchvision's {self.config.backbone} checkpoint"
             )
         try:
             self.backbone.load_state_dict(state, strict=True)
         except RuntimeError as err:  # right keys, wrong shapes
-            raise WeightsError(f"--weights {path}: not a state_dict of {self.backbone_name} ({str(err).splitlines()[-1].strip()})") from err
-
-    def _dropped_prefixes(self) -> list[str]:
-        names = [name for name, _ in self.backbone.named_children()]
-        return [name + "." for name in names[names.index(self._last_layer) + 1 :]]
+            raise WeightsError(
+                f"--weights {path}: not a state_dict of {self.config.backbone} ({str(err).splitlines()[-1].strip()})"
+            ) from err
 
     def _fingerprint(self) -> str:
         """sha256 of the used backbone weights: evaluation checks it equals training's."""
@@ -356,12 +490,13 @@ class PatchCore:
         """Raw feature maps of the used layers, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px."""
         self._features = {}
         images = images.to(self.device, memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
+        amp = self.config.amp
         try:
-            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "none"):
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
                 self.backbone(images)
         except _StopForward:
             pass
-        return [self._features[name].float().contiguous() for name in self.layers]
+        return [self._features[name].float().contiguous() for name in self.config.layers]
 
     @torch.no_grad()
     def aggregate_patches(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -382,90 +517,111 @@ class PatchCore:
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
     def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, N, C] patch features and their grid (h, w)."""
         features = self.extract_features(images)
         grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
         return self.aggregate_patches(features), (int(grid[0]), int(grid[1]))
 
     # ------------------------------------------------------------------ memory bank
     @torch.no_grad()
-    def fit(self, dataloader) -> None:
-        """Build the memory bank from the normal training images (Sec. 3.2).
+    def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
+        """Build the memory bank from the normal training images (Sec. 3.2); returns counts.
 
         Pass 1 keeps every patch's projected feature (N x coreset_proj_dim) for the coreset,
-        and its full feature only while all of them fit in `feature_memory_gb`. Beyond that,
-        pass 2 runs the images again and keeps just the selected patches, so memory grows
-        with N x coreset_proj_dim, not N x 1536. Both ways give the same memory bank.
+        and, when all full features fit in `feature_memory_gb` (default: half the available
+        RAM), those too, in per-batch chunks that are never concatenated: the selected rows
+        are taken chunk by chunk, each chunk freed once read. Otherwise pass 2 runs the images
+        again and keeps just the selected patches. Both ways give the same memory bank.
         """
-        projected, full, full_bytes, projection = [], [], 0, None
-        for batch in tqdm(dataloader, desc="features", unit="batch"):
-            patches = self._patches(batch[0])[0].flatten(0, 1)  # [B*N, C]
-            if projection is None:
-                projection = self._coreset_projection(patches.shape[1])
-            projected.append((patches if projection is None else patches @ projection).cpu())
-            full_bytes += patches.numel() * patches.element_size()
-            if full is not None and projection is not None:
-                if full_bytes <= self.feature_memory_gb * 2**30:
-                    full.append(patches.cpu())
-                else:
-                    full = None  # too big to keep: pass 2 will fetch the selected patches
-        if not projected:
+        budget = (default_feature_memory_gb() if feature_memory_gb is None else feature_memory_gb) * 2**30
+        n_images = len(dataloader.dataset)
+        if n_images == 0:
             raise ValueError("fit() got no training images")
-        projected = torch.cat(projected)
-        self.n_train_patches = projected.shape[0]
-        selected = self._k_center_greedy(projected, self.coreset_ratio)
+        n_patches, dim = n_images * self.grid[0] * self.grid[1], self.feature_dim
+        self._check_reweight_b(self.bank_size(n_patches))
+        projection = self.coreset_projection(dim)
+        projected = torch.empty(n_patches, dim if projection is None else projection.shape[1])
+        chunks, size = None, f"{n_patches:,} patch features ({n_patches * dim * 4 / 2**30:.2f} GB)"
         if projection is None:
-            self.set_memory_bank(projected[selected])
-        elif full is not None:
-            self.set_memory_bank(torch.cat(full)[selected])
+            path = f"one pass: the coreset runs on all {size} at full width (--coreset_proj_dim 0)"
+        elif n_patches * dim * 4 <= budget:
+            chunks = []
+            path = f"one pass: all {size} stay in RAM (--feature_memory_gb {budget / 2**30:g})"
         else:
-            self.set_memory_bank(self._collect_patches(dataloader, selected))
-
-    @torch.no_grad()
-    def _collect_patches(self, dataloader, selected: torch.Tensor) -> torch.Tensor:
-        """Pass 2: the full features of the patches at the `selected` global indices, in that order."""
-        order = torch.argsort(selected)
-        ordered = selected[order]
-        bank, offset = None, 0
-        for batch in tqdm(dataloader, desc="memory bank", unit="batch"):
-            patches = self._patches(batch[0])[0].flatten(0, 1).cpu()
-            lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(patches)))
-            if bank is None:
-                bank = torch.empty(len(selected), patches.shape[1])
-            bank[order[lo:hi]] = patches[ordered[lo:hi] - offset]
+            path = (
+                f"two passes: {size} exceed --feature_memory_gb {budget / 2**30:g}; keeping {projected.shape[1]}-d "
+                "projections, then running the images again for the selected patches"
+            )
+        print(f"fit: {path}", flush=True)
+        offset = 0
+        for batch in tqdm(dataloader, desc="features", unit="batch"):
+            patches, grid = self._patches(batch[0])
+            if grid != self.grid:
+                raise ValueError(f"fit() needs images of image_size {self.config.image_size} px (a {self.grid} patch grid), got {grid}")
+            patches = patches.flatten(0, 1)  # [B*N, C]
+            projected[offset : offset + len(patches)] = (patches if projection is None else patches @ projection).cpu()
+            if chunks is not None:
+                chunks.append(patches.cpu())
             offset += len(patches)
-        return bank
+        if offset != len(projected):
+            raise ValueError(f"the dataloader gave {offset // (self.grid[0] * self.grid[1])} images, its dataset's length {n_images}")
+        selected = self.k_center_greedy(projected)
+        if projection is None:
+            bank = projected[selected]
+        else:
+            del projected
+            if chunks is not None:  # the kept chunks, each released as soon as its rows are taken
+                source = (chunks.pop(0) for _ in range(len(chunks)))
+            else:
+                source = (self._patches(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
+            bank = _gather_rows(source, selected)
+        self.set_memory_bank(bank)
+        return {"n_images": n_images, "n_patches": int(offset), "memory_bank_size": len(bank), "fit": path.split(":")[0]}
 
-    def _coreset_projection(self, in_dim: int) -> torch.Tensor | None:
+    def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
-        if not 0 < self.coreset_proj_dim < in_dim:
+        out_dim = self.config.coreset_proj_dim
+        if not 0 < out_dim < in_dim:
             return None
-        return random_projection(in_dim, self.coreset_proj_dim, torch.Generator().manual_seed(self.seed)).to(self.device)
+        return random_projection(in_dim, out_dim, torch.Generator().manual_seed(self.config.seed)).to(self.device)
 
     @torch.no_grad()
-    def select_coreset(self, features: torch.Tensor, ratio: float) -> torch.Tensor:
-        """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(ratio * N) patches, at least 1.
+    def select_coreset(self, features: torch.Tensor) -> torch.Tensor:
+        """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(coreset_ratio * N) patches, at least 1.
 
         Distances are taken on the seeded random projection to `coreset_proj_dim` dims
         (Johnson-Lindenstrauss, Sec. 3.2); 0 keeps the full features.
         """
         x = features.to(self.device, torch.float32)
-        projection = self._coreset_projection(x.shape[1])
-        return self._k_center_greedy(x if projection is None else x @ projection, ratio)
+        projection = self.coreset_projection(x.shape[1])
+        return self.k_center_greedy(x if projection is None else x @ projection)
 
-    def _k_center_greedy(self, points: torch.Tensor, ratio: float) -> torch.Tensor:
-        """Greedy k-center selection on `points`; the seeded random start is the first index returned."""
+    def bank_size(self, n_patches: int) -> int:
+        """floor(coreset_ratio * N), at least 1."""
+        return max(1, int(n_patches * self.config.coreset_ratio))
+
+    def _check_reweight_b(self, bank_size: int) -> None:
+        if self.config.reweight_b > bank_size:
+            raise ValueError(
+                f"--reweight_b {self.config.reweight_b} is larger than the memory bank ({bank_size} patches): "
+                "use a smaller --reweight_b or a larger --coreset_ratio"
+            )
+
+    def k_center_greedy(self, points: torch.Tensor) -> torch.Tensor:
+        """Greedy k-center selection on (projected) `points`, from the seeded random start, which is
+        the first index returned: the pruned exact loop on a CPU, the dense CUDA-graph loop on a GPU."""
         n = points.shape[0]
-        n_select = max(1, int(n * ratio))
+        n_select = self.bank_size(n)
         if n_select >= n:
             return torch.arange(n)
-        start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))
+        start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.config.seed)))
         if self.device.type == "cpu":
-            return k_center_greedy_pruned(points.float().contiguous(), n_select, start)
+            return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start)
         return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start).cpu()
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
-        """Keep the memory bank and index it: faiss IndexFlatL2 on the CPU, or on the GPU when faiss
-        has GPUs; on a GPU without faiss GPU support, an exact chunked torch search instead."""
+        """Keep the memory bank and index it for the chosen search."""
+        self._check_reweight_b(len(memory_bank))
         self.memory_bank = memory_bank.to(self.device, torch.float32).contiguous()
         self.index = None
         faiss_on_device = self.device.type == "cpu" or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
@@ -478,6 +634,10 @@ class PatchCore:
             self._gpu_resources = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)
         self.index = index
+
+    def search_name(self) -> str:
+        """Which nearest-neighbour search runs, for the outputs."""
+        return f"faiss {type(self.index).__name__}" if self.index is not None else f"exact torch search ({self.search_precision})"
 
     def nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances [M, k] and memory-bank indices [M, k] of each patch's k nearest memory patches."""
@@ -500,13 +660,13 @@ class PatchCore:
         b, n, c = patches.shape
         distances, nearest = self.nearest_neighbors(patches.reshape(-1, c), k=1)
         patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
-        if self.reweight_b:
+        if self.config.reweight_b:
             scores = self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
         else:
             scores = patch_scores.max(dim=1).values
         maps = F.interpolate(patch_scores.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        if self.blur_sigma > 0:
-            maps = gaussian_blur(maps, self.blur_sigma)
+        if self.config.blur_sigma > 0:
+            maps = gaussian_blur(maps, self.config.blur_sigma)
         return scores.cpu().numpy(), maps[:, 0].cpu().numpy()
 
     def _reweighted_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
@@ -519,22 +679,47 @@ class PatchCore:
         s_star, worst = patch_scores.max(dim=1)
         m_test = patches[rows, worst]  # [B, C]
         m_star = self.memory_bank[nearest[rows, worst]]  # [B, C]
-        _, support = self.nearest_neighbors(m_star, k=self.reweight_b)  # [B, b]
+        _, support = self.nearest_neighbors(m_star, k=self.config.reweight_b)  # [B, b]
         d = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)  # [B, b]
         weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))
         return weight * s_star
 
-    def config(self) -> dict:
-        """What produced this model's memory bank; stored with it and checked on loading."""
-        return {
-            "backbone": self.backbone_name,
-            "layers": list(self.layers),
-            "weights": self.weights,
-            "weights_spec": self.weights_spec,
-            "backbone_sha256": self.backbone_sha256,
-            "coreset_ratio": self.coreset_ratio,
-            "coreset_proj_dim": self.coreset_proj_dim,
-            "seed": self.seed,
-            "feature_dim": self.feature_dim,
-            "amp": self.amp,
-        }
+    # ------------------------------------------------------------------ the bank file
+    def save(self, path: Path, **sections: object) -> None:
+        """Write the memory bank with its config and the model's provenance (bank.py has the format);
+        `sections` (train facts, calibration) are stored beside them."""
+        if self.memory_bank is None:
+            raise RuntimeError("no memory bank to save: call fit() first")
+        model = {"weights": self.weights, "backbone_sha256": self.backbone_sha256, "feature_dim": self.feature_dim}
+        header = {"config": self.config.to_dict(), "model": model, **sections, "environment": environment()}
+        save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
+
+    @classmethod
+    def from_bank(
+        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto", search_precision: str = "fp32"
+    ) -> PatchCore:
+        """The model a memory bank was built with, holding that bank; its header is `bank_header`.
+
+        `weights` only says where the same weights are now (a moved file); a bank whose backbone
+        weights or feature width differ from the rebuilt model's is refused.
+        """
+        memory_bank, header = load_bank(Path(path))
+        try:
+            config = PatchCoreConfig(**header["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise BankError(f"{path} holds a config this code cannot use ({err}); rerun train.py for this category") from err
+        model = cls(config, device=device, search=search, search_precision=search_precision, **({"weights": weights} if weights else {}))
+        built = header["model"]
+        if model.backbone_sha256 != built["backbone_sha256"]:
+            raise BankError(
+                f"{path} was built with backbone weights '{built['weights']}', but evaluation has '{model.weights}' "
+                "(their checksums differ): evaluate with the training weights, or retrain"
+            )
+        if memory_bank.shape[1] != model.feature_dim:
+            raise BankError(
+                f"{path} holds {memory_bank.shape[1]}-d features, but {config.backbone} {list(config.layers)} makes "
+                f"{model.feature_dim}-d ones: rerun train.py with these settings"
+            )
+        model.set_memory_bank(torch.from_numpy(memory_bank))
+        model.bank_header = header
+        return model

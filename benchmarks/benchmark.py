@@ -1,12 +1,18 @@
-"""Time and memory of each PatchCore stage, on a synthetic MVTec-style category.
+"""Time and memory of each PatchCore stage, on synthetic MVTec-style data.
 
     python benchmarks/benchmark.py --device cpu --out benchmarks/cpu.json
+    python benchmarks/benchmark.py --stages memory --out benchmarks/memory.json
 
-Stages: backbone, patch features, projection, greedy coreset (against the straightforward
-loop, with the same selection), memory bank + faiss index, kNN scoring (against the raw
-matrix product it needs), fit peak memory against N, and train.py + evaluate.py end to end.
-Peak host memory is the process's resident set (sampled every 5 ms); peak GPU memory is
-torch's allocator peak. Random-init weights: speed does not depend on them.
+Stages (--stages, comma list; default: all but memory):
+  speed   backbone, patch features, projection, greedy coreset at each ratio (against a plain
+          eager loop, with the same selection), memory bank + index, kNN scoring (against the
+          raw matrix product it needs);
+  e2e     train.py and evaluate.py end to end, in fresh processes;
+  memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
+          of evaluate.py --images at two numbers of images: the slope is what grows per image.
+Peak host memory of a stage is the process's resident set (sampled every 5 ms); of a fresh
+process, its VmHWM. Peak GPU memory is torch's allocator peak. Random-init weights: speed
+does not depend on them. Only public functions of the project are used.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import runpy
 import shutil
 import subprocess
 import sys
@@ -29,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset import MVTecDataset, Preprocess, make_synthetic_category  # noqa: E402
-from patchcore import PatchCore, k_center_greedy_dense  # noqa: E402
+from patchcore import PatchCore  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -71,67 +78,55 @@ def gib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 
 
-def record(rows: list[dict], name: str, stage: Stage, **facts) -> None:
-    rows.append(
-        {"stage": name, "seconds": round(stage.seconds, 4), "peak_rss_gib": gib(stage.peak), "peak_gpu_gib": gib(stage.peak_gpu), **facts}
-    )
-    print(f"{name:<34} {stage.seconds:9.3f}s  rss {gib(stage.peak):6.2f} GiB  {json.dumps(facts)}", flush=True)
+def record(rows: list[dict], name: str, stage: Stage | None = None, **facts) -> None:
+    row = {"stage": name, **facts}
+    if stage is not None:
+        row.update(seconds=round(stage.seconds, 4), peak_rss_gib=gib(stage.peak), peak_gpu_gib=gib(stage.peak_gpu))
+    rows.append(row)
+    print(f"{name:<44} {json.dumps({k: v for k, v in row.items() if k != 'stage'})}", flush=True)
 
 
-def child_peak_rss(argv: list[str]) -> tuple[float, float]:
-    """Run a Python script in a fresh process; (seconds, its own peak RSS in GiB)."""
-    wrapper = (  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent through fork and exec
-        "import runpy, sys; sys.argv = sys.argv[1:]\n"
-        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-        "finally:\n    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "    print('PEAK_RSS_KB', hwm, file=sys.stderr)"
-    )
+def plain_greedy_loop(points: torch.Tensor, n_select: int, start: int) -> list[int]:
+    """Alg. 1 as anyone would first write it: one eager distance update and argmax per step."""
+    selected = [start]
+    min_dist = ((points - points[start]) ** 2).sum(1)
+    for _ in range(n_select - 1):
+        farthest = int(torch.argmax(min_dist))
+        selected.append(farthest)
+        min_dist = torch.minimum(min_dist, ((points - points[farthest]) ** 2).sum(1))
+    return selected
+
+
+def run_child(argv: list[str]) -> tuple[float, float, str]:
+    """Run a project script in a fresh process; (seconds, its peak RSS in GiB, its stdout)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip().splitlines()[-1]}")
     peak_kb = int(result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
-    return seconds, peak_kb / 2**20
+    return seconds, peak_kb / 2**20, result.stdout
 
 
-FIT_SCRIPT = """
-import sys, torch
-sys.path.insert(0, {repo!r})
-from dataset import MVTecDataset, Preprocess
-from patchcore import PatchCore
-dataset = MVTecDataset({root!r}, "bench", "train", Preprocess({resize}, {size}))
-dataset.samples = dataset.samples[:{n_images}]
-loader = torch.utils.data.DataLoader(dataset, batch_size={batch_size})
-model = PatchCore(weights="none", device={device!r}, coreset_ratio=0.01, feature_memory_gb={memory_gb})
-model.fit(loader)
-print("N", model.n_train_patches, file=sys.stderr)
-"""
+def child(argv: list[str]) -> None:
+    """--child SCRIPT ARGS: run the script as __main__, then report this process's VmHWM (ru_maxrss
+    would carry the parent's peak over through fork and exec)."""
+    sys.argv = argv
+    try:
+        runpy.run_path(str(REPO / argv[0]), run_name="__main__")
+    finally:
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
+        print("PEAK_RSS_KB", hwm, file=sys.stderr)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--n_images", type=int, default=209, help="training images; N = 784 x this at 224 px (default: 209, MVTec bottle)")
-    parser.add_argument("--image_size", type=int, default=224, help="crop size (default: 224)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
-    parser.add_argument("--ratios", default="0.25,0.1,0.01", help="coreset ratios to time (default: 0.25,0.1,0.01)")
-    parser.add_argument("--baseline_iters", type=int, default=300, help="iterations of the straightforward loop timed (default: 300)")
-    parser.add_argument("--equal_n", type=int, default=20000, help="N of the full-run equality check against the loop (default: 20000)")
-    parser.add_argument("--fit_images", default="16,32,64", help="training-set sizes for peak fit memory against N (default: 16,32,64)")
-    parser.add_argument("--e2e_images", type=int, default=30, help="training images of the end-to-end run (default: 30)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
+# ---------------------------------------------------------------------- stages
+def stage_speed(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     device = torch.device(args.device)
     resize = args.image_size * 256 // 224
-    rows: list[dict] = []
-    work = Path(tempfile.mkdtemp(prefix="patchcore-bench-"))
-    print(f"device {device}, torch threads {torch.get_num_threads()}, work folder {work}", flush=True)
-
     make_synthetic_category(work, "bench", n_train=args.n_images, n_test_good=2, n_per_defect=1, size=resize, seed=1)
     dataset = MVTecDataset(work, "bench", "train", Preprocess(resize, args.image_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0)
-    model = PatchCore(weights="none", device=args.device, coreset_ratio=0.25)
+    model = PatchCore(weights="none", device=args.device, image_size=args.image_size)
 
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(device)
     model.extract_features(images)  # warm-up
@@ -141,41 +136,43 @@ def main() -> None:
     record(rows, "backbone", s, images_per_s=round(3 * args.batch_size / s.seconds, 1), batch=args.batch_size)
 
     with Stage(device) as s:
-        features = torch.cat([model._patches(b[0])[0].reshape(-1, 1536).cpu() for b in loader])
+        features = torch.cat([model.aggregate_patches(model.extract_features(b[0])).flatten(0, 1).cpu() for b in loader])
     n = features.shape[0]
-    record(rows, "patch features (load+backbone+agg)", s, images_per_s=round(len(dataset) / s.seconds, 1), N=n)
+    record(rows, "patch features (load + backbone + aggregation)", s, images_per_s=round(len(dataset) / s.seconds, 1), N=n)
 
     x = features.to(device)
     with Stage(device) as s:
-        projected = x @ model._coreset_projection(x.shape[1])
-    record(rows, "projection 1536 -> 128", s, N=n)
+        projected = x @ model.coreset_projection(x.shape[1])
+    record(rows, f"projection {x.shape[1]} -> {projected.shape[1]}", s, N=n)
     del x
 
-    for i, ratio in enumerate(float(r) for r in args.ratios.split(",")):
+    bank_indices = None
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        ratio_model = PatchCore(weights="none", device=args.device, image_size=args.image_size, coreset_ratio=ratio)
         with Stage(device) as s:
-            selected = model._k_center_greedy(projected, ratio)
-        record(rows, f"coreset {ratio:g}", s, N=n, selected=len(selected), path="pruned" if device.type == "cpu" else "dense")
-        if i == 0:  # the first ratio: compared with the straightforward loop, and kept as the memory bank
-            bank_indices = selected
+            selected = ratio_model.k_center_greedy(projected)
+        record(rows, f"coreset {ratio:g}", s, N=n, selected=len(selected), path="pruned" if device.type == "cpu" else "dense CUDA graphs")
+        if bank_indices is None:  # the first ratio: against the plain loop, and kept as the memory bank
+            bank_indices, fast_seconds = selected, s.seconds
             iters = min(args.baseline_iters, len(selected))
             with Stage(device) as b:
-                baseline = k_center_greedy_dense(projected.to(device), iters, int(selected[0]))
+                baseline = plain_greedy_loop(projected.to(device), iters, int(selected[0]))
             per_iter = b.seconds / iters
-            record(rows, f"straightforward loop, {iters} iters", b, estimated_full_s=round(per_iter * len(selected), 1),
-                   speedup=round(per_iter * len(selected) / s.seconds, 1),
-                   same_first_iters=baseline.cpu().tolist() == selected[:iters].tolist())  # fmt: skip
+            same = baseline == selected[:iters].tolist()
+            record(rows, f"plain eager loop, {iters} iterations", b, estimated_full_s=round(per_iter * len(selected), 1),
+                   speedup=round(per_iter * len(selected) / fast_seconds, 1), same_first_iterations=same)  # fmt: skip
 
     sub = projected[: args.equal_n]
-    full_fast = model._k_center_greedy(sub, 0.25)
-    full_loop = k_center_greedy_dense(sub.to(device), len(full_fast), int(full_fast[0])).cpu()
-    rows.append({"stage": f"full-run equality N={len(sub)}, ratio 0.25", "same_selection": full_fast.tolist() == full_loop.tolist()})
-    print(f"full-run equality at N={len(sub)}: {rows[-1]['same_selection']}", flush=True)
+    equal_model = PatchCore(weights="none", device=args.device, image_size=args.image_size, coreset_ratio=0.25)
+    fast = equal_model.k_center_greedy(sub).tolist()
+    same = fast == plain_greedy_loop(sub.to(device), len(fast), fast[0])
+    record(rows, f"full-run equality N={len(sub)}, ratio 0.25", same_selection=same)
 
     with Stage(device) as s:
         model.set_memory_bank(features[bank_indices])
-    record(rows, "memory bank + faiss index", s, bank=list(model.memory_bank.shape), faiss_gpu=type(model.index).__name__)
+    record(rows, "memory bank + index", s, bank=list(model.memory_bank.shape), search=model.search_name())
 
-    per_image = (args.image_size // 8) ** 2  # layer2 has stride 8: 784 patches at 224 px
+    per_image = model.grid[0] * model.grid[1]
     queries = features[: args.batch_size * per_image]
     model.nearest_neighbors(queries[:per_image], 1)  # warm-up
     with Stage(device) as s:
@@ -188,46 +185,110 @@ def main() -> None:
     mm_ms = 1000 * mm.seconds / args.batch_size
     record(rows, "kNN scoring", s, ms_per_image=round(knn_ms, 2), images_per_s=round(1000 / knn_ms, 1))
     record(rows, "raw matrix product it needs", mm, ms_per_image=round(mm_ms, 2), knn_over_matmul=round(knn_ms / mm_ms, 2))
-    del features, projected, queries, q
 
-    for n_fit in (int(v) for v in args.fit_images.split(",") if v):
-        for memory_gb, mode in ((0, "two-pass"), (64, "one-pass")):
-            script = work / "fit.py"
-            script.write_text(FIT_SCRIPT.format(repo=str(REPO), root=str(work), resize=resize, size=args.image_size, n_images=n_fit,
-                                                batch_size=args.batch_size, device=args.device, memory_gb=memory_gb))  # fmt: skip
-            seconds, peak = child_peak_rss([str(script)])
-            rows.append(
-                {
-                    "stage": f"fit {mode}, {n_fit} images",
-                    "seconds": round(seconds, 2),
-                    "N": n_fit * per_image,
-                    "peak_rss_gib": round(peak, 3),
-                }
-            )
-            print(f"fit {mode:<9} {n_fit:>5} images  N={n_fit * per_image:<9} {seconds:7.1f}s  peak RSS {peak:.2f} GiB", flush=True)
 
+def _driver_args(data: Path, out: Path, args: argparse.Namespace) -> list[str]:
+    return ["--data_path", str(data), "--category", "synthetic", "--output_dir", str(out), "--device", args.device,
+            "--num_workers", "0", "--batch_size", str(args.batch_size)]  # fmt: skip
+
+
+def stage_e2e(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    resize = args.image_size * 256 // 224
     data = work / "e2e"
     make_synthetic_category(data, "synthetic", n_train=args.e2e_images, size=resize, seed=2)
-    common = ["--data_path", str(data), "--category", "synthetic", "--output_dir", str(work / "results"), "--device", args.device,
-              "--num_workers", "0", "--batch_size", str(args.batch_size)]  # fmt: skip
-    for script, extra in (
-        ("train.py", ["--weights", "none", "--resize", str(resize), "--image_size", str(args.image_size)]),
-        ("evaluate.py", []),
-    ):
-        seconds, peak = child_peak_rss([str(REPO / script), *common, *extra])
-        rows.append({"stage": f"end to end: {script}", "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 3)})
-        print(f"end to end {script:<12} {seconds:7.1f}s  peak RSS {peak:.2f} GiB", flush=True)
+    common = _driver_args(data, work / "e2e-results", args)
+    size = ["--resize", str(resize), "--image_size", str(args.image_size)]
+    for script, extra in (("train.py", ["--weights", "none", *size]), ("evaluate.py", [])):
+        seconds, peak, _ = run_child([script, *common, *extra])
+        record(rows, f"end to end: {script}", seconds=round(seconds, 2), peak_rss_gib=round(peak, 3))
 
+
+def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """Peak RSS against the number of images: the slope is the memory a run needs per image."""
+    resize = args.image_size * 256 // 224
+    sizes = [int(v) for v in args.memory_images.split(",")]
+    data = work / "memory"
+    make_synthetic_category(data, "synthetic", n_train=max(sizes), n_test_good=1, n_per_defect=1, size=resize, seed=3)
+    train_good = sorted((data / "synthetic" / "train" / "good").iterdir())
+    per_image_gb = (args.image_size // 8) ** 2 * 1536 * 4 / 2**30
+    for mode, extra in (("one-pass (default)", []), ("two-pass", ["--feature_memory_gb", "0"])):
+        peaks = []
+        for n in sizes:
+            subset = work / f"subset{n}"
+            (subset / "synthetic" / "train" / "good").mkdir(parents=True, exist_ok=True)
+            for path in train_good[:n]:
+                target = subset / "synthetic" / "train" / "good" / path.name
+                if not target.exists():
+                    target.symlink_to(path)
+            argv = ["train.py", *_driver_args(subset, work / f"fit{n}", args), "--weights", "none", "--resize", str(resize),
+                    "--image_size", str(args.image_size), "--coreset_ratio", str(args.memory_ratio), *extra]  # fmt: skip
+            seconds, peak, stdout = run_child(argv)
+            peaks.append(peak)
+            path = next(line for line in stdout.splitlines() if line.startswith("fit:"))
+            record(rows, f"fit {mode}, {n} images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3), path=path)
+        slope = (peaks[-1] - peaks[0]) / (sizes[-1] - sizes[0]) * 1000
+        record(rows, f"fit {mode}: growth", gib_per_1000_images=round(slope, 2), features_gib_per_1000_images=round(1000 * per_image_gb, 2),
+               ratio_to_features=round(slope / (1000 * per_image_gb), 2), coreset_ratio=args.memory_ratio)  # fmt: skip
+
+    bank_dir = work / f"fit{sizes[0]}"  # a bank to score against
+    parts = work / "parts"
+    parts.mkdir()
+    test_good = sorted((data / "synthetic" / "train" / "good").iterdir())
+    peaks = []
+    for n in sizes:
+        folder = parts / str(n)
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i:04d}.png").symlink_to(test_good[i % len(test_good)])
+        argv = ["evaluate.py", *_driver_args(data, bank_dir, args), "--images", str(folder)]
+        seconds, peak, _ = run_child(argv)
+        peaks.append(peak)
+        record(rows, f"evaluate --images, {n} images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3))
+    record(rows, "evaluate --images: growth", mib_per_1000_images=round((peaks[-1] - peaks[0]) / (sizes[-1] - sizes[0]) * 1000 * 1024, 1))
+
+
+STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory (default: speed,e2e)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--n_images", type=int, default=209, help="training images; N = 784 x this at 224 px (default: 209, MVTec bottle)")
+    parser.add_argument("--image_size", type=int, default=224, help="crop size (default: 224)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--ratios", default="0.25,0.1,0.01", help="coreset ratios to time; the first is compared with the plain loop")
+    parser.add_argument("--baseline_iters", type=int, default=300, help="iterations of the plain loop timed (default: 300)")
+    parser.add_argument("--equal_n", type=int, default=20000, help="N of the full-run equality check (default: 20000)")
+    parser.add_argument("--e2e_images", type=int, default=30, help="training images of the end-to-end run (default: 30)")
+    parser.add_argument("--memory_images", default="20,400", help="image counts of the memory stage (default: 20,400)")
+    parser.add_argument("--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's fits (default: 0.01)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    stages = args.stages.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+    rows: list[dict] = []
+    work = Path(tempfile.mkdtemp(prefix="patchcore-bench-"))
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, work folder {work}", flush=True)
+    try:
+        for name in stages:
+            STAGES[name](args, work, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result = {
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "cpu_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "args": vars(args),
         "rows": rows,
     }
-    shutil.rmtree(work, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # fast, value-level test files first, so that a caught mutation stops early
-TEST_ORDER = ["test_patchcore.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_report.py",
-              "test_official.py", "test_calibration.py", "test_cli.py", "test_notebook.py", "test_benchmark.py"]  # fmt: skip
+TEST_ORDER = ["test_patchcore.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py", "test_report.py",
+              "test_cli.py", "test_notebook.py", "test_benchmark.py"]  # fmt: skip
 
 # (name, file, original text, mutated text); the original must occur exactly once in the file
 MUTATIONS = [
@@ -32,7 +32,7 @@ MUTATIONS = [
      "scores = patch_scores.max(dim=1).values",
      "scores = patch_scores.mean(dim=1)"),
     ("blur_off", "patchcore.py",
-     "if self.blur_sigma > 0:",
+     "if self.config.blur_sigma > 0:",
      "if False:"),
     ("eq7_index_0", "patchcore.py",
      "self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))",
@@ -41,7 +41,7 @@ MUTATIONS = [
      "for q in queries.split(rows):",
      "for q in queries.split(rows)[:1]:"),
     ("coreset_start_0", "patchcore.py",
-     "start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.seed)))",
+     "start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.config.seed)))",
      "start = 0"),
     ("zero_padded_neighbourhood", "patchcore.py",
      "count_include_pad=False",
@@ -61,11 +61,11 @@ MUTATIONS = [
     ("eq7_weight_without_one_minus", "patchcore.py",
      "weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))",
      "weight = torch.exp(s_star - torch.logsumexp(d, dim=1))"),
-    ("two_pass_bank_out_of_order", "patchcore.py",
-     "bank[order[lo:hi]] = patches[ordered[lo:hi] - offset]",
-     "bank[lo:hi] = patches[ordered[lo:hi] - offset]"),
+    ("bank_rows_out_of_order", "patchcore.py",
+     "rows[order[lo:hi]] = chunk[ordered[lo:hi] - offset]",
+     "rows[lo:hi] = chunk[ordered[lo:hi] - offset]"),
     ("autocast_ignored", "patchcore.py",
-     'enabled=self.amp != "none"',
+     'enabled=amp != "none"',
      "enabled=False"),
     ("aupro_4_connected", "metrics.py",
      "structure=np.ones((3, 3))",
@@ -82,7 +82,13 @@ MUTATIONS = [
     ("normalise_with_std_as_mean", "dataset.py",
      "transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)",
      "transforms.Normalize(IMAGENET_STD, IMAGENET_STD)"),
-    ("checksum_ignores_header", "common.py",
+    ("images_mode_keeps_each_map", "evaluate.py",
+     "                records.append(record)\n",
+     "                records.append(record)\n                globals().setdefault('kept', []).append(anomaly_map.copy())\n"),
+    ("images_mode_keeps_each_batch", "evaluate.py",
+     "            scores, maps = model.predict(images)\n",
+     "            scores, maps = model.predict(images)\n            globals().setdefault('kept', []).append(images)\n"),
+    ("checksum_ignores_header", "bank.py",
      "hashlib.sha256(memory_bank.tobytes() + json.dumps(rest, sort_keys=True).encode())",
      "hashlib.sha256(memory_bank.tobytes())"),
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""A fast smoke run of benchmarks/benchmark.py: every stage runs and reports."""
+"""A small run of benchmarks/benchmark.py: every stage runs, and its numbers agree with each other."""
 
 import json
 import subprocess
@@ -7,15 +7,23 @@ import sys
 from scripts import REPO
 
 
-def test_benchmark_smoke(tmp_path):
+def test_benchmark_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--device", "cpu", "--n_images", "3", "--image_size", "64",
-               "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20", "--equal_n", "150", "--fit_images", "2",
-               "--e2e_images", "3", "--out", str(out)]  # fmt: skip
+    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory", "--device", "cpu",
+               "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
+               "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
-    assert rows["straightforward loop, 20 iters"]["same_first_iters"] is True
+    n = 3 * 8 * 8  # 3 images, an 8x8 layer2 grid at 64 px
+    assert rows["patch features (load + backbone + aggregation)"]["N"] == n
+    assert rows["coreset 0.25"]["selected"] == n // 4 and rows["coreset 0.1"]["selected"] == n // 10
+    assert rows["plain eager loop, 20 iterations"]["same_first_iterations"] is True
     assert rows["full-run equality N=150, ratio 0.25"]["same_selection"] is True
-    for stage in ("backbone", "coreset 0.25", "kNN scoring", "fit two-pass, 2 images", "end to end: evaluate.py"):
-        assert rows[stage]["seconds"] > 0 and rows[stage]["peak_rss_gib"] > 0
+    assert rows["memory bank + index"]["bank"] == [n // 4, 1536]
+    assert rows["raw matrix product it needs"]["knn_over_matmul"] > 0
+    for script in ("train.py", "evaluate.py"):
+        assert rows[f"end to end: {script}"]["peak_rss_gib"] > 0.2  # a torch process, measured in the child
+    assert rows["fit one-pass (default), 4 images"]["path"].startswith("fit: one pass")
+    assert rows["fit two-pass, 4 images"]["path"].startswith("fit: two passes")
+    assert "gib_per_1000_images" in rows["fit two-pass: growth"] and "mib_per_1000_images" in rows["evaluate --images: growth"]

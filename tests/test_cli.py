@@ -16,18 +16,20 @@ import torch
 import torchvision
 from PIL import Image
 
-from common import load_memory_bank, save_memory_bank
+from bank import load_bank, save_bank
+from cli import run_main
 from dataset import make_synthetic_category
 from scripts import REPO, SMALL, evaluate, run, train
 
 
 def test_train_saves_the_memory_bank_with_its_config(evaluated):
     root, out, _ = evaluated
-    bank, header = load_memory_bank(out / "widget" / "memory_bank.npz")
+    bank, header = load_bank(out / "widget" / "memory_bank.npz")
     n_patches = 6 * 8 * 8  # 6 training images, an 8x8 layer2 grid at 64 px
     assert bank.shape == (n_patches // 4, 1536)
     config = header["config"]
-    assert config["weights"] == "none (random init, seed 0)" and config["layers"] == ["layer2", "layer3"]
+    assert config["weights"] == "none" and header["model"]["weights"] == "none (random init, seed 0)"
+    assert config["layers"] == ["layer2", "layer3"]
     assert config["image_size"] == 64 and config["coreset_ratio"] == 0.25
     assert header["train"]["n_patches"] == n_patches and header["environment"]["torch"]
 
@@ -75,7 +77,7 @@ def test_scores_and_image_metrics_follow_the_papers_definition(evaluated):
     from patchcore import PatchCore
 
     root, out, _ = evaluated
-    bank, _ = load_memory_bank(out / "widget" / "memory_bank.npz")
+    bank, _ = load_bank(out / "widget" / "memory_bank.npz")
     test = MVTecDataset(root, "widget", "test", Preprocess(72, 64))
     model = PatchCore(weights="none", device="cpu", seed=0)  # the training run's weights
     images = torch.stack([test[i][0] for i in range(len(test))])
@@ -115,6 +117,95 @@ def test_scoring_new_images(evaluated, tmp_path):
     inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
     assert len(inference["images"]) == 4 and {r["decision"] for r in inference["images"]} == {"good"}
     assert not (out / "widget" / "inference" / "metrics.json").exists()
+
+
+def test_scoring_new_images_holds_one_batch_at_a_time(evaluated, tmp_path, monkeypatch):
+    """Live tensors and traced (numpy and Python) memory must not grow with the number of images scored."""
+    import gc
+    import tracemalloc
+
+    import evaluate as evaluate_module
+    from patchcore import PatchCore
+
+    root, out, _ = evaluated
+    shutil.copytree(out / "widget", tmp_path / "out" / "widget", ignore=shutil.ignore_patterns("anomaly_maps*", "inference"))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(160):
+        Image.fromarray(rng.integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(parts / f"{i:03d}.png")
+    calls, samples, real_predict = [], [], PatchCore.predict
+
+    def predict(self, images):
+        calls.append(1)
+        if len(calls) in (6, 80):  # after warm-up, and at the last of the 80 batches
+            gc.collect()
+            samples.append((sum(issubclass(type(o), torch.Tensor) for o in gc.get_objects()), tracemalloc.get_traced_memory()[0]))
+        return real_predict(self, images)
+
+    monkeypatch.setattr(PatchCore, "predict", predict)
+    argv = ["evaluate.py", "--data_path", str(root), "--category", "widget", "--output_dir", str(tmp_path / "out"), "--images", str(parts)]
+    monkeypatch.setattr(sys, "argv", argv + ["--batch_size", "2", "--num_workers", "0", "--device", "cpu"])
+    tracemalloc.start()
+    try:
+        evaluate_module.main()
+    finally:
+        tracemalloc.stop()
+    assert len(calls) == 80
+    (tensors_early, traced_early), (tensors_late, traced_late) = samples
+    # 75 batches later: keeping each image's map (16 KB) or RGB copy (98 KB) would add 2.4 MB or more;
+    # what may grow is the list of small per-image records (about 0.6 KB each)
+    assert tensors_late - tensors_early <= 2 and traced_late - traced_early < 400_000, samples
+    assert len(json.loads((tmp_path / "out" / "widget" / "inference" / "scores.json").read_text())["images"]) == 160
+
+
+def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
+    """Non-default resize, crop, layers, amp and blur at training; evaluation, given none of them, uses the stored ones."""
+    from dataset import MVTecDataset, Preprocess
+    from patchcore import PatchCore
+
+    settings = ["--resize", "60", "--image_size", "48", "--layers", "layer1,layer2", "--amp", "bf16", "--blur_sigma", "2"]
+    assert train(synthetic_root, tmp_path, *settings).returncode == 0
+    result = evaluate(synthetic_root, tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "widget" / "metrics.json").read_text())
+    config = metrics["memory_bank"]["config"]
+    assert (config["resize"], config["image_size"], config["layers"], config["amp"], config["blur_sigma"]) == (
+        60,
+        48,
+        ["layer1", "layer2"],
+        "bf16",
+        2.0,
+    )
+    with np.load(tmp_path / "widget" / "anomaly_maps.npz") as raw:
+        assert {raw[k].shape for k in raw.files} == {(48, 48)}
+    test = MVTecDataset(synthetic_root, "widget", "test", Preprocess(60, 48))
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    bank, _ = load_bank(tmp_path / "widget" / "memory_bank.npz")
+    got = np.array([r["score"] for r in json.loads((tmp_path / "widget" / "scores.json").read_text())])
+    scores = {}
+    for amp in ("bf16", "none"):
+        model = PatchCore(weights="none", device="cpu", layers=("layer1", "layer2"), amp=amp, blur_sigma=2.0)
+        model.set_memory_bank(torch.from_numpy(bank))
+        scores[amp] = model.predict(images)[0]
+    np.testing.assert_allclose(got, scores["bf16"], rtol=1e-5)  # the stored bf16 ran, not fp32 (measured difference: 1e-3)
+    assert np.abs(got - scores["none"]).max() > 10 * 1e-5 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("flag", [["--image_size", "32"], ["--amp", "bf16"], ["--reweight_b", "9"], ["--layers", "layer3"]])
+def test_evaluate_refuses_memory_bank_settings(evaluated, flag):
+    root, out, _ = evaluated
+    line = one_line_error(evaluate(root, out, *flag), code=2)
+    assert f"{flag[0]} is a memory-bank setting" in line and "retrain" in line
+
+
+def test_evaluate_refuses_an_old_format_bank_in_one_line(evaluated, tmp_path):
+    root, _, _ = evaluated
+    (tmp_path / "widget").mkdir()
+    header = np.frombuffer(json.dumps({"format": "patchcore-memory-bank", "format_version": 1}).encode(), np.uint8)
+    np.savez(tmp_path / "widget" / "memory_bank.npz", memory_bank=np.ones((4, 1536), np.float32), header=header)
+    line = one_line_error(evaluate(root, tmp_path))
+    assert "older version of this code (bank format 1, this code reads 2); rerun train.py" in line
 
 
 def test_evaluate_refuses_a_bank_built_with_other_weights(evaluated, tmp_path):
@@ -212,22 +303,23 @@ def test_test_split_with_one_class_gives_undefined_metrics(tmp_path):
     assert "n/a" in result.stdout
 
 
-def test_reweighting_neighbours_beyond_the_bank_are_refused(evaluated):
-    from common import BankError
-    from evaluate import load_model
-
-    _, out, _ = evaluated
-    with pytest.raises(BankError, match="--reweight_b 100000 is larger than the memory bank"):
-        load_model(out / "widget" / "memory_bank.npz", "cpu", reweight_b=100000)
+def test_reweighting_neighbours_beyond_the_bank_are_refused(synthetic_root, tmp_path):
+    line = one_line_error(train(synthetic_root, tmp_path, "--reweight_b", "100000"))
+    assert "--reweight_b 100000 is larger than the memory bank (96 patches)" in line
+    assert not (tmp_path / "widget" / "memory_bank.npz").exists()
 
 
-def test_reweighted_scores_end_to_end(evaluated, tmp_path):
-    root, out, _ = evaluated
-    shutil.copytree(out / "widget", tmp_path / "widget", ignore=shutil.ignore_patterns("anomaly_maps*", "*.json"))
-    result = evaluate(root, tmp_path, "--reweight_b", "9")
+def test_reweighted_scores_end_to_end(synthetic_root, tmp_path):
+    assert train(synthetic_root, tmp_path, "--reweight_b", "9").returncode == 0
+    result = evaluate(synthetic_root, tmp_path)  # no flag: the bank's config says b = 9
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "widget" / "metrics.json").read_text())
-    assert metrics["image_score"] == "Eq. 7 reweighting, b=9" and 0 <= metrics["image_auroc"] <= 1
+    assert metrics["image_score"] == "Eq. 7 reweighting, b=9" and metrics["memory_bank"]["config"]["reweight_b"] == 9
+
+
+def test_reweight_b_1_is_a_usage_error(synthetic_root, tmp_path):
+    line = one_line_error(train(synthetic_root, tmp_path, "--reweight_b", "1"), code=2)
+    assert "--reweight_b 1 would score every image 0" in line and "use 0 or b >= 2" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
@@ -295,7 +387,6 @@ def test_ctrl_c_leaves_no_partial_outputs(slow_category, tmp_path):
 
 def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, monkeypatch, capsys):
     import evaluate as evaluate_module
-    from common import run_main
 
     root, out, _ = evaluated
     shutil.copytree(out / "widget", tmp_path / "widget")
@@ -304,7 +395,7 @@ def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, mo
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("common.os.fsync", no_space)
+    monkeypatch.setattr("files.os.fsync", no_space)
     argv = ["evaluate.py", "--data_path", str(root), "--category", "widget", "--output_dir", str(tmp_path), *SMALL]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
@@ -316,12 +407,45 @@ def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, mo
 
 
 def test_a_bank_of_another_feature_size_is_refused(evaluated, tmp_path):
-    from common import BankError
-    from evaluate import load_model
+    from bank import BankError
+    from patchcore import PatchCore
 
     _, out, _ = evaluated
-    bank, header = load_memory_bank(out / "widget" / "memory_bank.npz")
+    bank, header = load_bank(out / "widget" / "memory_bank.npz")
     header["config"]["layers"] = ["layer3"]  # a consistent file, but 1024-d features expected
-    save_memory_bank(tmp_path / "memory_bank.npz", bank, {k: v for k, v in header.items() if k != "sha256"})
+    save_bank(tmp_path / "memory_bank.npz", bank, {k: v for k, v in header.items() if k != "sha256"})
     with pytest.raises(BankError, match="holds 1536-d features, but wide_resnet50_2 \\['layer3'\\] makes 1024-d"):
-        load_model(tmp_path / "memory_bank.npz", "cpu")
+        PatchCore.from_bank(tmp_path / "memory_bank.npz", device="cpu")
+
+
+def _exit(main, monkeypatch, capsys, argv=("prog",)):
+    monkeypatch.setattr(sys, "argv", list(argv))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def main():
+        raise ValueError("bad thing\nover two lines")
+
+    code, err = _exit(main, monkeypatch, capsys)
+    assert code == 1 and err == "error: bad thing over two lines\n"
+    code, err = _exit(main, monkeypatch, capsys, ("prog", "--debug"))
+    assert code == 1 and "Traceback" in err and err.endswith("error: bad thing over two lines\n")
+
+
+def test_gpu_out_of_memory_suggests_what_to_do(monkeypatch, capsys):
+    def main():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    code, err = _exit(main, monkeypatch, capsys)
+    assert code == 1 and "GPU out of memory" in err and "smaller --batch_size, or --device cpu" in err
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    def main():
+        raise KeyboardInterrupt
+
+    code, err = _exit(main, monkeypatch, capsys)
+    assert code == 130 and "interrupted" in err

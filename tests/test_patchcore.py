@@ -102,9 +102,9 @@ def _seeded_start(n, seed):
 
 @pytest.mark.parametrize("proj_dim, seed", [(0, 0), (8, 0), (8, 5)])
 def test_greedy_coreset_equals_naive_loop_from_the_seeded_start(proj_dim, seed):
-    model = PatchCore(weights="none", device="cpu", seed=seed, coreset_proj_dim=proj_dim)
+    model = PatchCore(weights="none", device="cpu", seed=seed, coreset_proj_dim=proj_dim, coreset_ratio=0.1)
     features = torch.randn(300, 20, generator=torch.Generator().manual_seed(1))
-    selected = model.select_coreset(features, 0.1).tolist()
+    selected = model.select_coreset(features).tolist()
     assert len(selected) == 30 and len(set(selected)) == 30
     start = _seeded_start(300, seed)
     assert selected[0] == start != 0
@@ -137,10 +137,10 @@ def test_greedy_ties_go_to_the_first_index():
 def test_one_pass_and_two_pass_fit_equal_a_reference_bank():
     images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
-    one_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, seed=3)
-    one_pass.fit(loader)
-    two_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, seed=3, feature_memory_gb=0)
-    two_pass.fit(loader)
+    one_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, seed=3, image_size=64)
+    two_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, seed=3, image_size=64)
+    assert one_pass.fit(loader, feature_memory_gb=1)["fit"] == "one pass"
+    assert two_pass.fit(loader, feature_memory_gb=0)["fit"] == "two passes"
     # the reference: every patch's feature, the seeded projection and start, the naive greedy loop
     features = one_pass.aggregate_patches(one_pass.extract_features(images)).reshape(-1, 1536).numpy()
     projection = (torch.randn(1536, 128, generator=torch.Generator().manual_seed(3)) / np.sqrt(128)).numpy()
@@ -152,10 +152,10 @@ def test_one_pass_and_two_pass_fit_equal_a_reference_bank():
 
 def test_coreset_seeds_differ_and_full_ratio_keeps_all(model):
     features = torch.randn(50, 4)
-    starts = {int(PatchCore(weights="none", device="cpu", seed=s).select_coreset(features, 0.2)[0]) for s in range(6)}
+    starts = {int(PatchCore(weights="none", device="cpu", seed=s, coreset_ratio=0.2).select_coreset(features)[0]) for s in range(6)}
     assert starts == {_seeded_start(50, s) for s in range(6)} and len(starts) > 1
-    assert sorted(model.select_coreset(features, 1.0).tolist()) == list(range(50))
-    assert len(model.select_coreset(features, 0.001)) == 1
+    assert sorted(PatchCore(weights="none", device="cpu", coreset_ratio=1.0).select_coreset(features).tolist()) == list(range(50))
+    assert len(PatchCore(weights="none", device="cpu", coreset_ratio=0.001).select_coreset(features)) == 1
 
 
 def _brute_force(queries, bank, k):
@@ -290,9 +290,10 @@ def test_predict_equals_the_papers_definition(scored, search, monkeypatch):
 
 
 @pytest.mark.parametrize("b", [2, 3])
-def test_predict_with_eq7_equals_the_papers_definition(scored, b, monkeypatch):
-    model, images = scored
-    monkeypatch.setattr(model, "reweight_b", b)
+def test_predict_with_eq7_equals_the_papers_definition(scored, b):
+    same, images = scored
+    model = PatchCore(weights="none", device="cpu", seed=0, reweight_b=b)  # the same weights, and the same bank
+    model.set_memory_bank(same.memory_bank)
     scores, _ = model.predict(images)
     expected, _ = _paper_reference(model, images, b=b)
     unweighted, _ = _paper_reference(model, images)
@@ -343,7 +344,7 @@ def test_imagenet_weights_offline_name_the_alternatives(offline):
 def test_auto_weights_offline_fall_back_loudly(offline, model, capsys):
     fallback = PatchCore(weights="auto", device="cpu", seed=0)
     assert "RANDOM INIT" in capsys.readouterr().err
-    assert fallback.weights_spec == "none" and fallback.backbone_sha256 == model.backbone_sha256
+    assert fallback.config.weights == "none" and fallback.backbone_sha256 == model.backbone_sha256
 
 
 def test_device_checks():
@@ -353,3 +354,20 @@ def test_device_checks():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="--device cpu"):
             resolve_device("cuda")
+
+
+def test_a_gpu_that_torch_cannot_use_is_said_once(tmp_path, monkeypatch, capsys):
+    import patchcore
+
+    smi = tmp_path / "nvidia-smi"  # answers as on a machine whose driver is too old for this torch's CUDA
+    smi.write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 3060, 535.104.05'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(patchcore, "_warned", set())
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and "NVIDIA GeForce RTX 3060, 535.104.05" in err and "driver" in err
+    smi.unlink()  # no NVIDIA GPU: nothing to say
+    monkeypatch.setattr(patchcore, "_warned", set())
+    assert resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""

@@ -1,11 +1,11 @@
-"""evaluate.py's pieces: the summary table against the paper's targets, and the heatmap panel."""
+"""report.py: the summary table against the paper's targets, and the heatmap panel."""
 
 import csv
 
 import numpy as np
 import pytest
 
-from evaluate import heatmap_panel, summary_rows, write_summary
+from report import heatmap_panel, summary_rows, write_summary
 
 
 def _result(category, image, pixel, pro):

@@ -1,0 +1,100 @@
+"""The memory-bank file, the project's one persistent contract.
+
+OUTPUT_DIR/<category>/memory_bank.npz is a NumPy .npz read with allow_pickle=False, so that
+loading it can never run code. It holds two arrays:
+
+    memory_bank  float32 [M, C]   the coreset patch features
+    header       uint8 [bytes]    UTF-8 JSON, with
+        format, format_version    "patchcore-memory-bank", FORMAT_VERSION
+        sha256                    of the features and of every other header field
+        config                    PatchCoreConfig as a dict: rebuilds the model (PatchCore.from_bank)
+        model                     weights description, sha256 of the backbone weights, feature dimension
+        train                     image and patch counts, bank size, the training images when chosen (shots)
+        calibration               thresholds set on held-out good images, or null with the reason
+        environment               library versions
+
+Nothing run-specific (time, seconds, device) is stored, so that the same data and seed give a
+byte-identical file; train.py writes those facts to train.json beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from files import save_npz
+
+BANK_FILE = "memory_bank.npz"
+TRAIN_LOG = "train.json"  # beside the bank: the run-specific facts of its training run (seconds, device, time)
+FORMAT = "patchcore-memory-bank"
+FORMAT_VERSION = 2  # 1: before the config object; its banks must be rebuilt
+
+
+class BankError(Exception):
+    """A memory-bank file is missing, damaged, of another format, or does not fit the model."""
+
+
+def _checksum(memory_bank: np.ndarray, header: dict) -> str:
+    """sha256 of the features and of every header field but the checksum itself."""
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(memory_bank.tobytes() + json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def save_bank(path: Path, memory_bank: np.ndarray, header: dict) -> None:
+    """Write the bank atomically; `header` holds the sections listed above."""
+    memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, **header}
+    header["sha256"] = _checksum(memory_bank, header)
+    save_npz(path, {"memory_bank": memory_bank, "header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)})
+
+
+def load_bank(path: Path) -> tuple[np.ndarray, dict]:
+    """Read and verify a memory-bank file; never unpickles. Raises BankError with what to do."""
+    path = Path(path)
+    rerun = "rerun train.py for this category"
+    if not path.is_file():
+        raise BankError(
+            f"no memory bank at {path}: run `python train.py --data_path DATA_PATH --category {path.parent.name} "
+            f"--output_dir {path.parent.parent}` first"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes().decode())
+            memory_bank = data["memory_bank"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise BankError(f"{path} is not a readable memory bank ({err}); {rerun}") from err
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise BankError(f"{path} is not a PatchCore memory-bank file; {rerun}")
+    version = header.get("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise BankError(
+            f"{path} was written by an older version of this code (bank format {version}, this code reads {FORMAT_VERSION}); {rerun}"
+        )
+    if version != FORMAT_VERSION:
+        raise BankError(f"{path} has bank format {version}, this code reads {FORMAT_VERSION}; {rerun} with this code")
+    if memory_bank.dtype != np.float32 or memory_bank.ndim != 2:
+        raise BankError(f"{path} holds a {memory_bank.dtype} array of shape {memory_bank.shape}; {rerun}")
+    if _checksum(memory_bank, header) != header.get("sha256"):
+        raise BankError(f"{path} fails its checksum: the file was changed or damaged; {rerun}")
+    return memory_bank, header
+
+
+def environment() -> dict:
+    """Library versions and GPU, recorded in every output."""
+    import faiss
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

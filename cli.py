@@ -1,0 +1,142 @@
+"""Command-line plumbing shared by train.py and evaluate.py: arguments, one-line errors, loaders, facts.
+
+The options that decide a memory bank's content are generated from PatchCoreConfig's fields,
+with its defaults and help texts, so that they are written down once. train.py offers them;
+evaluate.py refuses them, because it rebuilds the model from the config stored in the bank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line, 'error: ...', exit code 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_path", required=True, help="dataset folder: MVTec AD, VisA, or one folder per category of your own")
+    parser.add_argument("--category", default="bottle", help="a category, a comma list, or 'all' (default: bottle)")
+    parser.add_argument("--output_dir", default="results", help="memory banks and results go to OUTPUT_DIR/<category>/ (default: results)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Knobs that change how fast a run is, never what it computes."""
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader worker processes that decode images (default: up to 4)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def _parse_field(field: dataclasses.Field) -> Callable[[str], object]:
+    if field.type in ("tuple[str, ...]",):
+        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
+    return {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}[str(field.type)]
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_type: type) -> None:
+    """One option per config field, --<field name>, with the field's default and help."""
+    group = parser.add_argument_group("memory-bank settings (stored in the bank; evaluate.py follows them)")
+    for field in dataclasses.fields(config_type):
+        if "help" not in field.metadata:
+            continue  # set by the code, not by a flag
+        default = field.default
+        shown = field.metadata.get("default_text") or (",".join(default) if isinstance(default, tuple) else default)
+        if field.type == "bool":
+            group.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{field.metadata['help']} (default: {shown})")  # fmt: skip
+            continue
+        group.add_argument(
+            f"--{field.name}", type=_parse_field(field), default=default, metavar=field.metadata.get("metavar"),
+            help=f"{field.metadata['help']} (default: {shown})",
+        )  # fmt: skip
+
+
+def refuse_config_args(parser: argparse.ArgumentParser, config_type: type, allowed: tuple[str, ...] = ()) -> None:
+    """evaluate.py: a memory-bank setting given on its command line is a one-line usage error
+    (but for the `allowed` ones, which the driver defines itself)."""
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(
+                f"{option_string} is a memory-bank setting: train.py stores it in the bank and evaluate.py follows the bank; "
+                f"drop {option_string}, or retrain with it"
+            )
+
+    for field in dataclasses.fields(config_type):
+        if "help" in field.metadata and field.name not in allowed:
+            names = [f"--{field.name}"] + ([f"--no-{field.name}"] if field.type == "bool" else [])
+            parser.add_argument(*names, action=Refuse, nargs="?", help=argparse.SUPPRESS)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, config_type: type):
+    """The config the command line asks for; an invalid value is a usage error."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
+    try:
+        return config_type(**values)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad arguments before any work starts."""
+    from patchcore import resolve_device
+
+    if args.batch_size <= 0:
+        parser.error(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be 0 or more, got {args.num_workers}")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    out = Path(args.output_dir)
+    existing = next(p for p in [out, *out.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output_dir {out} cannot be written (no write permission in {existing}): choose another folder")
+
+
+def make_loader(dataset, args: argparse.Namespace, device) -> object:
+    """Batches in file order; the workers decode and resize the images."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+    )
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a driver: errors become one line on stderr (exit 1), Ctrl-C exits 130."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: no partial outputs were kept", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:
+        if "--debug" in sys.argv:
+            traceback.print_exc()
+        message = " ".join(str(err).split()) or type(err).__name__
+        if "torch" in sys.modules and isinstance(err, sys.modules["torch"].cuda.OutOfMemoryError):
+            message = f"GPU out of memory ({message[:120]}): try a smaller --batch_size, or --device cpu"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

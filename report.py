@@ -1,0 +1,163 @@
+"""What a person looks at: heatmap panels with a colour bar, ROC and histogram plots, the
+summary table of all categories, and the published numbers it is compared with.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from sklearn.metrics import roc_curve
+
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from files import atomic_write, write_bytes, write_text
+
+# The paper's MVTec AD results as the design document lists them: (image AUROC, pixel AUROC).
+PAPER_TARGETS = {
+    "bottle": (1.000, 0.986), "cable": (0.995, 0.984), "capsule": (0.981, 0.988), "hazelnut": (1.000, 0.987),
+    "metal_nut": (1.000, 0.984), "pill": (0.966, 0.974), "screw": (0.981, 0.994), "toothbrush": (1.000, 0.987),
+    "transistor": (1.000, 0.963), "zipper": (0.994, 0.988), "carpet": (0.987, 0.990), "grid": (0.982, 0.987),
+    "leather": (1.000, 0.993), "tile": (0.987, 0.956), "wood": (0.992, 0.950),
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- heatmaps
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """A normalised [3, H, W] tensor back to [H, W, 3] floats in 0..255."""
+    return np.clip((image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255, 0, 255)
+
+
+def colour_bar(height: int, vmin: float, vmax: float, threshold: float | None) -> np.ndarray:
+    """A vertical jet colour bar with the score range, and the pixel threshold marked."""
+    bar = np.full((height, 72, 3), 255.0)
+    bar[:, 4:16] = matplotlib.colormaps["jet"](np.linspace(1, 0, height))[:, None, :3] * 255
+    image = Image.fromarray(bar.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    draw.text((19, 0), f"{vmax:.3g}", fill=(0, 0, 0))
+    draw.text((19, height - 11), f"{vmin:.3g}", fill=(0, 0, 0))
+    if threshold is not None and vmax > vmin:
+        y = int(round((vmax - threshold) / (vmax - vmin) * (height - 1)))
+        draw.line((0, y, 18, y), fill=(0, 0, 0), width=2)
+        draw.text((19, min(max(y - 5, 12), height - 23)), f"thr {threshold:.3g}", fill=(0, 0, 0))
+    return np.asarray(image, dtype=np.float64)
+
+
+def heatmap_panel(
+    rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, vmin: float, vmax: float, threshold: float | None
+) -> Image.Image:
+    """[input | heatmap overlay | predicted region at the pixel threshold | colour bar]; ground truth outlined in white."""
+    heat = matplotlib.colormaps["jet"](np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3] * 255
+    outline = None
+    if mask is not None and mask.any():
+        region = mask > 0.5
+        outline = region & ~ndimage.binary_erosion(region, iterations=2)
+    panels = [rgb, 0.5 * rgb + 0.5 * heat]
+    if threshold is not None:
+        predicted = rgb.copy()
+        hit = anomaly_map >= threshold
+        predicted[hit] = 0.4 * predicted[hit] + 0.6 * np.array([255.0, 0, 0])
+        panels.append(predicted)
+    if outline is not None:
+        for panel in panels[1:]:
+            panel[outline] = 255
+    panels.append(colour_bar(rgb.shape[0], vmin, vmax, threshold))
+    return Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8))
+
+
+def save_heatmap(path: Path, panel: Image.Image) -> None:
+    """One heatmap PNG (inside a staging folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel.save(path)
+
+
+# ---------------------------------------------------------------------- plots
+def _save_figure(path: Path, figure) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    write_bytes(path, buffer.getvalue())
+
+
+def plot_roc(path: Path, labels: np.ndarray, scores: np.ndarray, auroc: float | None, category: str) -> None:
+    figure = Figure(figsize=(4.5, 4.5))
+    ax = figure.subplots()
+    if auroc is not None:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"PatchCore (AUROC {100 * auroc:.1f}%)")
+    ax.plot([0, 1], [0, 1], "k:", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{category}: image-level ROC")
+    ax.legend(loc="lower right")
+    _save_figure(path, figure)
+
+
+def plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float | None, category: str) -> None:
+    figure = Figure(figsize=(6, 3.5))
+    ax = figure.subplots()
+    bins = np.linspace(scores.min(), scores.max(), 30) if scores.max() > scores.min() else 10
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good ({(labels == 0).sum()})", color="tab:green")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defective ({(labels == 1).sum()})", color="tab:red")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", linestyle="--", label=f"F1 threshold {threshold:.3g}")
+    ax.set(xlabel="image anomaly score", ylabel="images", title=f"{category}: score histogram")
+    ax.legend()
+    _save_figure(path, figure)
+
+
+# ---------------------------------------------------------------------- summary
+def summary_rows(results: list[dict]) -> list[dict]:
+    """One row per category and a mean row: ours, the paper's, and the difference, in percent."""
+
+    def pct(value):
+        return None if value is None else round(100 * value, 2)
+
+    rows = []
+    for m in results:
+        paper_image, paper_pixel = PAPER_TARGETS.get(m["category"], (None, None))
+        rows.append({
+            "category": m["category"], "image_auroc": pct(m["image_auroc"]), "paper_image_auroc": pct(paper_image),
+            "pixel_auroc": pct(m["pixel_auroc"]), "paper_pixel_auroc": pct(paper_pixel), "aupro": pct(m["aupro"]),
+        })  # fmt: skip
+    mean = {"category": "mean"}
+    for key in ("image_auroc", "paper_image_auroc", "pixel_auroc", "paper_pixel_auroc", "aupro"):
+        values = [r[key] for r in rows if r[key] is not None]
+        mean[key] = round(float(np.mean(values)), 2) if values else None
+    rows.append(mean)
+    for row in rows:
+        for level in ("image", "pixel"):
+            ours, paper = row[f"{level}_auroc"], row[f"paper_{level}_auroc"]
+            row[f"{level}_diff"] = None if ours is None or paper is None else round(ours - paper, 2)
+    return rows
+
+
+def write_summary(output_dir: Path, results: list[dict]) -> str:
+    rows = summary_rows(results)
+    columns = ["category", "image_auroc", "paper_image_auroc", "image_diff", "pixel_auroc", "paper_pixel_auroc", "pixel_diff", "aupro"]
+    titles = ["category", "image AUROC", "paper", "diff", "pixel AUROC", "paper", "diff", "AUPRO@0.3"]
+
+    def cell(column, value):
+        if value is None or isinstance(value, str):
+            return "n/a" if value is None else value
+        return f"{value:+.2f}" if column.endswith("_diff") else f"{value:.2f}"
+
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row in rows:
+        text = [cell(c, row[c]) for c in columns]
+        lines.append("| " + " | ".join(f"**{t}**" if row["category"] == "mean" else t for t in text) + " |")
+    weights = results[0]["weights"]
+    table = "\n".join(lines)
+    markdown = f"# PatchCore on {len(results)} categor{'y' if len(results) == 1 else 'ies'} (percent)\n\nweights: {weights}\n\n{table}\n"
+    write_text(output_dir / "summary.md", markdown)
+
+    def write_csv(f):
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: ("" if row[c] is None else row[c]) for c in columns} for row in rows)
+
+    atomic_write(output_dir / "summary.csv", write_csv, mode="w")
+    return table

@@ -211,7 +211,8 @@ def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     make_synthetic_category(data, "synthetic", n_train=max(sizes), n_test_good=1, n_per_defect=1, size=resize, seed=3)
     train_good = sorted((data / "synthetic" / "train" / "good").iterdir())
     per_image_gb = (args.image_size // 8) ** 2 * 1536 * 4 / 2**30
-    for mode, extra in (("one-pass (default)", []), ("two-pass", ["--feature_memory_gb", "0"])):
+    two_pass = ["--feature_memory_gb", "0", "--coreset_ratio", str(args.memory_ratio)]
+    for mode, extra in (("one-pass (default settings)", []), (f"two-pass ({' '.join(two_pass)})", two_pass)):
         peaks = []
         for n in sizes:
             subset = work / f"subset{n}"
@@ -221,14 +222,15 @@ def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
                 if not target.exists():
                     target.symlink_to(path)
             argv = ["train.py", *_driver_args(subset, work / f"fit{n}", args), "--weights", "none", "--resize", str(resize),
-                    "--image_size", str(args.image_size), "--coreset_ratio", str(args.memory_ratio), *extra]  # fmt: skip
+                    "--image_size", str(args.image_size), *extra]  # fmt: skip
             seconds, peak, stdout = run_child(argv)
             peaks.append(peak)
             path = next(line for line in stdout.splitlines() if line.startswith("fit:"))
-            record(rows, f"fit {mode}, {n} images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3), path=path)
+            record(rows, f"fit {mode.split()[0]}, {n} images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3), path=path)
         slope = (peaks[-1] - peaks[0]) / (sizes[-1] - sizes[0]) * 1000
-        record(rows, f"fit {mode}: growth", gib_per_1000_images=round(slope, 2), features_gib_per_1000_images=round(1000 * per_image_gb, 2),
-               ratio_to_features=round(slope / (1000 * per_image_gb), 2), coreset_ratio=args.memory_ratio)  # fmt: skip
+        features = 1000 * per_image_gb
+        record(rows, f"fit {mode.split()[0]}: growth", settings=mode, gib_per_1000_images=round(slope, 2),
+               features_gib_per_1000_images=round(features, 2), ratio_to_features=round(slope / features, 2))  # fmt: skip
 
     bank_dir = work / f"fit{sizes[0]}"  # a bank to score against
     parts = work / "parts"
@@ -265,7 +267,9 @@ def main() -> None:
     parser.add_argument("--equal_n", type=int, default=20000, help="N of the full-run equality check (default: 20000)")
     parser.add_argument("--e2e_images", type=int, default=30, help="training images of the end-to-end run (default: 30)")
     parser.add_argument("--memory_images", default="20,400", help="image counts of the memory stage (default: 20,400)")
-    parser.add_argument("--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's fits (default: 0.01)")
+    parser.add_argument(
+        "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits, a large-set setting (default: 0.01)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     stages = args.stages.split(",")

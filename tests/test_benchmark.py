@@ -24,6 +24,6 @@ def test_benchmark_small_run(tmp_path):
     assert rows["raw matrix product it needs"]["knn_over_matmul"] > 0
     for script in ("train.py", "evaluate.py"):
         assert rows[f"end to end: {script}"]["peak_rss_gib"] > 0.2  # a torch process, measured in the child
-    assert rows["fit one-pass (default), 4 images"]["path"].startswith("fit: one pass")
+    assert rows["fit one-pass, 4 images"]["path"].startswith("fit: one pass")
     assert rows["fit two-pass, 4 images"]["path"].startswith("fit: two passes")
     assert "gib_per_1000_images" in rows["fit two-pass: growth"] and "mib_per_1000_images" in rows["evaluate --images: growth"]

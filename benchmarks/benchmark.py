@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--e2e_images", type=int, default=30, help="training images of the end-to-end run (default: 30)")
     parser.add_argument("--memory_images", default="20,400", help="image counts of the memory stage (default: 20,400)")
     parser.add_argument(
-        "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits, a large-set setting (default: 0.01)"
+        "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits (default: 0.01)"
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()

@@ -37,29 +37,40 @@ class DataError(Exception):
 class Preprocess:
     """The paper's preprocessing: shorter side to `resize`, center crop `image_size`, ImageNet mean/std.
 
-    Masks go through the same geometry with nearest-neighbour resizing, then are binarised.
+    Ground-truth masks are brought onto the same crop, as each protocol defines them:
+    - paper: defective where the mask is at half its value range or more; resized with
+      nearest-neighbour, so defects keep their edges and thin defects survive;
+    - official: the released code's chain, applied to the mask as PIL opens it: the image's own
+      Resize (bilinear with antialiasing; PIL uses nearest for mode '1' and 'P' images whatever
+      is asked), CenterCrop and ToTensor, then only pixels at exactly 1.0 count (their
+      astype(int)), so defect edges, and defects thinner than a few pixels, count as normal.
     """
 
-    def __init__(self, resize: int = 256, image_size: int = 224) -> None:
-        self.resize, self.image_size = resize, image_size
+    def __init__(self, resize: int = 256, image_size: int = 224, protocol: str = "paper") -> None:
+        self.resize, self.image_size, self.protocol = resize, image_size, protocol
         self._image = transforms.Compose([
             transforms.Resize(resize, interpolation=InterpolationMode.BILINEAR),
             transforms.CenterCrop(image_size),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])  # fmt: skip
-        self._mask = transforms.Compose([
+        self._nearest = transforms.Compose([
             transforms.Resize(resize, interpolation=InterpolationMode.NEAREST),
             transforms.CenterCrop(image_size),
         ])  # fmt: skip
+        self._official_mask = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor()])
 
     def image(self, image: Image.Image) -> torch.Tensor:
         return self._image(image)
 
-    def mask(self, mask: Image.Image) -> torch.Tensor:
-        """[1, S, S] float 0/1 from a 0/255 mask (see load_mask)."""
-        mask = np.asarray(self._mask(mask.convert("L")), dtype=np.uint8)
-        return torch.from_numpy((mask >= 128).astype(np.float32))[None]
+    def mask(self, mask: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
+        """[1, S, S] float 0/1 on the model's crop, from a mask as opened (`image_size`: its image's (w, h))."""
+        if self.protocol == "official":
+            return (self._official_mask(mask)[:1] >= 1).float()
+        mask = _to_8bit(mask).convert("L")
+        if mask.size != image_size:
+            mask = mask.resize(image_size, Image.Resampling.NEAREST)
+        return torch.from_numpy(np.asarray(self._nearest(mask)) >= 128).float()[None]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -71,21 +82,16 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB."""
+def open_image(path: Path) -> Image.Image:
+    """An image file, fully read, in the mode it is stored in."""
     with Image.open(path) as image:
         image.load()
-    return _to_8bit(image).convert("RGB")
+    return image
 
 
-def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
-    """A ground-truth mask as 0/255 (defective at half its value range or more), at the image's size."""
-    with Image.open(path) as mask:
-        mask.load()
-    mask = _to_8bit(mask).convert("L")
-    if mask.size != size:
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return mask.point(lambda v: 255 if v >= 128 else 0)
+def load_rgb(path: Path) -> Image.Image:
+    """Any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB."""
+    return _to_8bit(open_image(path)).convert("RGB")
 
 
 def list_categories(root: Path) -> list[str]:
@@ -176,7 +182,7 @@ class MVTecDataset(torch.utils.data.Dataset):
         if mask_path is None:
             mask = torch.zeros(1, *image.shape[-2:])
         else:
-            mask = self.transform.mask(load_mask(mask_path, rgb.size))
+            mask = self.transform.mask(open_image(mask_path), rgb.size)
         return image, int(defect != "good"), mask, path.relative_to(self.root_path).as_posix(), defect
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from bank import BANK_FILE, TRAIN_LOG, BankError, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
-from dataset import ImageFiles, MVTecDataset, Preprocess, find_images, resolve_categories
+from dataset import ImageFiles, MVTecDataset, find_images, resolve_categories
 from files import NpzWriter, staging, write_json
 from metrics import compute_metrics
 from patchcore import SEARCH_PRECISIONS, SEARCHES, PatchCore, PatchCoreConfig
@@ -77,7 +77,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     out_dir = Path(args.output_dir) / category
     model = load_model(args, category)
     config = model.config
-    dataset = MVTecDataset(args.data_path, category, "test", Preprocess(config.resize, config.image_size))
+    dataset = MVTecDataset(args.data_path, category, "test", config.preprocess())
     n, size = len(dataset), config.image_size
     scores, labels = np.empty(n), np.empty(n, np.int64)
     maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
@@ -100,13 +100,15 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
 
         metrics = {
             "category": category,
+            "protocol": config.protocol,
             **compute_metrics(labels, scores, masks, maps, defects),
             "n_images": n,
             "n_good": int((labels == 0).sum()),
             "n_defective": int((labels == 1).sum()),
             "computed_on": f"image metrics: all {n} test images; pixel metrics: every pixel of every test image, "
-            f"at the evaluation resolution {size}x{size} (center crop)",
+            f"at the evaluation resolution {size}x{size} (center crop), with the {config.protocol} protocol's masks",
             "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
+            "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
             "heatmap_scale": [float(maps.min()), float(maps.max())],
             "seconds": round(seconds, 2),
@@ -146,7 +148,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     threshold = args.threshold if args.threshold is not None else known.get("image_f1_threshold")
     scale = known.get("heatmap_scale")  # the category's scale; without one, each heatmap is scaled to its own range
-    dataset = ImageFiles(paths, Preprocess(model.config.resize, model.config.image_size))
+    dataset = ImageFiles(paths, model.config.preprocess())
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
     records = []
     inference = out_dir / "inference"
@@ -193,8 +195,7 @@ def main() -> None:
             f"--category {','.join(untrained)} --output_dir {args.output_dir}` first"
         )
     results = [evaluate_category(args, category) for category in categories]
-    table = write_summary(Path(args.output_dir), results)
-    print(f"\nweights: {results[0]['weights']} (percent; paper = the design document's MVTec AD targets)\n{table}")
+    print(f"\n{write_summary(Path(args.output_dir), results)}")
     print(f"\nsummary: {Path(args.output_dir) / 'summary.md'}; per category: metrics.json, scores.json, heatmaps in")
     for m in results:
         print(f"  {Path(args.output_dir) / m['category'] / 'anomaly_maps'}/")

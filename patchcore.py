@@ -31,11 +31,14 @@ import torchvision
 from tqdm import tqdm
 
 from bank import BankError, environment, load_bank, save_bank
+from dataset import Preprocess
 
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEARCHES = ("auto", "faiss", "torch")
 SEARCH_PRECISIONS = ("fp32", "tf32", "fp16")
+PROTOCOLS = ("paper", "official")
+DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class PatchCoreConfig:
     their help texts. How a run is executed (device, batch size, search) is not part of it.
     """
 
+    protocol: str = field(
+        default="paper",
+        metadata={
+            "help": "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released code "
+            "(1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md"
+        },
+    )
     backbone: str = field(default="wide_resnet50_2", metadata={"help": "torchvision classification network"})
     layers: tuple[str, ...] = field(
         default=("layer2", "layer3"), metadata={"help": "backbone layers the patch features come from, comma list", "metavar": "LAYERS"}
@@ -59,7 +69,10 @@ class PatchCoreConfig:
     )
     resize: int = field(default=256, metadata={"help": "shorter image side before the center crop"})
     image_size: int = field(default=224, metadata={"help": "center-crop size, the model's input"})
-    coreset_ratio: float = field(default=0.25, metadata={"help": "fraction of the training patches kept in the memory bank"})
+    coreset_ratio: float | None = field(
+        default=None,
+        metadata={"help": "fraction of the training patches kept in the memory bank", "default_text": "0.25 for paper, 0.1 for official"},
+    )
     coreset_proj_dim: int = field(default=128, metadata={"help": "random-projection dims for the coreset distances, 0 = none"})
     seed: int = field(default=0, metadata={"help": "seed of the coreset's projection and start point, and of random-init weights"})
     amp: str = field(default="none", metadata={"help": "backbone autocast precision: none (fp32), bf16 or fp16"})
@@ -71,7 +84,12 @@ class PatchCoreConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON
-        checks = [
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol must be paper or official, got {self.protocol!r}")
+        if self.coreset_ratio is None:
+            object.__setattr__(self, "coreset_ratio", DEFAULT_CORESET_RATIO[self.protocol])
+        official = self.protocol == "official"
+        checks = [  # (holds, what to say when it does not)
             (bool(self.layers), "--layers must name at least one layer"),
             (
                 0 < self.image_size <= self.resize,
@@ -81,8 +99,9 @@ class PatchCoreConfig:
             (self.coreset_proj_dim >= 0, f"--coreset_proj_dim must be 0 (no projection) or more, got {self.coreset_proj_dim}"),
             (self.amp in AMP_DTYPES, f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}"),
             (self.reweight_b >= 0, f"--reweight_b must be 0 (max score) or at least 2, got {self.reweight_b}"),
-            (self.reweight_b != 1, "--reweight_b 1 would score every image 0 (Eq. 7's weight is then 1 - e^s/e^s): use 0 or b >= 2"),
+            (self.reweight_b != 1, "--reweight_b 1 would score every image 0 (Eq. 7's weight is 1 - e^s/e^s): use 0 or b >= 2"),
             (self.blur_sigma >= 0, f"--blur_sigma must be 0 (off) or more, got {self.blur_sigma}"),
+            (not official or self.reweight_b == 0, "--reweight_b: the released code scores by the max; Eq. 7 is --protocol paper only"),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,6 +109,10 @@ class PatchCoreConfig:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
+
+    def preprocess(self) -> Preprocess:
+        """Images (and masks, as the protocol defines them) on the model's input grid."""
+        return Preprocess(self.resize, self.image_size, self.protocol)
 
 
 class WeightsError(RuntimeError):
@@ -318,10 +341,11 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
 
 
 def exact_knn_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32", block_bytes: int = 2**28
+    queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32", block_bytes: int = 2**28, squared: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours by ||q||^2 - 2 q.m + ||m||^2, in query chunks whose fp32
-    distance block stays under `block_bytes` (256 MiB) whatever the bank size.
+    distance block stays under `block_bytes` (256 MiB) whatever the bank size. Returns L2
+    distances, or squared ones if asked, and bank indices, each [M, k].
 
     precision: 'fp32', 'tf32' (TF32 tensor-core matmul on Ampere and newer) or 'fp16' (the
     cross term in half precision, accumulated in fp32); norms and the rest stay in fp32.
@@ -335,9 +359,9 @@ def exact_knn_torch(
     try:
         for q in queries.split(rows):
             cross = (q.to(bank_mm.dtype) @ bank_mm.T).float()
-            squared = (q.float() ** 2).sum(1, keepdim=True) - 2 * cross + bank_sq
-            value, index = squared.topk(k, dim=1, largest=False)
-            distances.append(value.clamp_min(0).sqrt())
+            d2 = (q.float() ** 2).sum(1, keepdim=True) - 2 * cross + bank_sq
+            value, index = d2.topk(k, dim=1, largest=False)
+            distances.append(value.clamp_min(0) if squared else value.clamp_min(0).sqrt())
             indices.append(index)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -402,7 +426,7 @@ class PatchCore:
     def __init__(
         self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", search_precision: str = "fp32", **fields
     ) -> None:
-        config = dataclasses.replace(config or PatchCoreConfig(), **fields)
+        config = PatchCoreConfig(**fields) if config is None else dataclasses.replace(config, **fields)
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         if search_precision not in SEARCH_PRECISIONS:
@@ -426,8 +450,16 @@ class PatchCore:
             getattr(self.backbone, name).register_forward_hook(self._hook(name))
 
         probe = self.extract_features(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
-        self.feature_dim = sum(f.shape[1] for f in probe)  # 1536
+        if self.config.protocol == "official":
+            widths = [f.shape[1] for f in probe]
+            if widths != [512, 1024]:
+                raise ValueError(
+                    f"--protocol official reproduces the released code's baseline, whose two layers have 512 and 1024 "
+                    f"channels (wide_resnet50_2 layer2,layer3); {self.config.backbone} {list(self.config.layers)} have {widths}"
+                )
+            self._official_batchnorm_update()
         self.grid = max((tuple(f.shape[-2:]) for f in probe), key=lambda hw: hw[0] * hw[1])  # (28, 28): patches per image
+        self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
         self.index = None  # faiss index over the memory bank, or None for the torch search
 
@@ -476,6 +508,20 @@ class PatchCore:
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
+    @torch.no_grad()
+    def _official_batchnorm_update(self) -> None:
+        """As the released code does while it builds its model: it pushes one all-ones image through
+        the backbone, still in train mode, to read the feature widths, so every BatchNorm up to the
+        last used layer updates its running statistics once (momentum 0.1) before any image is seen.
+        Reproduced because it changes every feature (docs/architecture.md)."""
+        side = self.config.image_size
+        self.backbone.train()
+        try:
+            self.backbone(torch.ones(1, 3, side, side, device=self.device))
+        except _StopForward:
+            pass
+        self.backbone.eval()
+
     def _hook(self, name: str):
         def hook(module, inputs, output):
             self._features[name] = output
@@ -507,6 +553,8 @@ class PatchCore:
         2. deeper maps upsampled bilinearly to the largest map's grid (28x28 for 224 px);
         3. channels concatenated (512 + 1024 = 1536 for layer2 + layer3).
         """
+        if self.config.protocol == "official":
+            return self._official_patches(features)
         grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
         maps = []
         for f in features:
@@ -515,6 +563,25 @@ class PatchCore:
                 f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             maps.append(f)
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _official_patches(features: list[torch.Tensor]) -> torch.Tensor:
+        """The released code's 1024-d patch features, in closed form: [B, N, 1024].
+
+        Their chain (unfold 3x3 with zero padding, layer3's unfolded patches resized bilinearly to
+        layer2's grid, each layer's C*9 values adaptive-average-pooled to 1024, the two stacked and
+        pooled to 1024 again) works out, for layer widths 512 and 1024, to:
+          dims 0..511:    layer2, (3x3 zero-padded neighbourhood sum + the centre again) / 10;
+          dims 512..1023: layer3 with adjacent channels averaged in pairs, 3x3 zero-padded mean,
+                          upsampled bilinearly to layer2's grid.
+        tests/test_official.py checks it against a literal re-implementation of their chain.
+        """
+        layer2, layer3 = features
+        near2 = (F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) + layer2) / 10
+        pairs = (layer3[:, 0::2] + layer3[:, 1::2]) / 2
+        near3 = F.avg_pool2d(pairs, 3, stride=1, padding=1, count_include_pad=True)
+        near3 = F.interpolate(near3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([near2, near3], dim=1).flatten(2).transpose(1, 2)
 
     def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, N, C] patch features and their grid (h, w)."""
@@ -639,26 +706,31 @@ class PatchCore:
         """Which nearest-neighbour search runs, for the outputs."""
         return f"faiss {type(self.index).__name__}" if self.index is not None else f"exact torch search ({self.search_precision})"
 
-    def nearest_neighbors(self, patches: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distances [M, k] and memory-bank indices [M, k] of each patch's k nearest memory patches."""
+    def nearest_neighbors(self, patches: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances [M, k] (squared ones if asked) and memory-bank indices [M, k] of each patch's k nearest memory patches."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
         if not 1 <= k <= len(self.memory_bank):
             raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.memory_bank)}")
         if self.index is None:
-            return exact_knn_torch(patches.to(self.device), self.memory_bank, k, self.search_precision)
+            return exact_knn_torch(patches.to(self.device), self.memory_bank, k, self.search_precision, squared=squared)
         queries = np.ascontiguousarray(patches.detach().cpu().numpy(), dtype=np.float32)
-        squared, indices = self.index.search(queries, k)  # faiss returns squared L2
-        distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0)))
-        return distances.to(self.device), torch.from_numpy(indices).to(self.device)
+        distances, indices = self.index.search(queries, k)  # faiss returns squared L2
+        distances = np.maximum(distances, 0) if squared else np.sqrt(np.maximum(distances, 0))
+        return torch.from_numpy(distances).to(self.device), torch.from_numpy(indices).to(self.device)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores [B] and anomaly maps [B, H, W] at the input resolution (Sec. 3.3)."""
+        """Image scores [B] and anomaly maps [B, H, W] at the input resolution (Sec. 3.3).
+
+        paper: L2 distances (Eq. 6), maps blurred with mirror padding; official: squared L2
+        distances, as faiss returns them to the released code, blurred as scipy's default ('reflect').
+        """
+        official = self.config.protocol == "official"
         patches, (h, w) = self._patches(images)
         b, n, c = patches.shape
-        distances, nearest = self.nearest_neighbors(patches.reshape(-1, c), k=1)
+        distances, nearest = self.nearest_neighbors(patches.reshape(-1, c), k=1, squared=official)
         patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
         if self.config.reweight_b:
             scores = self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
@@ -666,7 +738,7 @@ class PatchCore:
             scores = patch_scores.max(dim=1).values
         maps = F.interpolate(patch_scores.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.config.blur_sigma > 0:
-            maps = gaussian_blur(maps, self.config.blur_sigma)
+            maps = gaussian_blur(maps, self.config.blur_sigma, mode="reflect" if official else "mirror")
         return scores.cpu().numpy(), maps[:, 0].cpu().numpy()
 
     def _reweighted_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:

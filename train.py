@@ -24,7 +24,7 @@ from cli import (
     now,
     run_main,
 )
-from dataset import MVTecDataset, Preprocess, resolve_categories
+from dataset import MVTecDataset, resolve_categories
 from files import write_json
 from patchcore import PatchCore, PatchCoreConfig
 
@@ -50,8 +50,7 @@ def parse_args() -> tuple[argparse.Namespace, PatchCoreConfig]:
 def main() -> None:
     args, config = parse_args()
     categories = resolve_categories(Path(args.data_path), args.category)
-    preprocess = Preprocess(config.resize, config.image_size)
-    datasets = {c: MVTecDataset(args.data_path, c, "train", preprocess) for c in categories}  # checks every file first
+    datasets = {c: MVTecDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
     model = PatchCore(config, device=args.device)
     print(f"backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():

@@ -10,6 +10,8 @@ Stages (--stages, comma list; default: all but memory):
   e2e     train.py and evaluate.py end to end, in fresh processes;
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
+          Use a --batch_size no larger than the smallest size, so that every run holds full
+          batches: a smaller last batch has smaller activations and would bias the slope.
 Peak host memory of a stage is the process's resident set (sampled every 5 ms); of a fresh
 process, its VmHWM. Peak GPU memory is torch's allocator peak. Random-init weights: speed
 does not depend on them. Only public functions of the project are used.
@@ -206,9 +208,9 @@ def stage_e2e(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
 def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     """Peak RSS against the number of images: the slope is the memory a run needs per image."""
     resize = args.image_size * 256 // 224
-    sizes = [int(v) for v in args.memory_images.split(",")]
+    sizes, scored = ([int(v) for v in text.split(",")] for text in (args.memory_images, args.memory_scored))
     data = work / "memory"
-    make_synthetic_category(data, "synthetic", n_train=max(sizes), n_test_good=1, n_per_defect=1, size=resize, seed=3)
+    make_synthetic_category(data, "synthetic", n_train=max(sizes + scored), n_test_good=1, n_per_defect=1, size=resize, seed=3)
     train_good = sorted((data / "synthetic" / "train" / "good").iterdir())
     per_image_gb = (args.image_size // 8) ** 2 * 1536 * 4 / 2**30
     two_pass = ["--feature_memory_gb", "0", "--coreset_ratio", str(args.memory_ratio)]
@@ -237,7 +239,7 @@ def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     parts.mkdir()
     test_good = sorted((data / "synthetic" / "train" / "good").iterdir())
     peaks = []
-    for n in sizes:
+    for n in scored:
         folder = parts / str(n)
         folder.mkdir()
         for i in range(n):
@@ -246,7 +248,8 @@ def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
         seconds, peak, _ = run_child(argv)
         peaks.append(peak)
         record(rows, f"evaluate --images, {n} images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3))
-    record(rows, "evaluate --images: growth", mib_per_1000_images=round((peaks[-1] - peaks[0]) / (sizes[-1] - sizes[0]) * 1000 * 1024, 1))
+    growth = (peaks[-1] - peaks[0]) * 1024
+    record(rows, "evaluate --images: growth", mib=round(growth, 1), mib_per_1000_images=round(growth / (scored[-1] - scored[0]) * 1000, 1))
 
 
 STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory}
@@ -266,7 +269,8 @@ def main() -> None:
     parser.add_argument("--baseline_iters", type=int, default=300, help="iterations of the plain loop timed (default: 300)")
     parser.add_argument("--equal_n", type=int, default=20000, help="N of the full-run equality check (default: 20000)")
     parser.add_argument("--e2e_images", type=int, default=30, help="training images of the end-to-end run (default: 30)")
-    parser.add_argument("--memory_images", default="20,400", help="image counts of the memory stage (default: 20,400)")
+    parser.add_argument("--memory_images", default="20,400", help="training-set sizes of the memory stage's fits (default: 20,400)")
+    parser.add_argument("--memory_scored", default="40,400", help="image counts of the memory stage's evaluate --images (default: 40,400)")
     parser.add_argument(
         "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits (default: 0.01)"
     )

@@ -80,7 +80,7 @@ def test_preprocess_resizes_shorter_side_then_crops_and_binarises_masks():
     red = pre.image(Image.new("RGB", (120, 80), (255, 0, 0)))[:, 0, 0]
     assert torch.allclose(red, (torch.tensor([1.0, 0, 0]) - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
     values = np.array([[0, 100, 127, 128, 200, 255]] * 6, np.uint8).repeat(8, axis=1).repeat(8, axis=0)
-    mask = pre.mask(Image.fromarray(values))  # 48x48 -> nearest 40x40 -> crop 32x32
+    mask = pre.mask(Image.fromarray(values), (48, 48))  # 48x48 -> nearest 40x40 -> crop 32x32
     assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0}
 
 

@@ -1,4 +1,4 @@
-"""report.py: the summary table against the paper's targets, and the heatmap panel."""
+"""report.py: the summary table against the published numbers of each protocol, and the heatmap panel."""
 
 import csv
 
@@ -8,20 +8,29 @@ import pytest
 from report import heatmap_panel, summary_rows, write_summary
 
 
-def _result(category, image, pixel, pro):
-    return {"category": category, "image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "weights": "w"}
+def _result(category, image, pixel, pro, protocol="paper"):
+    return {"category": category, "image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "weights": "w", "protocol": protocol}
 
 
 def test_summary_rows_compare_with_the_paper():
     rows = summary_rows([_result("bottle", 0.99, 0.97, 0.9), _result("pill", 0.95, None, None), _result("mine", 0.8, 0.9, 0.7)])
     bottle, pill, mine, mean = rows
-    assert bottle["paper_image_auroc"] == 100.0 and bottle["image_diff"] == pytest.approx(-1.0)
-    assert bottle["paper_pixel_auroc"] == 98.6 and bottle["pixel_diff"] == pytest.approx(-1.6)
+    assert bottle["published_image_auroc"] == 100.0 and bottle["image_diff"] == pytest.approx(-1.0)
+    assert bottle["published_pixel_auroc"] == 98.6 and bottle["pixel_diff"] == pytest.approx(-1.6)
     assert pill["pixel_auroc"] is None and pill["pixel_diff"] is None  # undefined stays undefined
-    assert mine["paper_image_auroc"] is None and mine["image_diff"] is None  # no target for own categories
+    assert mine["published_image_auroc"] is None and mine["image_diff"] is None  # no target for own categories
     assert mean["image_auroc"] == pytest.approx((99 + 95 + 80) / 3, abs=0.01)
-    assert mean["paper_image_auroc"] == pytest.approx((100 + 96.6) / 2)
+    assert mean["published_image_auroc"] == pytest.approx((100 + 96.6) / 2)
     assert mean["pixel_auroc"] == pytest.approx((97 + 90) / 2) and mean["aupro"] == pytest.approx(80.0)
+
+
+def test_each_protocol_is_compared_with_its_own_published_numbers(tmp_path):
+    paper, official, _ = summary_rows([_result("cable", 0.99, 0.98, 0.9), _result("cable", 0.99, 0.98, 0.9, "official")])
+    assert paper["published_image_auroc"] == 99.5 and paper["published_pixel_auroc"] == 98.4  # the seed's table
+    assert official["published_image_auroc"] == 99.68 and official["published_pixel_auroc"] == 98.41  # the released results.csv
+    write_summary(tmp_path, [_result("cable", 0.99, 0.98, 0.9, "official")])
+    text = (tmp_path / "summary.md").read_text()
+    assert "protocol: official" in text and "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1/results.csv" in text and "design document" not in text
 
 
 def test_write_summary_files(tmp_path):
@@ -29,7 +38,7 @@ def test_write_summary_files(tmp_path):
     assert "| bottle | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 |" in table
     assert table in (tmp_path / "summary.md").read_text()
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert rows[0]["image_diff"] == "-1.0" and rows[1]["category"] == "mean"
+    assert rows[0]["image_diff"] == "-1.0" and rows[0]["protocol"] == "paper" and rows[1]["category"] == "mean"
 
 
 def test_heatmap_panel_layout_outline_and_region():

@@ -1,0 +1,534 @@
+"""Step-by-step reference of what the authors' released PatchCore code computes (IM224 WR50 baseline).
+
+This module re-states, in plain torch / numpy / scipy / PIL, the computations of
+amazon-science/patchcore-inspection (commit fcaa92f, ``src/patchcore``) for the configuration of
+``sample_training.sh`` "IM224 Baseline": wideresnet50, ``-le layer2 -le layer3``, patchsize 3
+(stride 1), pretrain_embed_dimension 1024, target_embed_dimension 1024, anomaly_scorer_num_nn 1,
+``approx_greedy_coreset -p 0.1``, resize 256, imagesize 224. Nothing here is imported from that
+repository or from the rest of this project; it is a test oracle, verified numerically against
+their code (see ``closed_form_check`` and the report that accompanied this file).
+
+Pipeline, with the class / step of theirs each part mirrors
+--------------------------------------------------------------
+0. Backbone side effect (``PatchCore.load`` -> ``NetworkFeatureAggregator.feature_dimensions``):
+   while building the model they push ONE all-ones image of shape ``input_shape`` through the
+   backbone, which is still in train mode (torchvision constructors return train-mode modules).
+   Train-mode BatchNorm therefore updates its running statistics once (momentum 0.1) for every BN
+   layer up to and including layer3 (the forward hook on layer3 raises and stops the pass, so
+   layer4 is untouched). ``_embed`` then switches the backbone to eval mode. Hence the features
+   they use come from "pretrained weights + one BN-stat update on a constant image", in eval mode.
+   ``official_backbone_side_effect`` reproduces this; ``official_backbone_features`` then returns
+   the eval-mode outputs of layer2 (last Bottleneck of layer2) and layer3.
+1. ``PatchMaker.patchify``: ``torch.nn.Unfold(kernel 3, stride 1, padding 1, dilation 1)``
+   (zero padding) -> view ``[B, C, 3, 3, L]`` -> permute to ``[B, L, C, 3, 3]``; the L patch
+   positions are row-major over the feature map. Within a patch the flattened order is
+   ``c * 9 + 3 * ki + kj`` where kernel cell ``(ki, kj)`` is the spatial offset ``(ki - 1, kj - 1)``.
+2. ``PatchCore._embed`` resampling of the layer3 patches onto the layer2 grid: the unfolded
+   layer3 tensor is viewed as ``[B, h, w, C, 3, 3]``, permuted to ``[B, C, 3, 3, h, w]``, each of the
+   ``B * C * 9`` planes is upsampled with ``F.interpolate(mode="bilinear", align_corners=False)``
+   to ``(H, W)`` (layer2's grid; patchify keeps the size since padding is 1), and permuted back to
+   ``[B, H * W, C, 3, 3]``. Note: the unfolded patches are interpolated, not the feature map.
+3. ``common.Preprocessing`` / ``MeanMapper`` (one per layer): each patch's ``C * 9`` vector is
+   reduced with ``F.adaptive_avg_pool1d(.., 1024)``; results are stacked to ``[N, 2, 1024]``.
+4. ``common.Aggregator``: the stacked ``[N, 2 * 1024]`` vector (layer2 block first) is reduced with
+   ``F.adaptive_avg_pool1d(.., 1024)``. Output: ``[B * H * W, 1024]`` float32, image-major, then
+   row-major over the 28 x 28 layer2 grid (for 224 input).
+5. ``common.NearestNeighbourScorer`` with ``FaissNN`` (``faiss.IndexFlatL2``): the patch score is
+   the SQUARED Euclidean distance to the nearest memory-bank row (mean over the k = 1 neighbours),
+   as computed by faiss in float32. No square root is taken anywhere in scoring.
+6. ``PatchCore._predict``: image score = ``PatchMaker.score`` = max over the image's H * W patch
+   scores (unpatch_scores is only a reshape to ``[B, H * W, 1]``). No normalisation here.
+7. ``common.RescaleSegmentor``: patch scores ``[B, H, W]`` -> ``F.interpolate(size=input_shape[-2:],
+   mode="bilinear", align_corners=False)`` -> ``scipy.ndimage.gaussian_filter(sigma=4)`` per image
+   with scipy defaults (order 0, mode "reflect", truncate 4.0, i.e. a 33-tap kernel), on float32.
+8. ``bin/run_patchcore.py`` (after predict, before metrics): image scores are min-max normalised
+   over the test set and the anomaly maps are min-max normalised with ONE global min / max over
+   all test maps, per model, then averaged over ensemble members (identity for one model). Both
+   are monotone, so the AUROCs are unaffected; the F1-optimal threshold lives on that scale.
+9. ``datasets/mvtec.py`` mask transform ``Resize(256)`` (torchvision default BILINEAR on the PIL
+   image; PIL itself forces NEAREST for modes "1" and "P") -> ``CenterCrop(224)`` -> ``ToTensor``;
+   ``metrics.compute_pixelwise_retrieval_metrics`` then uses ``ground_truth.astype(int)``, which
+   truncates, so only pixels whose resized value is exactly 255 (1.0) are positives. Pixel AUROC is
+   ``sklearn.metrics.roc_auc_score`` over all pixels of all test images flattened together.
+10. ``sampler.ApproximateGreedyCoresetSampler`` (``official_approx_greedy_coreset``).
+
+Closed forms of steps 1-4 (verified by ``closed_form_check``)
+-------------------------------------------------------------
+``adaptive_avg_pool1d`` from length L to n uses bin i = ``[floor(i L / n), ceil((i + 1) L / n))``.
+
+* layer2 MeanMapper, L = 512 * 9 = 4608 -> 1024 (L / n = 4.5): bin 2m = flat indices
+  ``9m .. 9m+4`` and bin 2m+1 = ``9m+4 .. 9m+8``, five entries each, all from channel m. So
+  ``pre2[2m]   = (1/5) * [x(-1,-1) + x(-1,0) + x(-1,+1) + x(0,-1) + x(0,0)]`` and
+  ``pre2[2m+1] = (1/5) * [x(0,0) + x(0,+1) + x(+1,-1) + x(+1,0) + x(+1,+1)]``,
+  with ``x(dy, dx) = layer2[m, y+dy, x+dx]`` (0 outside the map): the upper and lower "halves"
+  of the 3x3 neighbourhood, both containing the centre.
+* layer3 MeanMapper, L = 1024 * 9 = 9216 -> 1024 (L / n = 9, exact): ``pre3[c]`` = plain mean of
+  the 9 cells of channel c, then (interpolation is linear and acts per cell) bilinearly upsampled:
+  ``pre3[c] = Up(box3(layer3[c]))`` where ``box3`` is the zero-padded 3x3 mean
+  (``avg_pool2d(k=3, s=1, p=1, count_include_pad=True)``) on the 14x14 grid and ``Up`` is
+  ``F.interpolate(bilinear, align_corners=False)`` to 28x28.
+* Aggregator, L = 2 * 1024 = 2048 -> 1024 (L / n = 2, exact): ``out[j] = (v[2j] + v[2j+1]) / 2``
+  with ``v = [pre2, pre3]``. Bins never straddle the two layers, so layer2 and layer3 stay
+  SEPARATE: dims 0..511 come only from layer2, dims 512..1023 only from layer3:
+
+  ``out[j]       = (1/10) * [sum_{dy,dx in {-1,0,1}} layer2[j, y+dy, x+dx] + layer2[j, y, x]]``,
+  j = 0..511 (every layer2 channel; the 3x3 zero-padded sum with the centre counted twice), and
+
+  ``out[512 + k] = Up( box3( (layer3[2k] + layer3[2k+1]) / 2 ) )[y, x]``, k = 0..511
+  (adjacent layer3 channel pairs averaged, 3x3 zero-padded mean, bilinear upsampling).
+
+  For H = 2h the upsampling is, per axis, ``U[2i] = 0.25 u[i-1] + 0.75 u[i]`` (``U[0] = u[0]``) and
+  ``U[2i+1] = 0.75 u[i] + 0.25 u[i+1]`` (``U[2h-1] = u[h-1]``): source coordinate
+  ``s = max((t + 0.5) * h / H - 0.5, 0)``, neighbours ``floor(s)`` and ``min(floor(s) + 1, h - 1)``.
+
+Sampler (``ApproximateGreedyCoresetSampler``, their defaults 10 starting points, 128 dims)
+-------------------------------------------------------------------------------------------
+Features (float32, [N, 1024]) are projected by a fresh ``torch.nn.Linear(1024, 128, bias=False)``
+(default init: kaiming_uniform(a=sqrt 5) = U(-1/32, 1/32) drawn from torch's global CPU generator,
+then moved to the device). ``np.random.choice(N, 10, replace=False)`` (numpy's global legacy RNG)
+picks starting points; every point's initial score is its MEAN Euclidean distance (not squared) to
+them; then ``int(N * percentage)`` times: pick ``argmax`` (first on ties), append it, and replace
+each score by ``min(score, dist(point, picked))``. The starting points are not themselves selected
+unless chosen by the argmax. Their ``run`` returns ``features[indices]`` (original 1024-d rows).
+RNG: ``run_patchcore.py`` calls ``utils.fix_seeds(seed)`` (random, numpy, torch, cuda) per dataset,
+but between that call and the sampler the torch generator is also consumed by the backbone
+construction (random init before the pretrained weights are loaded) and by the DataLoader
+iterator's base-seed draw, so the projection of a real run is not "manual_seed(seed) then Linear";
+the numpy starting points are ``RandomState(seed).choice(...)`` (nothing else draws from numpy).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PATCHSIZE = 3
+EMBED_DIM = 1024  # pretrain_embed_dimension == target_embed_dimension == 1024 in the baseline
+SMOOTHING_SIGMA = 4
+
+__all__ = [
+    "official_backbone_side_effect",
+    "official_backbone_features",
+    "official_embeddings",
+    "official_patch_scores",
+    "official_image_scores_and_maps",
+    "official_run_normalisation",
+    "official_mask",
+    "official_projection_weight",
+    "official_approx_greedy_coreset",
+    "closed_form_embeddings",
+    "closed_form_check",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone
+# --------------------------------------------------------------------------------------------
+def _resnet_to_layer3(backbone: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    x = backbone.layer1(x)
+    l2 = backbone.layer2(x)
+    l3 = backbone.layer3(l2)
+    return l2, l3
+
+
+def official_backbone_side_effect(backbone: torch.nn.Module, input_shape=(3, 224, 224)) -> torch.nn.Module:
+    """Mirror the side effect of ``PatchCore.load`` on a torchvision ResNet (in place, returned).
+
+    ``NetworkFeatureAggregator.feature_dimensions(input_shape)`` runs ``torch.ones([1, *input_shape])``
+    through the backbone in whatever mode it is in (train mode for a freshly built torchvision
+    model), under ``no_grad``, up to the forward hook on layer3. In train mode this updates the
+    running mean / var of every BatchNorm in conv1 .. layer3 once (momentum 0.1, unbiased var).
+    """
+    with torch.no_grad():
+        _resnet_to_layer3(backbone, torch.ones([1, *input_shape], dtype=torch.float32))
+    return backbone
+
+
+def official_backbone_features(backbone: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer2 and layer3 outputs as ``PatchCore._embed`` obtains them (after ``.eval()``, ``no_grad``).
+
+    Their hooks sit on the last Bottleneck of ``layer2`` / ``layer3``, i.e. the layer outputs.
+    Returns ``([B, 512, H/8, W/8], [B, 1024, H/16, W/16])`` float32.
+    """
+    backbone.eval()
+    with torch.no_grad():
+        return _resnet_to_layer3(backbone, images.to(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding (PatchMaker.patchify, _embed's resampling, Preprocessing/MeanMapper, Aggregator)
+# --------------------------------------------------------------------------------------------
+def _patchify(fmap: torch.Tensor, patchsize: int = PATCHSIZE, stride: int = 1):
+    """``PatchMaker.patchify(.., return_spatial_info=True)``: ``[B, L, C, p, p]`` and the patch grid."""
+    pad = int((patchsize - 1) / 2)
+    cols = F.unfold(fmap, kernel_size=patchsize, dilation=1, padding=pad, stride=stride)  # [B, C*p*p, L]
+    grid = [int((s + 2 * pad - (patchsize - 1) - 1) / stride + 1) for s in fmap.shape[-2:]]
+    batch, chans = fmap.shape[:2]
+    cols = cols.reshape(batch, chans, patchsize, patchsize, -1)
+    return cols.permute(0, 4, 1, 2, 3), grid
+
+
+def _resample_patches(patches: torch.Tensor, grid, target_grid) -> torch.Tensor:
+    """``PatchCore._embed`` loop body: bilinear (align_corners=False) resize of unfolded patches."""
+    batch = patches.shape[0]
+    x = patches.reshape(batch, grid[0], grid[1], *patches.shape[2:])  # [B, h, w, C, p, p]
+    x = x.permute(0, 3, 4, 5, 1, 2)  # [B, C, p, p, h, w]
+    lead = x.shape[:-2]
+    x = x.reshape(-1, 1, grid[0], grid[1])
+    x = F.interpolate(x, size=(target_grid[0], target_grid[1]), mode="bilinear", align_corners=False)
+    x = x.reshape(*lead, target_grid[0], target_grid[1])  # [B, C, p, p, H, W]
+    x = x.permute(0, 4, 5, 1, 2, 3)  # [B, H, W, C, p, p]
+    return x.reshape(batch, -1, *x.shape[-3:])  # [B, H*W, C, p, p]
+
+
+def _mean_map(patches: torch.Tensor, dim: int) -> torch.Tensor:
+    """``MeanMapper``: flatten each patch (C*p*p) and adaptive-average-pool it to ``dim`` values."""
+    return F.adaptive_avg_pool1d(patches.reshape(len(patches), 1, -1), dim).squeeze(1)
+
+
+def official_embeddings(
+    layer2: torch.Tensor, layer3: torch.Tensor, pretrain_dim: int = EMBED_DIM, target_dim: int = EMBED_DIM
+) -> torch.Tensor:
+    """Patch embeddings exactly as ``PatchCore._embed`` builds them from the two feature maps.
+
+    Mirrors ``PatchMaker.patchify`` (3x3 unfold, zero padding 1, stride 1) on both layers, the
+    bilinear (align_corners=False) resampling of layer3's unfolded patches onto layer2's patch grid,
+    ``Preprocessing`` (one ``MeanMapper`` = ``adaptive_avg_pool1d`` to ``pretrain_dim`` per layer),
+    the stack to ``[N, 2, pretrain_dim]`` and ``Aggregator`` (``adaptive_avg_pool1d`` to
+    ``target_dim``).
+
+    Args: ``layer2`` ``[B, 512, H, W]``, ``layer3`` ``[B, 1024, h, w]`` (float32).
+    Returns: float32 tensor ``[B * H * W, target_dim]`` in their order: image-major, then patch
+    positions row-major over layer2's H x W grid (index ``b * H * W + y * W + x``).
+    """
+    layer2 = layer2.to(torch.float32)
+    layer3 = layer3.to(torch.float32)
+    with torch.no_grad():
+        p2, grid2 = _patchify(layer2)
+        p3, grid3 = _patchify(layer3)
+        p3 = _resample_patches(p3, grid3, grid2)
+        per_layer = [p.reshape(-1, *p.shape[-3:]) for p in (p2, p3)]  # [B*H*W, C, p, p] each
+        stacked = torch.stack([_mean_map(p, pretrain_dim) for p in per_layer], dim=1)  # [N, 2, pretrain_dim]
+        pooled = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim)
+        return pooled.reshape(len(pooled), -1)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring (NearestNeighbourScorer/FaissNN, PatchMaker.score, RescaleSegmentor)
+# --------------------------------------------------------------------------------------------
+def official_patch_scores(embeddings, bank, backend: str = "faiss", chunk: int = 4096) -> np.ndarray:
+    """What ``NearestNeighbourScorer.predict(..)[0]`` returns for ``anomaly_scorer_num_nn=1``.
+
+    Their ``FaissNN`` uses ``faiss.IndexFlatL2``, which returns SQUARED L2 distances; with one
+    neighbour the "mean over neighbours" is that distance. No square root anywhere.
+
+    Args: ``embeddings`` ``[M, D]``, ``bank`` ``[K, D]`` (tensor or ndarray).
+    ``backend="faiss"`` (default): literally their CPU ``IndexFlatL2`` search on float32 (returns
+    float32; bit-identical to their scorer, including faiss's float32 ``|x|^2 + |y|^2 - 2 x.y``
+    rounding, which was up to ~7e-5 of the largest score, ~1.5e-4 relative on a small score, in
+    the verification). ``backend="torch"``: the exact squared distance to the nearest bank row in
+    float64 (returns float64). Their published runs used ``--faiss_on_gpu`` (GpuIndexFlatL2), whose
+    rounding differs again at that level. Returns ``[M]`` ndarray.
+    """
+    if backend == "faiss":
+        import faiss
+
+        q = np.ascontiguousarray(_as_numpy(embeddings), dtype=np.float32)
+        b = np.ascontiguousarray(_as_numpy(bank), dtype=np.float32)
+        index = faiss.IndexFlatL2(b.shape[-1])
+        index.add(b)
+        dist, _ = index.search(q, 1)
+        return np.mean(dist, axis=-1)
+    if backend != "torch":
+        raise ValueError(f"unknown backend {backend!r}")
+    q = torch.as_tensor(_as_numpy(embeddings), dtype=torch.float64)
+    b = torch.as_tensor(_as_numpy(bank), dtype=torch.float64)
+    b_sq = (b * b).sum(1)
+    out = []
+    for start in range(0, len(q), chunk):
+        qc = q[start : start + chunk]
+        d = (qc * qc).sum(1, keepdim=True) - 2.0 * qc @ b.T + b_sq[None]
+        out.append(d.min(dim=1).values.clamp_min(0.0))
+    return torch.cat(out).numpy()
+
+
+def official_image_scores_and_maps(patch_scores, grid, image_size) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores (``PatchMaker.unpatch_scores`` + ``PatchMaker.score``) and ``RescaleSegmentor`` maps.
+
+    Args: ``patch_scores`` ``[B, H*W]`` (or ``[B*H*W]``) in the patch order of
+    ``official_embeddings``; ``grid`` ``(H, W)``; ``image_size`` int or ``(S_h, S_w)``.
+    Image score: max over the image's patch scores (no normalisation). Map: patch grid
+    ``[B, H, W]`` -> bilinear, align_corners=False, to the image size -> per image
+    ``scipy.ndimage.gaussian_filter(sigma=4)`` (mode "reflect", truncate 4.0). The dtype given is
+    kept (theirs is float32, as faiss returns). Returns ``(scores [B], maps [B, S_h, S_w])`` ndarrays.
+    """
+    scores = torch.as_tensor(_as_numpy(patch_scores))
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    batch = scores.numel() // (grid[0] * grid[1])
+    scores = scores.reshape(batch, grid[0] * grid[1])
+    image_scores = scores.max(dim=-1).values.numpy()
+    with torch.no_grad():
+        up = F.interpolate(scores.reshape(batch, 1, grid[0], grid[1]), size=size, mode="bilinear", align_corners=False)
+    maps = np.stack([scipy.ndimage.gaussian_filter(m, sigma=SMOOTHING_SIGMA) for m in up[:, 0].numpy()])
+    return image_scores, maps
+
+
+def official_run_normalisation(scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``bin/run_patchcore.py`` after predict (one model): min-max over the test set.
+
+    Image scores use the min / max over all test images; maps use ONE global min / max over all
+    pixels of all test maps. Monotone, so AUROCs do not change.
+    """
+    scores = np.asarray(scores)
+    maps = np.asarray(maps)
+    return (scores - scores.min()) / (scores.max() - scores.min()), (maps - maps.min()) / (maps.max() - maps.min())
+
+
+# --------------------------------------------------------------------------------------------
+# Ground-truth masks (MVTecDataset.transform_mask + metrics' astype(int))
+# --------------------------------------------------------------------------------------------
+def official_mask(mask_pil: Image.Image, resize: int = 256, image_size: int = 224) -> np.ndarray:
+    """Labels their pixel metrics see for a ground-truth mask image.
+
+    Mirrors ``MVTecDataset.transform_mask`` = ``Resize(resize)`` (shorter side -> ``resize``,
+    longer side ``int(resize * long / short)``; torchvision's default BILINEAR, which on a PIL image
+    is ``PIL.Image.resize`` with its support-scaled (antialiasing) bilinear filter; PIL uses NEAREST
+    for modes "1" and "P" regardless), ``CenterCrop(image_size)`` (offset
+    ``int(round((size - crop) / 2))``), ``ToTensor`` (uint8 / 255 in float32; mode "1" gives 0/1;
+    "I", "I;16" and "F" are not divided), followed by ``.astype(int)`` in
+    ``metrics.compute_pixelwise_retrieval_metrics`` (truncation: only exactly 1.0 becomes 1).
+    Returns an int ndarray ``[image_size, image_size]`` (single-band masks only).
+    """
+    if len(mask_pil.getbands()) != 1:
+        raise ValueError(f"single-band mask expected, got mode {mask_pil.mode!r}")
+    w, h = mask_pil.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    img = mask_pil if (new_w, new_h) == (w, h) else mask_pil.resize((new_w, new_h), Image.BILINEAR)
+    if image_size > new_w or image_size > new_h:
+        raise ValueError("crop larger than the resized mask (torchvision would pad); not supported")
+    top = int(round((new_h - image_size) / 2.0))
+    left = int(round((new_w - image_size) / 2.0))
+    img = img.crop((left, top, left + image_size, top + image_size))
+    nptype = {"I": np.int32, "I;16": np.int16, "F": np.float32}.get(img.mode, np.uint8)
+    arr = np.array(img, nptype, copy=True)
+    if img.mode == "1":
+        arr = arr * 255
+    if arr.dtype == np.uint8:
+        arr = (torch.from_numpy(arr).to(torch.float32) / 255).numpy()
+    return arr.astype(int)
+
+
+# --------------------------------------------------------------------------------------------
+# Coreset (sampler.ApproximateGreedyCoresetSampler)
+# --------------------------------------------------------------------------------------------
+def official_projection_weight(
+    seed: int | None, in_dim: int = EMBED_DIM, out_dim: int = 128, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Weight ``[out_dim, in_dim]`` of their ``torch.nn.Linear(in_dim, out_dim, bias=False)`` mapper.
+
+    Default Linear init is ``kaiming_uniform_(a=sqrt(5))``: U(-b, b) with
+    ``b = sqrt(2 / (1 + a^2)) * sqrt(3 / in_dim)`` (= 1/32 for 1024), one ``uniform_`` call on a CPU
+    tensor. ``seed`` reproduces "``torch.manual_seed(seed)``, then build the Linear"; alternatively
+    pass the ``generator`` whose state the global generator would have.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    a = math.sqrt(5)
+    bound = math.sqrt(2.0 / (1 + a**2)) * math.sqrt(3.0 / in_dim)
+    weight = torch.empty(out_dim, in_dim, dtype=torch.float32)
+    with torch.no_grad():
+        weight.uniform_(-bound, bound, generator=generator)
+    return weight
+
+
+def _pairwise_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``GreedyCoresetSampler._compute_batchwise_differences``: Euclidean (sqrt of clamped expansion)."""
+    aa = a.unsqueeze(1).bmm(a.unsqueeze(2)).reshape(-1, 1)
+    bb = b.unsqueeze(1).bmm(b.unsqueeze(2)).reshape(1, -1)
+    ab = a.mm(b.T)
+    return (-2 * ab + aa + bb).clamp(0, None).sqrt()
+
+
+def official_approx_greedy_coreset(
+    features,
+    percentage: float,
+    seed: int | None = 0,
+    *,
+    projection: torch.Tensor | None = None,
+    start_points=None,
+    number_of_starting_points: int = 10,
+    dimension_to_project_features_to: int = 128,
+) -> np.ndarray:
+    """Indices chosen by ``ApproximateGreedyCoresetSampler(percentage, device).run(features)``.
+
+    Args:
+        features: ``[N, D]`` float32 (their memory bank before subsampling, ndarray or tensor).
+        percentage: in (0, 1) (``BaseSampler`` raises otherwise); ``int(N * percentage)`` picks.
+        seed: stands for ``patchcore.utils.fix_seeds(seed)`` immediately before ``run`` with
+            nothing else drawing random numbers: projection = ``official_projection_weight(seed)``
+            and starting points = ``np.random.RandomState(seed).choice(N, 10, replace=False)``
+            (same stream as ``np.random.seed(seed); np.random.choice(..)``).
+        projection: optional explicit ``[128, D]`` mapper weight (overrides the seed for it).
+        start_points: optional explicit starting indices (override the seed for them).
+    Returns: int64 ndarray of selected row indices into ``features``, in selection order (their
+    ``run`` returns ``features[indices]``). Runs on CPU in float32 like theirs with device cpu.
+    """
+    if not 0 < percentage < 1:
+        raise ValueError("Percentage value not in (0, 1).")
+    feats = torch.as_tensor(_as_numpy(features))
+    n = len(feats)
+    with torch.no_grad():
+        if feats.shape[1] == dimension_to_project_features_to:
+            reduced = feats
+        else:
+            if projection is None:
+                projection = official_projection_weight(seed, feats.shape[1], dimension_to_project_features_to)
+            reduced = F.linear(feats, projection.to(feats.dtype))
+        if start_points is None:
+            k = int(np.clip(number_of_starting_points, None, n))
+            start_points = np.random.RandomState(seed).choice(n, k, replace=False)
+        start_points = [int(i) for i in start_points]
+        score = _pairwise_dist(reduced, reduced[start_points]).mean(dim=-1).reshape(-1, 1)
+        picked = []
+        for _ in range(int(n * percentage)):
+            idx = int(torch.argmax(score).item())
+            picked.append(idx)
+            score = torch.minimum(score, _pairwise_dist(reduced, reduced[idx : idx + 1]))
+    return np.array(picked, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Closed forms and their numeric check
+# --------------------------------------------------------------------------------------------
+def _as_numpy(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _neighbour_sum(x: torch.Tensor, offsets) -> torch.Tensor:
+    """Sum over ``(dy, dx)`` of ``x[..., y + dy, x + dx]`` with zeros outside the map."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return sum(padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in offsets)
+
+
+def _bilinear_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """Row t: weights of ``F.interpolate(bilinear, align_corners=False)`` from n_in to n_out."""
+    mat = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for t in range(n_out):
+        s = max((t + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = int(math.floor(s))
+        i1 = min(i0 + 1, n_in - 1)
+        lam = s - i0
+        mat[t, i0] += 1.0 - lam
+        mat[t, i1] += lam
+    return mat
+
+
+ALL_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+UPPER_5 = ALL_3X3[:5]  # flat kernel cells 0..4: top row, middle-left, centre
+LOWER_5 = ALL_3X3[4:]  # flat kernel cells 4..8: centre, middle-right, bottom row
+
+
+def closed_form_embeddings(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
+    """The closed form of ``official_embeddings`` (512-channel layer2, 1024-channel layer3), float64.
+
+    ``out[:, j] = (3x3 zero-padded sum of layer2[j] + layer2[j]) / 10`` for j < 512 and
+    ``out[:, 512 + k] = Up(box3((layer3[2k] + layer3[2k+1]) / 2))`` (bilinear, align_corners=False).
+    Same ``[B * H * W, 1024]`` order as ``official_embeddings``.
+    """
+    l2 = layer2.to(torch.float64)
+    l3 = layer3.to(torch.float64)
+    e2 = (_neighbour_sum(l2, ALL_3X3) + l2) / 10.0
+    pair = (l3[:, 0::2] + l3[:, 1::2]) / 2.0
+    box = _neighbour_sum(pair, ALL_3X3) / 9.0
+    ay = _bilinear_matrix(l2.shape[-2], l3.shape[-2])
+    ax = _bilinear_matrix(l2.shape[-1], l3.shape[-1])
+    e3 = torch.einsum("yi,bcij,xj->bcyx", ay, box, ax)
+    out = torch.cat([e2, e3], dim=1)  # [B, 1024, H, W]
+    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+
+
+def _pool_weight_rows(length: int, out: int, rows: slice) -> torch.Tensor:
+    """Rows of the exact linear map of ``adaptive_avg_pool1d(length -> out)`` (input basis vectors)."""
+    eye = torch.zeros(rows.stop - rows.start, 1, length, dtype=torch.float64)
+    eye[torch.arange(rows.stop - rows.start), 0, torch.arange(rows.start, rows.stop)] = 1.0
+    return F.adaptive_avg_pool1d(eye, out)[:, 0]  # [rows, out]
+
+
+def closed_form_check(seed: int = 0, verbose: bool = True) -> dict:
+    """Numerically verify every closed form stated in this module's docstring (a few seconds).
+
+    1. The exact weight matrices of ``adaptive_avg_pool1d`` for 4608->1024, 9216->1024 and
+       2048->1024 (built column block by column block from basis vectors) equal the stated bins.
+    2. ``closed_form_embeddings`` equals ``official_embeddings`` on random 28x28 / 14x14 maps
+       (and on odd-sized maps, 10x7 / 5x4, to exercise the general interpolation formula).
+    3. Derived facts: the two layer2 MeanMapper bins per channel share the centre cell; the
+       Aggregator never mixes layer2 and layer3 (perturbing layer3 leaves dims 0..511 unchanged).
+    Raises AssertionError on failure; returns the measured errors.
+    """
+    results = {}
+    # 1. pooling bins
+    for length, (label, expect) in {
+        4608: ("layer2 MeanMapper", lambda i: range(math.floor(i * 4.5), math.ceil((i + 1) * 4.5))),
+        9216: ("layer3 MeanMapper", lambda i: range(9 * i, 9 * i + 9)),
+        2048: ("Aggregator", lambda i: range(2 * i, 2 * i + 2)),
+    }.items():
+        ref = torch.zeros(length, 1024, dtype=torch.float64)
+        for i in range(1024):
+            idx = list(expect(i))
+            ref[idx, i] = 1.0 / len(idx)
+        err = 0.0
+        for start in range(0, length, 1024):
+            rows = slice(start, min(start + 1024, length))
+            err = max(err, (_pool_weight_rows(length, 1024, rows) - ref[rows]).abs().max().item())
+        results[f"bins {label} ({length}->1024) max abs err"] = err
+        assert err < 1e-12, (label, err)
+    # bins of layer2 MeanMapper, spelled out for channel m = 3: dims 6 and 7
+    assert list(range(math.floor(6 * 4.5), math.ceil(7 * 4.5))) == [27, 28, 29, 30, 31]  # 9*3 + cells 0..4
+    assert list(range(math.floor(7 * 4.5), math.ceil(8 * 4.5))) == [31, 32, 33, 34, 35]  # 9*3 + cells 4..8
+    # 2. closed form vs literal pipeline
+    gen = torch.Generator().manual_seed(seed)
+    for (h2, w2), (h3, w3) in (((28, 28), (14, 14)), ((10, 7), (5, 4))):
+        l2 = torch.randn(2, 512, h2, w2, generator=gen)
+        l3 = torch.randn(2, 1024, h3, w3, generator=gen)
+        lit = official_embeddings(l2, l3).to(torch.float64)
+        cf = closed_form_embeddings(l2, l3)
+        rel = ((lit - cf).abs().max() / cf.abs().max()).item()
+        results[f"closed form vs literal, grid {h2}x{w2} <- {h3}x{w3}: max rel err"] = rel
+        assert lit.shape == cf.shape == (2 * h2 * w2, 1024)
+        assert rel < 1e-5, rel
+        # per-layer MeanMapper halves (before the Aggregator), layer2 only
+        p2, _ = _patchify(l2.to(torch.float64))
+        pre2 = _mean_map(p2.reshape(-1, *p2.shape[-3:]), 1024)
+        up5 = (_neighbour_sum(l2.to(torch.float64), UPPER_5) / 5).permute(0, 2, 3, 1).reshape(-1, 512)
+        lo5 = (_neighbour_sum(l2.to(torch.float64), LOWER_5) / 5).permute(0, 2, 3, 1).reshape(-1, 512)
+        half_err = max((pre2[:, 0::2] - up5).abs().max().item(), (pre2[:, 1::2] - lo5).abs().max().item())
+        results[f"layer2 upper/lower 5-cell halves, grid {h2}x{w2}: max abs err"] = half_err
+        assert half_err < 1e-10, half_err
+    # 3. separation of layers in the Aggregator
+    l2 = torch.randn(1, 512, 28, 28, generator=gen)
+    l3 = torch.randn(1, 1024, 14, 14, generator=gen)
+    a = official_embeddings(l2, l3)
+    b = official_embeddings(l2, l3 + torch.randn(l3.shape, generator=gen))
+    c = official_embeddings(l2 + torch.randn(l2.shape, generator=gen), l3)
+    assert torch.equal(a[:, :512], b[:, :512]) and not torch.equal(a[:, 512:], b[:, 512:])
+    assert torch.equal(a[:, 512:], c[:, 512:]) and not torch.equal(a[:, :512], c[:, :512])
+    results["aggregator keeps layers separate (dims 0..511 layer2, 512..1023 layer3)"] = True
+    if verbose:
+        for key, value in results.items():
+            print(f"{key}: {value}")
+    return results
+
+
+if __name__ == "__main__":
+    closed_form_check()

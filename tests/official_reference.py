@@ -6,7 +6,7 @@ amazon-science/patchcore-inspection (commit fcaa92f, ``src/patchcore``) for the 
 (stride 1), pretrain_embed_dimension 1024, target_embed_dimension 1024, anomaly_scorer_num_nn 1,
 ``approx_greedy_coreset -p 0.1``, resize 256, imagesize 224. Nothing here is imported from that
 repository or from the rest of this project; it is a test oracle, verified numerically against
-their code (see ``closed_form_check`` and the report that accompanied this file).
+their code, outside this repository: identical embeddings, scores, maps, masks and sampler indices on random weights.
 
 Pipeline, with the class / step of theirs each part mirrors
 --------------------------------------------------------------
@@ -52,7 +52,7 @@ Pipeline, with the class / step of theirs each part mirrors
    ``sklearn.metrics.roc_auc_score`` over all pixels of all test images flattened together.
 10. ``sampler.ApproximateGreedyCoresetSampler`` (``official_approx_greedy_coreset``).
 
-Closed forms of steps 1-4 (verified by ``closed_form_check``)
+Closed forms of steps 1-4 (what ``PatchCore._official_patches`` computes; tests/test_official.py checks it)
 -------------------------------------------------------------
 ``adaptive_avg_pool1d`` from length L to n uses bin i = ``[floor(i L / n), ceil((i + 1) L / n))``.
 
@@ -117,12 +117,9 @@ __all__ = [
     "official_embeddings",
     "official_patch_scores",
     "official_image_scores_and_maps",
-    "official_run_normalisation",
     "official_mask",
     "official_projection_weight",
     "official_approx_greedy_coreset",
-    "closed_form_embeddings",
-    "closed_form_check",
 ]
 
 
@@ -279,17 +276,6 @@ def official_image_scores_and_maps(patch_scores, grid, image_size) -> tuple[np.n
     return image_scores, maps
 
 
-def official_run_normalisation(scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``bin/run_patchcore.py`` after predict (one model): min-max over the test set.
-
-    Image scores use the min / max over all test images; maps use ONE global min / max over all
-    pixels of all test maps. Monotone, so AUROCs do not change.
-    """
-    scores = np.asarray(scores)
-    maps = np.asarray(maps)
-    return (scores - scores.min()) / (scores.max() - scores.min()), (maps - maps.min()) / (maps.max() - maps.min())
-
-
 # --------------------------------------------------------------------------------------------
 # Ground-truth masks (MVTecDataset.transform_mask + metrics' astype(int))
 # --------------------------------------------------------------------------------------------
@@ -405,130 +391,7 @@ def official_approx_greedy_coreset(
     return np.array(picked, dtype=np.int64)
 
 
-# --------------------------------------------------------------------------------------------
-# Closed forms and their numeric check
-# --------------------------------------------------------------------------------------------
 def _as_numpy(x):
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _neighbour_sum(x: torch.Tensor, offsets) -> torch.Tensor:
-    """Sum over ``(dy, dx)`` of ``x[..., y + dy, x + dx]`` with zeros outside the map."""
-    h, w = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1))
-    return sum(padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in offsets)
-
-
-def _bilinear_matrix(n_out: int, n_in: int) -> torch.Tensor:
-    """Row t: weights of ``F.interpolate(bilinear, align_corners=False)`` from n_in to n_out."""
-    mat = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for t in range(n_out):
-        s = max((t + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = int(math.floor(s))
-        i1 = min(i0 + 1, n_in - 1)
-        lam = s - i0
-        mat[t, i0] += 1.0 - lam
-        mat[t, i1] += lam
-    return mat
-
-
-ALL_3X3 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-UPPER_5 = ALL_3X3[:5]  # flat kernel cells 0..4: top row, middle-left, centre
-LOWER_5 = ALL_3X3[4:]  # flat kernel cells 4..8: centre, middle-right, bottom row
-
-
-def closed_form_embeddings(layer2: torch.Tensor, layer3: torch.Tensor) -> torch.Tensor:
-    """The closed form of ``official_embeddings`` (512-channel layer2, 1024-channel layer3), float64.
-
-    ``out[:, j] = (3x3 zero-padded sum of layer2[j] + layer2[j]) / 10`` for j < 512 and
-    ``out[:, 512 + k] = Up(box3((layer3[2k] + layer3[2k+1]) / 2))`` (bilinear, align_corners=False).
-    Same ``[B * H * W, 1024]`` order as ``official_embeddings``.
-    """
-    l2 = layer2.to(torch.float64)
-    l3 = layer3.to(torch.float64)
-    e2 = (_neighbour_sum(l2, ALL_3X3) + l2) / 10.0
-    pair = (l3[:, 0::2] + l3[:, 1::2]) / 2.0
-    box = _neighbour_sum(pair, ALL_3X3) / 9.0
-    ay = _bilinear_matrix(l2.shape[-2], l3.shape[-2])
-    ax = _bilinear_matrix(l2.shape[-1], l3.shape[-1])
-    e3 = torch.einsum("yi,bcij,xj->bcyx", ay, box, ax)
-    out = torch.cat([e2, e3], dim=1)  # [B, 1024, H, W]
-    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
-
-
-def _pool_weight_rows(length: int, out: int, rows: slice) -> torch.Tensor:
-    """Rows of the exact linear map of ``adaptive_avg_pool1d(length -> out)`` (input basis vectors)."""
-    eye = torch.zeros(rows.stop - rows.start, 1, length, dtype=torch.float64)
-    eye[torch.arange(rows.stop - rows.start), 0, torch.arange(rows.start, rows.stop)] = 1.0
-    return F.adaptive_avg_pool1d(eye, out)[:, 0]  # [rows, out]
-
-
-def closed_form_check(seed: int = 0, verbose: bool = True) -> dict:
-    """Numerically verify every closed form stated in this module's docstring (a few seconds).
-
-    1. The exact weight matrices of ``adaptive_avg_pool1d`` for 4608->1024, 9216->1024 and
-       2048->1024 (built column block by column block from basis vectors) equal the stated bins.
-    2. ``closed_form_embeddings`` equals ``official_embeddings`` on random 28x28 / 14x14 maps
-       (and on odd-sized maps, 10x7 / 5x4, to exercise the general interpolation formula).
-    3. Derived facts: the two layer2 MeanMapper bins per channel share the centre cell; the
-       Aggregator never mixes layer2 and layer3 (perturbing layer3 leaves dims 0..511 unchanged).
-    Raises AssertionError on failure; returns the measured errors.
-    """
-    results = {}
-    # 1. pooling bins
-    for length, (label, expect) in {
-        4608: ("layer2 MeanMapper", lambda i: range(math.floor(i * 4.5), math.ceil((i + 1) * 4.5))),
-        9216: ("layer3 MeanMapper", lambda i: range(9 * i, 9 * i + 9)),
-        2048: ("Aggregator", lambda i: range(2 * i, 2 * i + 2)),
-    }.items():
-        ref = torch.zeros(length, 1024, dtype=torch.float64)
-        for i in range(1024):
-            idx = list(expect(i))
-            ref[idx, i] = 1.0 / len(idx)
-        err = 0.0
-        for start in range(0, length, 1024):
-            rows = slice(start, min(start + 1024, length))
-            err = max(err, (_pool_weight_rows(length, 1024, rows) - ref[rows]).abs().max().item())
-        results[f"bins {label} ({length}->1024) max abs err"] = err
-        assert err < 1e-12, (label, err)
-    # bins of layer2 MeanMapper, spelled out for channel m = 3: dims 6 and 7
-    assert list(range(math.floor(6 * 4.5), math.ceil(7 * 4.5))) == [27, 28, 29, 30, 31]  # 9*3 + cells 0..4
-    assert list(range(math.floor(7 * 4.5), math.ceil(8 * 4.5))) == [31, 32, 33, 34, 35]  # 9*3 + cells 4..8
-    # 2. closed form vs literal pipeline
-    gen = torch.Generator().manual_seed(seed)
-    for (h2, w2), (h3, w3) in (((28, 28), (14, 14)), ((10, 7), (5, 4))):
-        l2 = torch.randn(2, 512, h2, w2, generator=gen)
-        l3 = torch.randn(2, 1024, h3, w3, generator=gen)
-        lit = official_embeddings(l2, l3).to(torch.float64)
-        cf = closed_form_embeddings(l2, l3)
-        rel = ((lit - cf).abs().max() / cf.abs().max()).item()
-        results[f"closed form vs literal, grid {h2}x{w2} <- {h3}x{w3}: max rel err"] = rel
-        assert lit.shape == cf.shape == (2 * h2 * w2, 1024)
-        assert rel < 1e-5, rel
-        # per-layer MeanMapper halves (before the Aggregator), layer2 only
-        p2, _ = _patchify(l2.to(torch.float64))
-        pre2 = _mean_map(p2.reshape(-1, *p2.shape[-3:]), 1024)
-        up5 = (_neighbour_sum(l2.to(torch.float64), UPPER_5) / 5).permute(0, 2, 3, 1).reshape(-1, 512)
-        lo5 = (_neighbour_sum(l2.to(torch.float64), LOWER_5) / 5).permute(0, 2, 3, 1).reshape(-1, 512)
-        half_err = max((pre2[:, 0::2] - up5).abs().max().item(), (pre2[:, 1::2] - lo5).abs().max().item())
-        results[f"layer2 upper/lower 5-cell halves, grid {h2}x{w2}: max abs err"] = half_err
-        assert half_err < 1e-10, half_err
-    # 3. separation of layers in the Aggregator
-    l2 = torch.randn(1, 512, 28, 28, generator=gen)
-    l3 = torch.randn(1, 1024, 14, 14, generator=gen)
-    a = official_embeddings(l2, l3)
-    b = official_embeddings(l2, l3 + torch.randn(l3.shape, generator=gen))
-    c = official_embeddings(l2 + torch.randn(l2.shape, generator=gen), l3)
-    assert torch.equal(a[:, :512], b[:, :512]) and not torch.equal(a[:, 512:], b[:, 512:])
-    assert torch.equal(a[:, 512:], c[:, 512:]) and not torch.equal(a[:, :512], c[:, :512])
-    results["aggregator keeps layers separate (dims 0..511 layer2, 512..1023 layer3)"] = True
-    if verbose:
-        for key, value in results.items():
-            print(f"{key}: {value}")
-    return results
-
-
-if __name__ == "__main__":
-    closed_form_check()

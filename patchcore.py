@@ -234,12 +234,14 @@ def squared_distances(points: torch.Tensor, center: torch.Tensor) -> torch.Tenso
     return ((points - center) ** 2).sum(1)
 
 
-def squared_distances_chunked(points: torch.Tensor, center: torch.Tensor, rows: int = 65536) -> np.ndarray:
-    """squared_distances over all rows, a block of rows at a time, so that no N x D temporary
-    exists; each row's arithmetic is the same, so is every value."""
-    out = np.empty(len(points), np.float32)
-    for lo in range(0, len(points), rows):
-        out[lo : lo + rows] = squared_distances(points[lo : lo + rows], center).numpy()
+def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: np.ndarray | None = None, block: int = 65536) -> np.ndarray:
+    """squared_distances of all points, or of the points at `rows`, `block` rows at a time, so
+    that no N x D temporary exists; each row's arithmetic is the same, so is every value."""
+    n = len(points) if rows is None else len(rows)
+    out = np.empty(n, np.float32)
+    for lo in range(0, n, block):
+        part = points[lo : lo + block] if rows is None else points[torch.from_numpy(rows[lo : lo + block])]
+        out[lo : lo + block] = squared_distances(part, center).numpy()
     return out
 
 
@@ -308,7 +310,7 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
     radius = np.zeros(n_select, np.float32)  # r_j, exact for every group
     pivot_dist = np.zeros((n_pivots, n_select), np.float32)  # d(pivot k, center j)
     selected[0], centers[0] = start, x[start]
-    min_dist = squared_distances_chunked(points, points[start])
+    min_dist = squared_distances_blocked(points, points[start])
     group = np.zeros(n, np.int32)
     radius[0] = np.sqrt(min_dist.max())
     slack = 1e-4 * float(radius[0]) + 1e-12
@@ -329,9 +331,9 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
         in_near[near] = True
         touched = np.flatnonzero(in_near[group])
         if len(touched) > n // 4:  # little to prune (early on, or data without cluster structure): one dense pass
-            dist = squared_distances_chunked(points, points[farthest])[touched]
+            dist = squared_distances_blocked(points, points[farthest])[touched]
         else:
-            dist = squared_distances(points[torch.from_numpy(touched)], points[farthest]).numpy()
+            dist = squared_distances_blocked(points, points[farthest], touched)
         closer = dist < min_dist[touched]
         min_dist[touched[closer]] = dist[closer]
         group[touched[closer]] = i

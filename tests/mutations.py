@@ -23,8 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # fast, value-level test files first, so that a caught mutation stops early
-TEST_ORDER = ["test_patchcore.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py", "test_report.py",
-              "test_cli.py", "test_notebook.py", "test_benchmark.py"]  # fmt: skip
+TEST_ORDER = ["test_patchcore.py", "test_official.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py",
+              "test_report.py", "test_cli.py", "test_notebook.py", "test_benchmark.py"]  # fmt: skip
 
 # (name, file, original text, mutated text); the original must occur exactly once in the file
 MUTATIONS = [
@@ -50,8 +50,8 @@ MUTATIONS = [
      'f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)',
      'f = F.interpolate(f, size=grid, mode="nearest")'),
     ("squared_distances", "patchcore.py",
-     "distances = torch.from_numpy(np.sqrt(np.maximum(squared, 0)))",
-     "distances = torch.from_numpy(np.maximum(squared, 0))"),
+     "np.maximum(distances, 0) if squared else np.sqrt(np.maximum(distances, 0))",
+     "np.maximum(distances, 0)"),
     ("pruning_bound_too_tight", "patchcore.py",
      "maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)",
      "maybe = np.flatnonzero(lower < radius[:i] + slack)"),
@@ -77,11 +77,26 @@ MUTATIONS = [
      "return float(area / fpr_limit), None",
      "return float(area), None"),
     ("masks_binarised_at_1", "dataset.py",
-     "return mask.point(lambda v: 255 if v >= 128 else 0)",
-     "return mask.point(lambda v: 255 if v >= 1 else 0)"),
+     "np.asarray(self._nearest(mask)) >= 128",
+     "np.asarray(self._nearest(mask)) >= 1"),
     ("normalise_with_std_as_mean", "dataset.py",
      "transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)",
      "transforms.Normalize(IMAGENET_STD, IMAGENET_STD)"),
+    ("official_distances_not_squared", "patchcore.py",
+     "k=1, squared=official)",
+     "k=1, squared=False)"),
+    ("official_blur_mirror", "patchcore.py",
+     'mode="reflect" if official else "mirror"',
+     'mode="mirror"'),
+    ("official_no_batchnorm_update", "patchcore.py",
+     "            self._official_batchnorm_update()\n",
+     "            pass\n"),
+    ("official_centre_counted_once", "patchcore.py",
+     "(F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) + layer2) / 10",
+     "F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) / 9"),
+    ("official_masks_at_half_range", "dataset.py",
+     "return (self._official_mask(mask)[:1] >= 1).float()",
+     "return (self._official_mask(mask)[:1] >= 0.5).float()"),
     ("images_mode_keeps_each_map", "evaluate.py",
      "                records.append(record)\n",
      "                records.append(record)\n                globals().setdefault('kept', []).append(anomaly_map.copy())\n"),

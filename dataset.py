@@ -1,18 +1,24 @@
-"""MVTec AD: the folder layout, image loading and preprocessing, and a synthetic category.
+"""The data: layouts on disk, image and mask loading, preprocessing, and synthetic categories.
 
-Layout (any category folder in it works, not only MVTec's 15):
-    <root>/<category>/train/good/*.png
-    <root>/<category>/test/<good|defect_type>/*.png
-    <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
+Layouts, recognised from what is under --data_path:
+  folder  MVTec AD's layout, also the one for your own parts; ground truth is optional:
+              <root>/<category>/train/good/*.png
+              <root>/<category>/test/<good|defect_type>/*.png
+              <root>/<category>/ground_truth/<defect_type>/<name>_mask.png   (defective at half range)
+  visa    VisA: <root>/split_csv/1cls.csv with columns object,split,label,image,mask (labels
+          normal/anomaly, paths relative to root); masks mark defects with any non-zero value.
 
-    python dataset.py --synthetic DIR [--category NAME]   writes a synthetic category
+    python dataset.py --synthetic DIR [--layout mvtec|folder|visa]   writes a synthetic category
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import glob
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +27,6 @@ from PIL import Image, ImageDraw, ImageFilter
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-CATEGORIES = (
-    "bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper",
-    "carpet", "grid", "leather", "tile", "wood",
-)  # fmt: skip
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,8 +38,9 @@ class DataError(Exception):
 
 class Preprocess:
     """The paper's preprocessing: shorter side to `resize`, center crop `image_size`, ImageNet mean/std.
+    With crop 'none', the whole image is resized to image_size x image_size instead (aspect not kept).
 
-    Ground-truth masks are brought onto the same crop, as each protocol defines them:
+    Ground-truth masks are brought onto the same grid, as each protocol defines them:
     - paper: defective where the mask is at half its value range or more; resized with
       nearest-neighbour, so defects keep their edges and thin defects survive;
     - official: the released code's chain, applied to the mask as PIL opens it: the image's own
@@ -46,25 +49,24 @@ class Preprocess:
       astype(int)), so defect edges, and defects thinner than a few pixels, count as normal.
     """
 
-    def __init__(self, resize: int = 256, image_size: int = 224, protocol: str = "paper") -> None:
-        self.resize, self.image_size, self.protocol = resize, image_size, protocol
-        self._image = transforms.Compose([
-            transforms.Resize(resize, interpolation=InterpolationMode.BILINEAR),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])  # fmt: skip
-        self._nearest = transforms.Compose([
-            transforms.Resize(resize, interpolation=InterpolationMode.NEAREST),
-            transforms.CenterCrop(image_size),
-        ])  # fmt: skip
-        self._official_mask = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), transforms.ToTensor()])
+    def __init__(self, resize: int = 256, image_size: int = 224, protocol: str = "paper", crop: str = "center") -> None:
+        self.resize, self.image_size, self.protocol, self.crop = resize, image_size, protocol, crop
+
+        def geometry(interpolation: InterpolationMode) -> list:
+            if crop == "center":
+                return [transforms.Resize(resize, interpolation), transforms.CenterCrop(image_size)]
+            return [transforms.Resize((image_size, image_size), interpolation)]
+
+        bilinear = geometry(InterpolationMode.BILINEAR)  # torchvision's default, antialiased on PIL images
+        self._image = transforms.Compose([*bilinear, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        self._nearest = transforms.Compose(geometry(InterpolationMode.NEAREST))
+        self._official_mask = transforms.Compose([*bilinear, transforms.ToTensor()])
 
     def image(self, image: Image.Image) -> torch.Tensor:
         return self._image(image)
 
     def mask(self, mask: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
-        """[1, S, S] float 0/1 on the model's crop, from a mask as opened (`image_size`: its image's (w, h))."""
+        """[1, S, S] float 0/1 on the model's input grid, from a mask as opened (`image_size`: its image's (w, h))."""
         if self.protocol == "official":
             return (self._official_mask(mask)[:1] >= 1).float()
         mask = _to_8bit(mask).convert("L")
@@ -94,20 +96,64 @@ def load_rgb(path: Path) -> Image.Image:
     return _to_8bit(open_image(path)).convert("RGB")
 
 
+# ---------------------------------------------------------------------- layouts
+VISA_CSV = Path("split_csv") / "1cls.csv"
+LAYOUT_HELP = (
+    "expected MVTec AD or a folder of your own parts (<category>/train/good/, <category>/test/<good|defect>/, "
+    "optional <category>/ground_truth/<defect>/<name>_mask.png), or VisA (split_csv/1cls.csv)"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    defect: str  # "good" or the defect type
+    mask: Path | None  # None: no ground truth for this image
+
+
+def find_layout(root: Path) -> str:
+    """'visa' when root holds VisA's split_csv/1cls.csv, else 'folder' (MVTec AD's layout, masks optional)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data_path {root} does not exist or is not a folder: point it at the data set's folder")
+    if (root / VISA_CSV).is_file():
+        return "visa"
+    if any(p.is_dir() and (p / "train").is_dir() for p in root.iterdir()):
+        return "folder"
+    raise DataError(f"--data_path {root} matches no known layout: {LAYOUT_HELP}")
+
+
+def _visa_rows(root: Path) -> list[dict]:
+    """VisA's split_csv/1cls.csv: object, split, label (normal/anomaly), image, mask; paths relative to root."""
+    path = root / VISA_CSV
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    needed = {"object", "split", "label", "image", "mask"}
+    if not rows or not needed <= set(rows[0]):
+        raise DataError(f"{path} must have the columns {','.join(sorted(needed))} and at least one row")
+    for line, row in enumerate(rows, start=2):
+        if row["label"] not in ("normal", "anomaly") or row["split"] not in ("train", "test"):
+            raise DataError(
+                f"{path} line {line}: label {row['label']!r}, split {row['split']!r}; expected label normal or anomaly, split train or test"
+            )
+        for column in ("image", "mask") if row["label"] == "anomaly" else ("image",):
+            if not row[column] or not (root / row[column]).is_file():
+                raise DataError(f"{path} line {line}: the {column} file {root / row[column]} does not exist")
+    return rows
+
+
 def list_categories(root: Path) -> list[str]:
-    """Category folders under root: those with a train/ or test/ folder."""
-    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and ((p / "train").is_dir() or (p / "test").is_dir()))
+    """The categories found under root, in the layout it has."""
+    root = Path(root)
+    if find_layout(root) == "visa":
+        return sorted({row["object"] for row in _visa_rows(root)})
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "train").is_dir())
 
 
 def resolve_categories(root: Path, spec: str) -> list[str]:
     """'all', one name or a comma list -> category names, each checked to exist under root."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"--data_path {root} does not exist or is not a folder: point it at the MVTec AD folder")
     found = list_categories(root)
     if spec == "all":
-        if not found:
-            raise DataError(f"--data_path {root} holds no category folders (each needs train/ and test/)")
         return found
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
     missing = [name for name in wanted if name not in found]
@@ -126,6 +172,43 @@ def _image_files(folder: Path, skipped: list[Path]) -> list[Path]:
     return files
 
 
+def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
+    """MVTec AD's layout, which is also the layout for one's own parts. Masks are paired by file
+    name, never by list position; a defect type without a ground_truth/<defect>/ folder has none."""
+    folder = root / category / split
+    if not folder.is_dir():
+        raise DataError(f"{folder} is missing: {LAYOUT_HELP}")
+    samples, skipped = [], []
+    defect_types = ["good"] if split == "train" else sorted(p.name for p in folder.iterdir() if p.is_dir())
+    for defect in defect_types:
+        if not (folder / defect).is_dir():
+            continue
+        masks = root / category / "ground_truth" / defect
+        for path in _image_files(folder / defect, skipped):
+            mask = None
+            if defect != "good" and masks.is_dir():
+                mask = masks / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise DataError(f"defect image {path} has no mask: expected {mask} (or no {masks} folder at all)")
+            samples.append(Sample(path, defect, mask))
+    if skipped:
+        print(f"note: skipped {len(skipped)} non-image file(s) under {folder}", file=sys.stderr)
+    if not samples:
+        where = folder / "good" if split == "train" else folder
+        raise DataError(f"no images in {where}: expected {'/'.join(IMAGE_EXTENSIONS)} files there")
+    return samples
+
+
+def _visa_samples(root: Path, category: str, split: str) -> list[Sample]:
+    """VisA: one defect type, 'anomaly'; its masks mark defects with any non-zero value (often 1)."""
+    rows = [r for r in _visa_rows(root) if r["object"] == category and r["split"] == split]
+    if not rows:
+        raise DataError(f"{root / VISA_CSV} lists no {split} images of {category!r}")
+    return [
+        Sample(root / r["image"], "good" if r["label"] == "normal" else "anomaly", root / r["mask"] if r["mask"] else None) for r in rows
+    ]
+
+
 def _check_readable(path: Path) -> None:
     """A cheap full read of the file's structure, so a broken image stops the run before any heavy work."""
     try:
@@ -135,55 +218,82 @@ def _check_readable(path: Path) -> None:
         raise DataError(f"cannot read image {path} ({err}): replace or remove the file") from err
 
 
-class MVTecDataset(torch.utils.data.Dataset):
-    """Items: (image [3,S,S], label 0/1, mask [1,S,S], path relative to root, defect type)."""
+class CategoryDataset(torch.utils.data.Dataset):
+    """One category's train or test split, in the layout found under root.
+
+    Items: (image [3,S,S], label 0/1, mask [1,S,S] (zeros where there is no ground truth), path
+    relative to root, defect type). Images are decoded and brought to the model's input one at a
+    time, in the DataLoader's workers; no full-size image is kept.
+    """
 
     def __init__(self, root: str | Path, category: str, split: str, transform: Preprocess | None = None) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.root_path = Path(root)
-        self.category = category
-        self.split = split
+        self.root_path, self.category, self.split = Path(root), category, split
         self.transform = transform or Preprocess()
-        folder = self.root_path / category / split
-        if not folder.is_dir():
-            raise DataError(f"{folder} is missing: a category needs train/good, test/ and ground_truth/ folders")
+        self.layout = find_layout(self.root_path)
+        read = _visa_samples if self.layout == "visa" else _folder_samples
+        self.samples = read(self.root_path, category, split)
+        for sample in self.samples:
+            _check_readable(sample.image)
+            if sample.mask is not None:
+                _check_readable(sample.mask)
 
-        self.samples: list[tuple[Path, str, Path | None]] = []  # (image, defect type, mask or None)
-        skipped: list[Path] = []
-        defect_types = ["good"] if split == "train" else sorted(p.name for p in folder.iterdir() if p.is_dir())
-        for defect in defect_types:
-            if not (folder / defect).is_dir():
-                continue
-            for path in _image_files(folder / defect, skipped):
-                mask = None
-                if defect != "good":  # masks are paired by file name, never by list position
-                    mask = self.root_path / category / "ground_truth" / defect / f"{path.stem}_mask.png"
-                    if not mask.is_file():
-                        raise DataError(f"defect image {path} has no mask: expected {mask}")
-                self.samples.append((path, defect, mask))
-        if skipped:
-            print(f"note: skipped {len(skipped)} non-image file(s) under {folder}", file=sys.stderr)
-        if not self.samples:
-            where = folder / "good" if split == "train" else folder
-            raise DataError(f"no images in {where}: expected {'/'.join(IMAGE_EXTENSIONS)} files there")
-        for path, _, mask in self.samples:
-            _check_readable(path)
-            if mask is not None:
-                _check_readable(mask)
+    @property
+    def unmasked_defects(self) -> list[str]:
+        """Defect types with images that have no ground-truth mask (pixel metrics need them all)."""
+        return sorted({s.defect for s in self.samples if s.defect != "good" and s.mask is None})
+
+    def few_shot(self, shots: int, seed: int) -> CategoryDataset:
+        """A copy holding `shots` of these images, drawn without replacement with `seed` (in file order)."""
+        if not 0 < shots <= len(self.samples):
+            raise DataError(
+                f"--shots {shots}: {self.category}'s {self.split} split holds {len(self.samples)} images; give 1 to {len(self.samples)}"
+            )
+        chosen = sorted(np.random.default_rng(seed).choice(len(self.samples), shots, replace=False).tolist())
+        subset = copy.copy(self)
+        subset.samples = [self.samples[i] for i in chosen]
+        return subset
+
+    def relative_path(self, idx: int) -> str:
+        return self.samples[idx].image.relative_to(self.root_path).as_posix()
+
+    def original_size(self, idx: int) -> tuple[int, int]:
+        """(width, height) of the image file, read from its header."""
+        with Image.open(self.samples[idx].image) as image:
+            return image.size
+
+    def original_mask(self, idx: int) -> np.ndarray:
+        """bool [h, w] at the image's own size: defective at half range or more (VisA: non-zero); all False without a mask."""
+        sample, size = self.samples[idx], self.original_size(idx)
+        if sample.mask is None:
+            return np.zeros(size[::-1], bool)
+        mask = _to_8bit(self._mask_image(sample)).convert("L")
+        return np.asarray(mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)) >= 128
+
+    def original(self, idx: int) -> tuple[Image.Image, np.ndarray | None]:
+        """The image at its own resolution, and its mask there, if it has one."""
+        return load_rgb(self.samples[idx].image), None if self.samples[idx].mask is None else self.original_mask(idx)
+
+    def _mask_image(self, sample: Sample) -> Image.Image:
+        """The mask as stored; VisA's (defective where non-zero) made 0/255 first, so that both protocols read it as they read MVTec's."""
+        mask = open_image(sample.mask)
+        if self.layout == "visa":
+            mask = Image.fromarray(((np.asarray(_to_8bit(mask).convert("L")) > 0) * 255).astype(np.uint8))
+        return mask
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int, torch.Tensor, str, str]:
-        path, defect, mask_path = self.samples[idx]
-        rgb = load_rgb(path)
+        sample = self.samples[idx]
+        rgb = load_rgb(sample.image)
         image = self.transform.image(rgb)
-        if mask_path is None:
+        if sample.mask is None:
             mask = torch.zeros(1, *image.shape[-2:])
         else:
-            mask = self.transform.mask(open_image(mask_path), rgb.size)
-        return image, int(defect != "good"), mask, path.relative_to(self.root_path).as_posix(), defect
+            mask = self.transform.mask(self._mask_image(sample), rgb.size)
+        return image, int(sample.defect != "good"), mask, self.relative_path(idx), sample.defect
 
 
 def find_images(spec: str) -> list[Path]:
@@ -218,27 +328,29 @@ class ImageFiles(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------- synthetic data
 SYNTHETIC_DEFECTS = ("scratch", "spot", "stain")
+SYNTHETIC_LAYOUTS = ("mvtec", "folder", "visa")
 
 
-def _normal_part(rng: np.random.Generator, size: int) -> Image.Image:
+def _normal_part(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     """A round part on a brushed-metal background, with small random shifts in pose and colour."""
-    y, x = np.mgrid[0:size, 0:size] / size
+    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     stripes = 0.5 + 0.15 * np.sin(2 * np.pi * (18 * x + 3 * y + rng.uniform(0, 1)))
     base = np.stack([stripes * c for c in (0.55, 0.6, 0.65)], axis=-1)
     base += rng.normal(0, 0.02, base.shape)
     image = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    cx, cy = size / 2 + rng.uniform(-3, 3, 2)
+    cx, cy = np.array([w, h]) / 2 + rng.uniform(-3, 3, 2)
     tint = rng.uniform(-10, 10)
     for radius, colour in ((0.38, (60, 110, 60)), (0.30, (90, 150, 90)), (0.12, (40, 80, 40))):
-        r = radius * size
+        r = radius * min(w, h)
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c + tint) for c in colour))
     return image
 
 
-def _draw_defect(kind: str, rng: np.random.Generator, size: int, image: Image.Image) -> Image.Image:
-    """Draw one defect of `kind` on image, in place; return its mask (mode L, 0/255)."""
-    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+def _draw_defect(kind: str, rng: np.random.Generator, w: int, h: int, image: Image.Image, value: int = 255) -> Image.Image:
+    """Draw one defect of `kind` on image, in place; return its mask (mode L, 0 and `value`)."""
+    size = min(w, h)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * np.array([w, h])
     if kind == "scratch":
         angle = rng.uniform(0, np.pi)
         dx, dy = np.cos(angle) * size * 0.15, np.sin(angle) * size * 0.15
@@ -252,8 +364,8 @@ def _draw_defect(kind: str, rng: np.random.Generator, size: int, image: Image.Im
             x, y = (cx, cy) + rng.uniform(-0.05, 0.05, 2) * size
             r = size * rng.uniform(0.02, 0.05)
             shapes.append(("ellipse", (x - r, y - r, x + r, y + r), (170, 90, 30)))
-    mask = Image.new("L", (size, size), 0)
-    for target, mask_fill in ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), 255)):
+    mask = Image.new("L", (w, h), 0)
+    for target, mask_fill in ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), value)):
         for shape, box, colour in shapes:
             if shape == "line":
                 target.line(box, fill=mask_fill or colour, width=max(2, size // 60))
@@ -268,34 +380,72 @@ def make_synthetic_category(
     n_train: int = 30,
     n_test_good: int = 8,
     n_per_defect: int = 6,
-    size: int = 256,
+    size: int | tuple[int, int] = 256,
     seed: int = 0,
+    layout: str = "mvtec",
 ) -> Path:
-    """Write a category in MVTec AD's layout with procedurally made images; the same seed gives the same files."""
+    """Write a category with procedurally made images; the same seed gives the same files.
+
+    layout 'mvtec': MVTec AD's layout, PNG, 0/255 masks; 'folder': the same without any
+    ground_truth/ (one's own parts, unlabelled pixels); 'visa': VisA's layout, JPEG images, masks
+    whose defects have the value 1, and rows added to <root>/split_csv/1cls.csv.
+    size: the side of square images, or (width, height).
+    """
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise ValueError(f"layout must be one of {SYNTHETIC_LAYOUTS}, got {layout!r}")
+    w, h = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    folder = Path(root) / category
-    counts = [("train", "good", n_train), ("test", "good", n_test_good)]
-    counts += [("test", defect, n_per_defect) for defect in SYNTHETIC_DEFECTS]
+    root, folder = Path(root), Path(root) / category
+    counts = [("train", "good", n_train), ("test", "good", n_test_good)] + [("test", d, n_per_defect) for d in SYNTHETIC_DEFECTS]
+    rows = []
     for split, defect, count in counts:
-        (folder / split / defect).mkdir(parents=True, exist_ok=True)
-        if defect != "good":
-            (folder / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            image = _normal_part(rng, size)
-            if defect != "good":
-                mask = _draw_defect(defect, rng, size, image)
-                mask.save(folder / "ground_truth" / defect / f"{i:03d}_mask.png")
-            image.filter(ImageFilter.GaussianBlur(0.6)).save(folder / split / defect / f"{i:03d}.png")
+            image = _normal_part(rng, w, h)
+            mask = None if defect == "good" else _draw_defect(defect, rng, w, h, image, value=1 if layout == "visa" else 255)
+            image = image.filter(ImageFilter.GaussianBlur(0.6))
+            if layout == "visa":
+                kind, name = ("Normal", f"{split}_{i:03d}") if defect == "good" else ("Anomaly", f"{defect}_{i:03d}")
+                image_path, mask_path = (
+                    Path(category, "Data", "Images", kind, f"{name}.JPG"),
+                    Path(category, "Data", "Masks", kind, f"{name}.png"),
+                )
+                rows.append(
+                    [
+                        category,
+                        split,
+                        "normal" if defect == "good" else "anomaly",
+                        image_path.as_posix(),
+                        "" if mask is None else mask_path.as_posix(),
+                    ]
+                )
+            else:
+                image_path = Path(category, split, defect, f"{i:03d}.png")
+                mask_path = Path(category, "ground_truth", defect, f"{i:03d}_mask.png") if layout == "mvtec" else None
+            (root / image_path).parent.mkdir(parents=True, exist_ok=True)
+            image.save(root / image_path, quality=95)
+            if mask is not None and mask_path is not None:
+                (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
+                mask.save(root / mask_path)
+    if layout == "visa":  # one CSV for all objects: keep the other objects' rows
+        table = root / VISA_CSV
+        kept = [r for r in csv.reader(table.open(newline=""))][1:] if table.is_file() else []
+        table.parent.mkdir(parents=True, exist_ok=True)
+        with table.open("w", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["object", "split", "label", "image", "mask"])
+            writer.writerows([r for r in kept if r[0] != category] + rows)
     return folder
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write a synthetic category in MVTec AD's layout.")
+    parser = argparse.ArgumentParser(description="Write a synthetic category, in MVTec AD's, a plain folder's or VisA's layout.")
     parser.add_argument("--synthetic", required=True, metavar="DIR", help="folder to write the category into")
     parser.add_argument("--category", default="synthetic", help="category folder name (default: synthetic)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: 256)")
+    parser.add_argument("--layout", default="mvtec", choices=SYNTHETIC_LAYOUTS, help="mvtec (default), folder (no masks) or visa")
+    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="image side, or width and height (default: 256)")
     parser.add_argument("--n_train", type=int, default=30, help="defect-free training images (default: 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()
-    out = make_synthetic_category(args.synthetic, args.category, n_train=args.n_train, size=args.size, seed=args.seed)
-    print(f"wrote synthetic category to {out}")
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
+    out = make_synthetic_category(args.synthetic, args.category, n_train=args.n_train, size=size, seed=args.seed, layout=args.layout)
+    print(f"wrote synthetic {args.layout} category to {out}")

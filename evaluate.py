@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from bank import BANK_FILE, TRAIN_LOG, BankError, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
-from dataset import ImageFiles, MVTecDataset, find_images, resolve_categories
+from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
 from files import NpzWriter, staging, write_json
 from metrics import compute_metrics
-from patchcore import SEARCH_PRECISIONS, SEARCHES, PatchCore, PatchCoreConfig
+from patchcore import SEARCH_PRECISIONS, SEARCHES, PatchCore, PatchCoreConfig, resize_map
 from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 
 
@@ -48,6 +48,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--search_precision", default="fp32", choices=SEARCH_PRECISIONS, help="matmul precision of the torch search (default: fp32)"
+    )
+    parser.add_argument(
+        "--pixel_metrics_at",
+        default="model",
+        choices=["model", "original"],
+        help="pixel metrics at the model's input resolution (default), or at each image's own, as MVTec AD's evaluation does "
+        "(banks trained with --crop none; needs memory for every full-size map)",
     )
     parser.add_argument("--images", default=None, help="score these unlabelled images instead of the test split: a folder or a glob")
     parser.add_argument(
@@ -77,10 +84,25 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     out_dir = Path(args.output_dir) / category
     model = load_model(args, category)
     config = model.config
-    dataset = MVTecDataset(args.data_path, category, "test", config.preprocess())
+    whole, at_original = config.crop == "none", args.pixel_metrics_at == "original"
+    if at_original and not whole:
+        raise ValueError(
+            f"--pixel_metrics_at original needs a bank trained with --crop none ({category}'s has --crop {config.crop}): "
+            "a center crop has no scores outside it"
+        )
+    dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
+    no_masks = None
+    if dataset.unmasked_defects:
+        no_masks = (
+            f"undefined: no ground-truth masks for defect type(s) {', '.join(dataset.unmasked_defects)} "
+            f"(a {dataset.layout} layout keeps them in {category}/ground_truth/<defect>/<name>_mask.png)"
+        )
     n, size = len(dataset), config.image_size
     scores, labels = np.empty(n), np.empty(n, np.int64)
-    maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
+    if at_original:  # each image's own size: lists
+        maps, masks = [], []
+    else:
+        maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
     paths, defects = [], []
     with staging(out_dir) as stage:
         start, i = time.perf_counter(), 0
@@ -89,28 +111,40 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
                 make_loader(dataset, args, model.device), desc=f"{category} test", unit="batch"
             ):
                 j = i + len(images)
-                scores[i:j], maps[i:j] = model.predict(images)
-                labels[i:j], masks[i:j] = batch_labels.numpy(), batch_masks[:, 0].numpy() > 0.5
-                for path, anomaly_map in zip(batch_paths, maps[i:j]):
+                scores[i:j], batch_maps = model.predict(images)
+                labels[i:j] = batch_labels.numpy()
+                for k, (path, anomaly_map) in enumerate(zip(batch_paths, batch_maps)):
+                    if whole:  # back onto the original image
+                        anomaly_map = resize_map(anomaly_map, dataset.original_size(i + k))
                     raw.add(path, anomaly_map.astype(np.float16))
+                    if at_original:
+                        maps.append(anomaly_map)
+                        masks.append(dataset.original_mask(i + k))
+                if not at_original:
+                    maps[i:j], masks[i:j] = batch_maps, batch_masks[:, 0].numpy() > 0.5
                 paths += batch_paths
                 defects += batch_defects
                 i = j
         seconds = time.perf_counter() - start
 
+        where = "each image's own resolution" if at_original else f"the model's input resolution {size}x{size}"
+        where += " (the whole image)" if whole else " (center crop)"
         metrics = {
             "category": category,
             "protocol": config.protocol,
-            **compute_metrics(labels, scores, masks, maps, defects),
+            "layout": dataset.layout,
+            "shots": config.shots,
+            **compute_metrics(labels, scores, masks, maps, defects, no_masks),
             "n_images": n,
             "n_good": int((labels == 0).sum()),
             "n_defective": int((labels == 1).sum()),
             "computed_on": f"image metrics: all {n} test images; pixel metrics: every pixel of every test image, "
-            f"at the evaluation resolution {size}x{size} (center crop), with the {config.protocol} protocol's masks",
+            f"at {where}, with the {config.protocol} protocol's masks",
+            "pixel_metrics_at": args.pixel_metrics_at,
             "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
-            "heatmap_scale": [float(maps.min()), float(maps.max())],
+            "heatmap_scale": [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
             "seconds": round(seconds, 2),
             "ms_per_image": round(1000 * seconds / n, 1),
             "device": str(model.device),
@@ -122,15 +156,23 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         if (out_dir / TRAIN_LOG).is_file():
             metrics["memory_bank"]["training_run"] = json.loads((out_dir / TRAIN_LOG).read_text())
 
-        # heatmaps: the images are read again, a batch at a time, now that the colour scale and threshold are known
-        vmin, vmax = metrics["heatmap_scale"]
-        i = 0
-        for images, *_ in tqdm(make_loader(dataset, args, model.device), desc=f"{category} heatmaps", unit="batch"):
-            for image in images:
-                name = Path(defects[i]) / (Path(paths[i]).stem + ".png")
-                panel = heatmap_panel(to_rgb(image), maps[i], masks[i], vmin, vmax, metrics["pixel_f1_threshold"])
-                save_heatmap(stage / "anomaly_maps" / name, panel)
-                i += 1
+        # heatmaps, now that the colour scale and threshold are known: the images are read again, a batch at a
+        # time, or one by one at their own resolution for a bank that sees the whole image
+        vmin, vmax, threshold = *metrics["heatmap_scale"], metrics["pixel_f1_threshold"]
+        names = [Path(d) / (Path(p).stem + ".png") for p, d in zip(paths, defects)]
+        if whole:
+            for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
+                rgb, mask = dataset.original(i)
+                anomaly_map = maps[i] if at_original else resize_map(maps[i], rgb.size)
+                save_heatmap(
+                    stage / "anomaly_maps" / names[i], heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, mask, vmin, vmax, threshold)
+                )
+        else:
+            i = 0
+            for images, *_ in tqdm(make_loader(dataset, args, model.device), desc=f"{category} heatmaps", unit="batch"):
+                for image in images:
+                    save_heatmap(stage / "anomaly_maps" / names[i], heatmap_panel(to_rgb(image), maps[i], masks[i], vmin, vmax, threshold))
+                    i += 1
         plot_roc(stage / "roc.png", labels, scores, metrics["image_auroc"], category)
         plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
         records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
@@ -158,10 +200,14 @@ def score_new_images(args: argparse.Namespace) -> None:
             scores, maps = model.predict(images)
             for image, index, value, anomaly_map in zip(images, indices.tolist(), scores, maps):
                 name = paths[index].absolute().relative_to(base).with_suffix(".png").as_posix()
+                if model.config.crop == "none":  # drawn over the whole photo, at its own resolution
+                    original = load_rgb(paths[index])
+                    rgb, anomaly_map = np.asarray(original, np.float64), resize_map(anomaly_map, original.size)
+                else:
+                    rgb = to_rgb(image)
                 vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
                 save_heatmap(
-                    stage / "anomaly_maps" / name,
-                    heatmap_panel(to_rgb(image), anomaly_map, None, vmin, vmax, known.get("pixel_f1_threshold")),
+                    stage / "anomaly_maps" / name, heatmap_panel(rgb, anomaly_map, None, vmin, vmax, known.get("pixel_f1_threshold"))
                 )
                 record = {"path": str(paths[index]), "heatmap": f"anomaly_maps/{name}", "score": float(value)}
                 if threshold is not None:

@@ -40,38 +40,42 @@ def f1_max(labels: np.ndarray, scores: np.ndarray, what: str = "sample") -> tupl
     return float(f1[best]), float(thresholds[best]), None
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(arrays) -> np.ndarray:
+    """Every pixel of a stack of maps, or of a list of maps of different sizes, in one flat array."""
+    return np.concatenate([np.asarray(a).ravel() for a in arrays]) if isinstance(arrays, list) else np.asarray(arrays).ravel()
+
+
+def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-region-overlap curve: (FPR, PRO) at every distinct score, from (0, 0) to (1, 1).
 
     PRO at a threshold is the mean over all ground-truth connected regions (8-connected,
     each image's regions apart) of the fraction of the region's pixels predicted defective;
-    FPR is the fraction of all defect-free pixels predicted defective.
+    FPR is the fraction of all defect-free pixels predicted defective. masks and maps: [N, H, W]
+    arrays, or lists of per-image [H, W] arrays (of any sizes).
     """
-    masks = np.asarray(masks) > 0.5
-    regions = np.zeros(masks.shape, dtype=np.int64)
-    n_regions = 0
-    for i, mask in enumerate(masks):
-        labelled, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions[i] = np.where(labelled > 0, labelled + n_regions, 0)
+    regions, n_regions = [], 0
+    for mask in masks:
+        labelled, count = ndimage.label(np.asarray(mask) > 0.5, structure=np.ones((3, 3)))
+        regions.append(np.where(labelled > 0, labelled + n_regions, 0).ravel())
         n_regions += count
-    sizes = np.bincount(regions.ravel(), minlength=n_regions + 1)
-    n_negative = int((~masks).sum())
+    flat = np.concatenate(regions)
+    sizes = np.bincount(flat, minlength=n_regions + 1)
+    n_negative = int((flat == 0).sum())
 
     # each pixel adds to PRO (1 / its region's size / number of regions) or to FPR (1 / negatives)
-    flat = regions.ravel()
     pro_step = np.where(flat > 0, 1.0 / (sizes[flat] * n_regions), 0.0)
     fpr_step = np.where(flat > 0, 0.0, 1.0 / n_negative)
-    order = np.argsort(-np.asarray(maps, dtype=np.float64).ravel(), kind="stable")
-    scores = np.asarray(maps, dtype=np.float64).ravel()[order]
+    values = _pixels(maps).astype(np.float64)
+    order = np.argsort(-values, kind="stable")
+    scores = values[order]
     pro, fpr = np.cumsum(pro_step[order]), np.cumsum(fpr_step[order])
     last_of_each_score = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]  # thresholds between distinct scores
     return np.r_[0.0, fpr[last_of_each_score]], np.r_[0.0, pro[last_of_each_score]]
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> tuple[float | None, str | None]:
+def aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float | None, str | None]:
     """Area under the PRO curve up to FPR = fpr_limit, divided by fpr_limit (MVTec AD's AUPRO@0.3)."""
-    masks = np.asarray(masks) > 0.5
-    reason = _one_class(masks.ravel(), "test pixel")
+    reason = _one_class(_pixels(masks) > 0.5, "test pixel")
     if reason:
         return None, reason
     fpr, pro = pro_curve(masks, maps)
@@ -99,20 +103,26 @@ def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: list[
     return result
 
 
-def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, defect_types: list[str]) -> dict:
-    """Every metric of a category's test split; pixel metrics over all pixels of all test images."""
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, maps, defect_types: list[str], no_masks: str | None = None) -> dict:
+    """Every metric of a category's test split; pixel metrics over all pixels of all test images.
+
+    masks and maps: [N, H, W] arrays or lists of per-image arrays. `no_masks`: why there is no
+    pixel ground truth (masks is then ignored, and every pixel metric is None with that reason).
+    """
     metrics: dict = {}
     reasons: dict = {}
-    for name, (value, reason) in {
-        "image_auroc": auroc(labels, scores, "test image"),
-        "pixel_auroc": auroc(masks, maps, "test pixel"),
-        "aupro": aupro(masks, maps),
+    pixel_labels, pixel_scores = (None, None) if no_masks else (_pixels(masks) > 0.5, _pixels(maps))
+    for name, compute in {
+        "image_auroc": lambda: auroc(labels, scores, "test image"),
+        "pixel_auroc": lambda: auroc(pixel_labels, pixel_scores, "test pixel"),
+        "aupro": lambda: aupro(masks, maps),
     }.items():
+        value, reason = (None, no_masks) if no_masks and name != "image_auroc" else compute()
         metrics[name] = value
         if reason:
             reasons[name] = reason
-    for level, (y, s) in {"image": (labels, scores), "pixel": (masks, maps)}.items():
-        value, threshold, reason = f1_max(y, s, f"test {level}")
+    for level, (y, s) in {"image": (labels, scores), "pixel": (pixel_labels, pixel_scores)}.items():
+        value, threshold, reason = (None, None, no_masks) if no_masks and level == "pixel" else f1_max(y, s, f"test {level}")
         metrics[f"{level}_f1_max"], metrics[f"{level}_f1_threshold"] = value, threshold
         if reason:
             reasons[f"{level}_f1_max"] = reason

@@ -69,12 +69,19 @@ class PatchCoreConfig:
     )
     resize: int = field(default=256, metadata={"help": "shorter image side before the center crop"})
     image_size: int = field(default=224, metadata={"help": "center-crop size, the model's input"})
+    crop: str = field(
+        default="center",
+        metadata={"help": "center: the paper's resize, then center crop; none: the whole image resized to image_size, borders kept"},
+    )
+    shots: int = field(default=0, metadata={"help": "few-shot: build the bank from this many training images, drawn with --seed; 0 = all"})
     coreset_ratio: float | None = field(
         default=None,
         metadata={"help": "fraction of the training patches kept in the memory bank", "default_text": "0.25 for paper, 0.1 for official"},
     )
     coreset_proj_dim: int = field(default=128, metadata={"help": "random-projection dims for the coreset distances, 0 = none"})
-    seed: int = field(default=0, metadata={"help": "seed of the coreset's projection and start point, and of random-init weights"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the coreset's projection and start point, of the few-shot draw, and of random-init weights"}
+    )
     amp: str = field(default="none", metadata={"help": "backbone autocast precision: none (fp32), bf16 or fp16"})
     reweight_b: int = field(
         default=0,
@@ -95,6 +102,8 @@ class PatchCoreConfig:
                 0 < self.image_size <= self.resize,
                 f"--image_size must be positive and at most --resize ({self.resize}), got {self.image_size}",
             ),
+            (self.crop in ("center", "none"), f"--crop must be center or none, got {self.crop!r}"),
+            (self.shots >= 0, f"--shots must be 0 (all images) or more, got {self.shots}"),
             (0 < self.coreset_ratio <= 1, f"--coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
             (self.coreset_proj_dim >= 0, f"--coreset_proj_dim must be 0 (no projection) or more, got {self.coreset_proj_dim}"),
             (self.amp in AMP_DTYPES, f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}"),
@@ -112,7 +121,7 @@ class PatchCoreConfig:
 
     def preprocess(self) -> Preprocess:
         """Images (and masks, as the protocol defines them) on the model's input grid."""
-        return Preprocess(self.resize, self.image_size, self.protocol)
+        return Preprocess(self.resize, self.image_size, self.protocol, self.crop)
 
 
 class WeightsError(RuntimeError):
@@ -234,7 +243,7 @@ def squared_distances(points: torch.Tensor, center: torch.Tensor) -> torch.Tenso
     return ((points - center) ** 2).sum(1)
 
 
-def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: np.ndarray | None = None, block: int = 65536) -> np.ndarray:
+def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: np.ndarray | None = None, block: int = 16384) -> np.ndarray:
     """squared_distances of all points, or of the points at `rows`, `block` rows at a time, so
     that no N x D temporary exists; each row's arithmetic is the same, so is every value."""
     n = len(points) if rows is None else len(rows)
@@ -395,6 +404,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> tor
     cols = _border_indices(w, radius, mode).to(maps.device)
     maps = F.conv2d(maps[..., cols], kernel.view(1, 1, 1, -1))
     return F.conv2d(maps[..., rows, :], kernel.view(1, 1, -1, 1))
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image."""
+    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
+    return F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 class _StopForward(Exception):

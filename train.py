@@ -24,7 +24,7 @@ from cli import (
     now,
     run_main,
 )
-from dataset import MVTecDataset, resolve_categories
+from dataset import CategoryDataset, resolve_categories
 from files import write_json
 from patchcore import PatchCore, PatchCoreConfig
 
@@ -50,12 +50,19 @@ def parse_args() -> tuple[argparse.Namespace, PatchCoreConfig]:
 def main() -> None:
     args, config = parse_args()
     categories = resolve_categories(Path(args.data_path), args.category)
-    datasets = {c: MVTecDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
+    datasets = {c: CategoryDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
+    if config.shots:
+        datasets = {c: d.few_shot(config.shots, config.seed) for c, d in datasets.items()}
     model = PatchCore(config, device=args.device)
     print(f"backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():
         start = time.perf_counter()
+        if config.shots:
+            chosen = ", ".join(s.image.name for s in dataset.samples)
+            print(f"{category}: few-shot, {config.shots} training images drawn with seed {config.seed}: {chosen}")
         facts = model.fit(make_loader(dataset, args, model.device), args.feature_memory_gb)
+        if config.shots:
+            facts["images"] = [dataset.relative_path(i) for i in range(len(dataset))]
         seconds = time.perf_counter() - start
         path = Path(args.output_dir) / category / BANK_FILE
         model.save(path, category=category, train=facts)  # nothing run-specific: same data and seed, same bytes

@@ -3,11 +3,12 @@
     python benchmarks/benchmark.py --device cpu --out benchmarks/cpu.json
     python benchmarks/benchmark.py --stages memory --out benchmarks/memory.json
 
-Stages (--stages, comma list; default: all but memory):
+Stages (--stages, comma list; default: speed,e2e):
   speed   backbone, patch features, projection, greedy coreset at each ratio (against a plain
           eager loop, with the same selection), memory bank + index, kNN scoring (against the
           raw matrix product it needs);
   e2e     train.py and evaluate.py end to end, in fresh processes;
+  large   train.py and evaluate.py on synthetic 1500x1000 JPEGs (VisA's size) against 256 px PNGs;
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
           Use a --batch_size no larger than the smallest size, so that every run holds full
@@ -37,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dataset import MVTecDataset, Preprocess, make_synthetic_category  # noqa: E402
+from dataset import CategoryDataset, Preprocess, make_synthetic_category  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def stage_speed(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     device = torch.device(args.device)
     resize = args.image_size * 256 // 224
     make_synthetic_category(work, "bench", n_train=args.n_images, n_test_good=2, n_per_defect=1, size=resize, seed=1)
-    dataset = MVTecDataset(work, "bench", "train", Preprocess(resize, args.image_size))
+    dataset = CategoryDataset(work, "bench", "train", Preprocess(resize, args.image_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=0)
     model = PatchCore(weights="none", device=args.device, image_size=args.image_size)
 
@@ -191,7 +192,7 @@ def stage_speed(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
 
 def _driver_args(data: Path, out: Path, args: argparse.Namespace) -> list[str]:
     return ["--data_path", str(data), "--category", "synthetic", "--output_dir", str(out), "--device", args.device,
-            "--num_workers", "0", "--batch_size", str(args.batch_size)]  # fmt: skip
+            "--num_workers", str(args.num_workers), "--batch_size", str(args.batch_size)]  # fmt: skip
 
 
 def stage_e2e(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
@@ -252,7 +253,20 @@ def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     record(rows, "evaluate --images: growth", mib=round(growth, 1), mib_per_1000_images=round(growth / (scored[-1] - scored[0]) * 1000, 1))
 
 
-STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory}
+def stage_large(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """train.py and evaluate.py on VisA-sized JPEGs (1500 x 1000) against MVTec-sized 256 px PNGs."""
+    n = args.large_images
+    for name, layout, size in (("256 px PNG", "mvtec", 256), ("1500x1000 JPEG", "visa", (1500, 1000))):
+        data = work / f"large-{layout}"
+        make_synthetic_category(data, "synthetic", n_train=n, n_test_good=n // 3, n_per_defect=n // 3, size=size, seed=4, layout=layout)
+        common = _driver_args(data, work / f"large-{layout}-results", args)
+        for script, extra, images in (("train.py", ["--weights", "none"], n), ("evaluate.py", [], n // 3 * 4)):
+            seconds, peak, _ = run_child([script, *common, *extra])
+            record(rows, f"{script} on {name}", images=images, seconds=round(seconds, 1), s_per_image=round(seconds / images, 3),
+                   peak_rss_gib=round(peak, 3), num_workers=args.num_workers)  # fmt: skip
+
+
+STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large}
 
 
 def main() -> None:
@@ -260,7 +274,7 @@ def main() -> None:
         child(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory (default: speed,e2e)")
+    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory, large (default: speed,e2e)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--n_images", type=int, default=209, help="training images; N = 784 x this at 224 px (default: 209, MVTec bottle)")
     parser.add_argument("--image_size", type=int, default=224, help="crop size (default: 224)")
@@ -273,6 +287,13 @@ def main() -> None:
     parser.add_argument("--memory_scored", default="40,400", help="image counts of the memory stage's evaluate --images (default: 40,400)")
     parser.add_argument(
         "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits (default: 0.01)"
+    )
+    parser.add_argument("--large_images", type=int, default=30, help="training images of the large stage (default: 30)")
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=0,
+        help="DataLoader workers of the driver runs (default: 0, so that peak RSS covers decoding too)",
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()

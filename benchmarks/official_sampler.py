@@ -27,7 +27,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from official_reference import official_approx_greedy_coreset  # noqa: E402
 
-from dataset import MVTecDataset, make_synthetic_category  # noqa: E402
+from dataset import CategoryDataset, make_synthetic_category  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 
@@ -64,8 +64,8 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         model = PatchCore(protocol="official", weights="none", device="cpu", seed=seed)
         preprocess = model.config.preprocess()
-        train = features_of(model, MVTecDataset(root, "synthetic", "train", preprocess))
-        test = MVTecDataset(root, "synthetic", "test", preprocess)
+        train = features_of(model, CategoryDataset(root, "synthetic", "train", preprocess))
+        test = CategoryDataset(root, "synthetic", "test", preprocess)
         approximate = official_approx_greedy_coreset(train.numpy(), model.config.coreset_ratio, seed)
         banks = {"exact greedy (ours)": model.select_coreset(train), "approximate greedy (released code)": torch.from_numpy(approximate)}
         for name, selected in banks.items():

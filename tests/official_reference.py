@@ -277,12 +277,12 @@ def official_image_scores_and_maps(patch_scores, grid, image_size) -> tuple[np.n
 
 
 # --------------------------------------------------------------------------------------------
-# Ground-truth masks (MVTecDataset.transform_mask + metrics' astype(int))
+# Ground-truth masks (CategoryDataset.transform_mask + metrics' astype(int))
 # --------------------------------------------------------------------------------------------
 def official_mask(mask_pil: Image.Image, resize: int = 256, image_size: int = 224) -> np.ndarray:
     """Labels their pixel metrics see for a ground-truth mask image.
 
-    Mirrors ``MVTecDataset.transform_mask`` = ``Resize(resize)`` (shorter side -> ``resize``,
+    Mirrors ``CategoryDataset.transform_mask`` = ``Resize(resize)`` (shorter side -> ``resize``,
     longer side ``int(resize * long / short)``; torchvision's default BILINEAR, which on a PIL image
     is ``PIL.Image.resize`` with its support-scaled (antialiasing) bilinear filter; PIL uses NEAREST
     for modes "1" and "P" regardless), ``CenterCrop(image_size)`` (offset

@@ -9,9 +9,10 @@ from scripts import REPO
 
 def test_benchmark_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory", "--device", "cpu",
+    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory,large", "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
-               "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--out", str(out)]  # fmt: skip
+               "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
+               "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
@@ -27,5 +28,7 @@ def test_benchmark_small_run(tmp_path):
     assert rows["fit one-pass, 4 images"]["path"].startswith("fit: one pass")
     assert rows["fit two-pass, 4 images"]["path"].startswith("fit: two passes")
     assert "gib_per_1000_images" in rows["fit two-pass: growth"] and "mib_per_1000_images" in rows["evaluate --images: growth"]
+    for name in ("256 px PNG", "1500x1000 JPEG"):
+        assert rows[f"train.py on {name}"]["images"] == 3 and rows[f"evaluate.py on {name}"]["images"] == 4
     scored = [r["stage"] for r in rows.values() if r["stage"].startswith("evaluate --images, ")]
     assert scored == ["evaluate --images, 2 images", "evaluate --images, 4 images"]

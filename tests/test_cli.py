@@ -57,11 +57,11 @@ def test_evaluate_writes_scores_metrics_and_heatmaps(evaluated):
 def test_raw_maps_reproduce_the_pixel_auroc(evaluated):
     from sklearn.metrics import roc_auc_score
 
-    from dataset import MVTecDataset, Preprocess
+    from dataset import CategoryDataset, Preprocess
 
     root, out, _ = evaluated
     metrics = json.loads((out / "widget" / "metrics.json").read_text())
-    test = MVTecDataset(root, "widget", "test", Preprocess(72, 64))
+    test = CategoryDataset(root, "widget", "test", Preprocess(72, 64))
     with np.load(out / "widget" / "anomaly_maps.npz") as raw:
         assert raw[test[0][3]].dtype == np.float16 and raw[test[0][3]].shape == (64, 64)
         maps = np.stack([raw[test[i][3]].astype(np.float32) for i in range(len(test))])
@@ -73,12 +73,12 @@ def test_scores_and_image_metrics_follow_the_papers_definition(evaluated):
     """scores.json against Eq. 6 and the max computed here in float64 from the saved bank; metrics.json against sklearn."""
     from sklearn.metrics import roc_auc_score
 
-    from dataset import MVTecDataset, Preprocess
+    from dataset import CategoryDataset, Preprocess
     from patchcore import PatchCore
 
     root, out, _ = evaluated
     bank, _ = load_bank(out / "widget" / "memory_bank.npz")
-    test = MVTecDataset(root, "widget", "test", Preprocess(72, 64))
+    test = CategoryDataset(root, "widget", "test", Preprocess(72, 64))
     model = PatchCore(weights="none", device="cpu", seed=0)  # the training run's weights
     images = torch.stack([test[i][0] for i in range(len(test))])
     patches = model.aggregate_patches(model.extract_features(images)).numpy().astype(np.float64)
@@ -161,7 +161,7 @@ def test_scoring_new_images_holds_one_batch_at_a_time(evaluated, tmp_path, monke
 
 def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
     """Non-default resize, crop, layers, amp and blur at training; evaluation, given none of them, uses the stored ones."""
-    from dataset import MVTecDataset, Preprocess
+    from dataset import CategoryDataset, Preprocess
     from patchcore import PatchCore
 
     settings = ["--resize", "60", "--image_size", "48", "--layers", "layer1,layer2", "--amp", "bf16", "--blur_sigma", "2"]
@@ -179,7 +179,7 @@ def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
     )
     with np.load(tmp_path / "widget" / "anomaly_maps.npz") as raw:
         assert {raw[k].shape for k in raw.files} == {(48, 48)}
-    test = MVTecDataset(synthetic_root, "widget", "test", Preprocess(60, 48))
+    test = CategoryDataset(synthetic_root, "widget", "test", Preprocess(60, 48))
     images = torch.stack([test[i][0] for i in range(len(test))])
     bank, _ = load_bank(tmp_path / "widget" / "memory_bank.npz")
     got = np.array([r["score"] for r in json.loads((tmp_path / "widget" / "scores.json").read_text())])
@@ -449,3 +449,74 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
 
     code, err = _exit(main, monkeypatch, capsys)
     assert code == 130 and "interrupted" in err
+
+
+def test_a_visa_category_trains_and_evaluates_end_to_end(tmp_path):
+    data = tmp_path / "visa"
+    command = run("dataset.py", "--synthetic", data, "--layout", "visa", "--category", "pcb1", "--size", "96", "64", "--n_train", "5")
+    assert command.returncode == 0, command.stderr
+    visa = ["--data_path", data, "--category", "all", "--output_dir", tmp_path / "out", *SMALL]
+    result = run("train.py", *visa, "--weights", "none", "--resize", "72", "--image_size", "64")
+    assert result.returncode == 0, result.stderr
+    result = run("evaluate.py", *visa)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "pcb1" / "metrics.json").read_text())
+    assert metrics["layout"] == "visa" and metrics["n_defective"] == 18 and metrics["pixel_auroc"] is not None
+    assert "| pcb1 | all |" in result.stdout and "IM-IAD" in result.stdout  # compared with the published VisA numbers
+
+
+def test_a_folder_without_ground_truth_gets_image_metrics_and_heatmaps(tmp_path):
+    from dataset import make_synthetic_category
+
+    make_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_per_defect=1, size=72, layout="folder")
+    assert train(tmp_path / "data", tmp_path / "out").returncode == 0
+    result = evaluate(tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "widget" / "metrics.json").read_text())
+    assert 0 <= metrics["image_auroc"] <= 1 and metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["undefined"]["pixel_auroc"].startswith("undefined: no ground-truth masks for defect type(s) scratch, spot, stain")
+    assert len(list((tmp_path / "out" / "widget" / "anomaly_maps").rglob("*.png"))) == 5
+
+
+def test_few_shot_banks_come_from_k_images_drawn_with_the_seed(synthetic_root, tmp_path):
+    banks = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"seed{seed}-{len(banks)}"
+        result = train(synthetic_root, out, "--shots", "2", "--seed", str(seed), "--coreset_ratio", "1")
+        assert result.returncode == 0, result.stderr
+        bank, header = load_bank(out / "widget" / "memory_bank.npz")
+        assert bank.shape == (2 * 8 * 8, 1536) and header["train"]["n_images"] == 2 and header["config"]["shots"] == 2
+        banks[len(banks)] = header["train"]["images"]
+    assert banks[0] == banks[1] and banks[0] != banks[2] and all(p.startswith("widget/train/good/") for p in banks[0])
+    assert evaluate(synthetic_root, tmp_path / "seed0-0").returncode == 0
+    metrics = json.loads((tmp_path / "seed0-0" / "widget" / "metrics.json").read_text())
+    assert metrics["shots"] == 2 and metrics["memory_bank"]["images"] == banks[0]
+    assert "--shots 7: widget's train split holds 6 images" in one_line_error(train(synthetic_root, tmp_path / "x", "--shots", "7"))
+
+
+def test_whole_image_maps_land_on_the_original_image(tmp_path):
+    """--crop none: a bright square at a known place of a 120x60 image is where its full-size map peaks."""
+    rng = np.random.default_rng(0)
+    for split, defect, count in (("train", "good", 4), ("test", "good", 1), ("test", "hole", 1)):
+        (tmp_path / "data" / "w" / split / defect).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image = (100 + rng.normal(0, 3, (60, 120, 3))).clip(0, 255).astype(np.uint8)
+            if defect == "hole":
+                image[20:36, 88:104] = 255  # the defect: x 88..103, y 20..35
+            Image.fromarray(image).save(tmp_path / "data" / "w" / split / defect / f"{i}.png")
+    common = ["--data_path", tmp_path / "data", "--category", "w", "--output_dir", tmp_path / "out", *SMALL]
+    # layer1 only: with random weights, deeper layers' features react to the square wherever they look
+    settings = ["--weights", "none", "--crop", "none", "--image_size", "64", "--resize", "64", "--layers", "layer1"]
+    assert run("train.py", *common, *settings).returncode == 0
+    result = run("evaluate.py", *common)
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp_path / "out" / "w" / "anomaly_maps.npz") as raw:
+        full = raw["w/test/hole/0.png"].astype(np.float32)
+    assert full.shape == (60, 120)  # back at the original size
+    y, x = np.unravel_index(full.argmax(), full.shape)
+    assert 20 - 4 <= y <= 35 + 4 and 88 - 4 <= x <= 103 + 4, (y, x)
+    assert Image.open(tmp_path / "out" / "w" / "anomaly_maps" / "hole" / "0.png").size == (2 * 120 + 72, 60)  # no F1 region: no masks
+    result = run("evaluate.py", *common, "--pixel_metrics_at", "original")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "w" / "metrics.json").read_text())
+    assert metrics["pixel_metrics_at"] == "original" and "each image's own resolution (the whole image)" in metrics["computed_on"]

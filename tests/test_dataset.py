@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import DataError, MVTecDataset, Preprocess, load_rgb, make_synthetic_category, resolve_categories
+from dataset import CategoryDataset, DataError, Preprocess, load_rgb, make_synthetic_category, resolve_categories
 
 
 def _digest(folder):
@@ -26,7 +26,7 @@ def test_synthetic_category_is_mvtec_layout_and_deterministic(tmp_path):
 
 
 def test_items_labels_and_masks(synthetic_root):
-    test = MVTecDataset(synthetic_root, "widget", "test", Preprocess(72, 64))
+    test = CategoryDataset(synthetic_root, "widget", "test", Preprocess(72, 64))
     assert len(test) == 3 + 3 * 2
     image, label, mask, path, defect = test[0]
     assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64)
@@ -50,7 +50,7 @@ def test_masks_are_paired_by_name_not_position(tmp_path):
         mask = np.zeros((32, 32), np.uint8)
         mask[:, column : column + 16] = 255
         Image.fromarray(mask).save(cat / "ground_truth" / "hole" / f"{name}_mask.png")
-    test = MVTecDataset(tmp_path, "cat", "test", Preprocess(32, 32))
+    test = CategoryDataset(tmp_path, "cat", "test", Preprocess(32, 32))
     for i in range(len(test)):
         _, _, mask, path, _ = test[i]
         left_half_defective = bool(mask[0, :, :16].all())
@@ -59,10 +59,11 @@ def test_masks_are_paired_by_name_not_position(tmp_path):
 
 def test_missing_mask_names_the_expected_path(tmp_path):
     cat = tmp_path / "cat"
-    (cat / "test" / "crack").mkdir(parents=True)
+    for folder in ("train/good", "test/crack", "ground_truth/crack"):
+        (cat / folder).mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(cat / "test" / "crack" / "007.png")
-    with pytest.raises(DataError, match=r"007\.png has no mask: expected .*ground_truth/crack/007_mask\.png"):
-        MVTecDataset(tmp_path, "cat", "test")
+    with pytest.raises(DataError, match=r"007\.png has no mask: expected .*ground_truth/crack/007_mask\.png \(or no .* folder at all\)"):
+        CategoryDataset(tmp_path, "cat", "test")
 
 
 def test_resolve_categories(synthetic_root, tmp_path):
@@ -88,7 +89,7 @@ def test_non_image_files_are_skipped_with_one_note(tmp_path, capsys):
     make_synthetic_category(tmp_path, "toy", n_train=2, n_test_good=1, n_per_defect=1, size=48)
     (tmp_path / "toy" / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "toy" / "train" / "good" / "Thumbs.db").write_bytes(b"\0\1")
-    assert len(MVTecDataset(tmp_path, "toy", "train")) == 2
+    assert len(CategoryDataset(tmp_path, "toy", "train")) == 2
     assert "skipped 2 non-image file(s)" in capsys.readouterr().err
 
 
@@ -102,13 +103,13 @@ def test_truncated_image_stops_before_work_naming_the_file(tmp_path):
     broken = tmp_path / "toy" / "train" / "good" / "001.png"
     broken.write_bytes(broken.read_bytes()[:200])
     with pytest.raises(DataError, match=r"cannot read image .*001\.png"):
-        MVTecDataset(tmp_path, "toy", "train")
+        CategoryDataset(tmp_path, "toy", "train")
 
 
 def test_empty_train_good_is_an_error(tmp_path):
     (tmp_path / "toy" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DataError, match="no images in .*train/good"):
-        MVTecDataset(tmp_path, "toy", "train")
+        CategoryDataset(tmp_path, "toy", "train")
 
 
 @pytest.mark.parametrize(
@@ -141,7 +142,7 @@ def _category_with_mask(tmp_path, mask_image):
     Image.new("RGB", (64, 64)).save(cat / "train" / "good" / "0.png")
     Image.new("RGB", (64, 64)).save(cat / "test" / "crack" / "0.png")
     mask_image.save(cat / "ground_truth" / "crack" / "0_mask.png")
-    return MVTecDataset(tmp_path, "cat", "test", Preprocess(64, 64))
+    return CategoryDataset(tmp_path, "cat", "test", Preprocess(64, 64))
 
 
 def test_mask_of_another_size_is_resized_nearest(tmp_path):
@@ -157,3 +158,74 @@ def test_mask_values_are_binarised_at_half_range(tmp_path):
     assert mask[0, :33].sum() == 0 and mask[0, 33:].all()  # columns 0..32 hold 0/100/127, the rest >= 128
     sixteen = np.full((64, 64), 40000, np.uint16)  # 16-bit mask above half of 65535
     assert _category_with_mask(tmp_path / "b", Image.fromarray(sixteen))[0][2].all()
+
+
+def test_visa_layout_with_masks_of_value_1(tmp_path):
+    from dataset import find_layout, list_categories
+
+    for name, seed in (("candle", 1), ("pcb1", 2)):
+        make_synthetic_category(tmp_path, name, n_train=3, n_test_good=2, n_per_defect=1, size=(90, 60), seed=seed, layout="visa")
+    assert find_layout(tmp_path) == "visa" and list_categories(tmp_path) == ["candle", "pcb1"]
+    assert resolve_categories(tmp_path, "all") == ["candle", "pcb1"]
+    stored = np.asarray(Image.open(next((tmp_path / "candle" / "Data" / "Masks" / "Anomaly").glob("*.png"))))
+    assert set(np.unique(stored)) == {0, 1}  # as VisA stores them: a half-range threshold would lose every defect
+    train = CategoryDataset(tmp_path, "candle", "train", Preprocess(64, 48))
+    assert len(train) == 3 and {s.defect for s in train.samples} == {"good"}
+    for protocol in ("paper", "official"):
+        test = CategoryDataset(tmp_path, "candle", "test", Preprocess(64, 48, protocol))
+        items = [test[i] for i in range(len(test))]
+        assert [item[1] for item in items] == [0, 0, 1, 1, 1] and {item[4] for item in items} == {"good", "anomaly"}
+        assert items[0][3].startswith("candle/Data/Images/Normal/") and test.unmasked_defects == []
+        if protocol == "paper":
+            assert all((item[2].sum() > 0) == bool(item[1]) for item in items)  # every defect kept
+        else:  # the 0/1 masks are made 0/255 first, else "exactly 1.0" would leave nothing; the thin scratch goes, as in their code
+            assert [int(item[2].sum() > 0) for item in items] == [0, 0, 0, 1, 1]
+
+
+def test_a_folder_of_own_parts_without_ground_truth(tmp_path):
+    make_synthetic_category(tmp_path, "parts", n_train=2, n_test_good=1, n_per_defect=1, size=48, layout="folder")
+    assert not (tmp_path / "parts" / "ground_truth").exists()
+    test = CategoryDataset(tmp_path, "parts", "test", Preprocess(48, 48))
+    assert test.unmasked_defects == ["scratch", "spot", "stain"]
+    assert [int(test[i][2].sum()) for i in range(len(test))] == [0, 0, 0, 0] and [test[i][1] for i in range(4)] == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda root: (root / "notes.txt").write_text("x"), "matches no known layout: expected MVTec AD or a folder"),
+        (lambda root: _visa_csv(root, "candle,train,weird,a.JPG,\n"), "line 2: label 'weird', split 'train'; expected label normal or"),
+        (lambda root: _visa_csv(root, "candle,test,anomaly,a.JPG,a.png\n"), "line 2: the image file .*a.JPG does not exist"),
+        (lambda root: _visa_csv(root, "candle;train\n", header="object;split\n"), "must have the columns image,label,mask,object,split"),
+    ],
+)
+def test_bad_layouts_say_what_was_expected_where(tmp_path, break_it, message):
+    break_it(tmp_path)
+    with pytest.raises(DataError, match=message):
+        resolve_categories(tmp_path, "all")
+
+
+def _visa_csv(root, row, header="object,split,label,image,mask\n"):
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text(header + row)
+
+
+def test_few_shot_draws_k_images_with_the_seed(synthetic_root):
+    train = CategoryDataset(synthetic_root, "widget", "train", Preprocess(72, 64))
+    draws = {seed: [s.image.name for s in train.few_shot(2, seed).samples] for seed in range(4)}
+    assert all(len(names) == 2 and len(set(names)) == 2 for names in draws.values())
+    assert [s.image.name for s in train.few_shot(2, 0).samples] == draws[0] and len({tuple(d) for d in draws.values()}) > 1
+    assert len(train) == 6  # the full set is untouched
+    with pytest.raises(DataError, match="--shots 7: widget's train split holds 6 images; give 1 to 6"):
+        train.few_shot(7, 0)
+
+
+def test_without_the_crop_the_whole_image_is_the_input_and_masks_follow_it(tmp_path):
+    values = np.zeros((60, 90), np.uint8)
+    values[:, 60:] = 255  # the right third of a 90x60 image is defective
+    mask = Preprocess(64, 48, crop="none").mask(Image.fromarray(values), (90, 60))[0]
+    image = Preprocess(64, 48, crop="none").image(Image.new("RGB", (90, 60)))
+    assert image.shape == (3, 48, 48) and mask.shape == (48, 48)
+    assert mask[:, 33:].all() and not mask[:, :31].any()  # columns 60/90 of 48 = 32: the whole width is kept
+    cropped = Preprocess(64, 48).mask(Image.fromarray(values), (90, 60))[0]  # center crop: width 96 -> 48 in the middle
+    assert cropped[:, :8].sum() == 0 and cropped[:, -8:].all()

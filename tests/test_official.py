@@ -94,7 +94,7 @@ def _mask_with_thin_and_thick_defects(mode: str) -> Image.Image:
 
 
 def _torchvision_chain(mask: Image.Image) -> np.ndarray:
-    """The released code's MVTecDataset mask transform, then its metrics' astype(int), written out with torchvision."""
+    """The released code's CategoryDataset mask transform, then its metrics' astype(int), written out with torchvision."""
     tensor = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])(mask)
     return tensor.numpy()[0].astype(int)
 
@@ -133,7 +133,7 @@ def test_official_protocol_end_to_end(synthetic_root, tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from bank import load_bank
-    from dataset import MVTecDataset, Preprocess
+    from dataset import CategoryDataset, Preprocess
     from scripts import evaluate, train
 
     assert train(synthetic_root, tmp_path, "--protocol", "official").returncode == 0
@@ -143,8 +143,8 @@ def test_official_protocol_end_to_end(synthetic_root, tmp_path):
     assert bank.shape == (6 * 8 * 8 // 10, 1024) and header["config"]["protocol"] == "official"
     metrics = json.loads((tmp_path / "widget" / "metrics.json").read_text())
     assert metrics["protocol"] == "official" and metrics["patch_score"].startswith("squared")
-    assert "protocol: official" in result.stdout and "results.csv" in (tmp_path / "summary.md").read_text()
-    test = MVTecDataset(synthetic_root, "widget", "test", Preprocess(72, 64, "official"))
+    assert "protocol: official" in result.stdout and "protocol: official" in (tmp_path / "summary.md").read_text()
+    test = CategoryDataset(synthetic_root, "widget", "test", Preprocess(72, 64, "official"))
     masks = np.stack([test[i][2][0].numpy() for i in range(len(test))])
     with np.load(tmp_path / "widget" / "anomaly_maps.npz") as raw:
         maps = np.stack([raw[test[i][3]].astype(np.float32) for i in range(len(test))])

@@ -8,8 +8,16 @@ import pytest
 from report import heatmap_panel, summary_rows, write_summary
 
 
-def _result(category, image, pixel, pro, protocol="paper"):
-    return {"category": category, "image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "weights": "w", "protocol": protocol}
+def _result(category, image, pixel, pro, protocol="paper", shots=0):
+    return {
+        "category": category,
+        "image_auroc": image,
+        "pixel_auroc": pixel,
+        "aupro": pro,
+        "weights": "w",
+        "protocol": protocol,
+        "shots": shots,
+    }
 
 
 def test_summary_rows_compare_with_the_paper():
@@ -33,9 +41,17 @@ def test_each_protocol_is_compared_with_its_own_published_numbers(tmp_path):
     assert "protocol: official" in text and "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1/results.csv" in text and "design document" not in text
 
 
+def test_visa_categories_few_shot_runs_and_own_categories(tmp_path):
+    rows = summary_rows([_result("pcb1", 0.95, 0.99, 0.9, shots=4), _result("mine", 0.9, None, None)])
+    assert rows[0]["published_image_auroc"] == 98.5 and rows[0]["published_pixel_auroc"] == 99.9 and rows[0]["shots"] == 4
+    assert rows[1]["published_image_auroc"] is None and rows[2]["shots"] == "4/all"
+    text = write_summary(tmp_path, [_result("pcb1", 0.95, 0.99, 0.9, shots=4)])
+    assert "IM-IAD" in text and "full-shot" in text and "| pcb1 | 4 |" in text
+
+
 def test_write_summary_files(tmp_path):
     table = write_summary(tmp_path, [_result("bottle", 0.99, 0.97, 0.9)])
-    assert "| bottle | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 |" in table
+    assert "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 |" in table
     assert table in (tmp_path / "summary.md").read_text()
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert rows[0]["image_diff"] == "-1.0" and rows[0]["protocol"] == "paper" and rows[1]["category"] == "mean"

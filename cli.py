@@ -26,7 +26,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data_path", required=True, help="dataset folder: MVTec AD, VisA, or one folder per category of your own")
+    parser.add_argument("--data_path", default=None, help="dataset folder: MVTec AD, VisA, or one folder per category of your own")
     parser.add_argument("--category", default="bottle", help="a category, a comma list, or 'all' (default: bottle)")
     parser.add_argument("--output_dir", default="results", help="memory banks and results go to OUTPUT_DIR/<category>/ (default: results)")
 
@@ -51,19 +51,15 @@ def _parse_field(field: dataclasses.Field) -> Callable[[str], object]:
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_type: type) -> None:
-    """One option per config field, --<field name>, with the field's default and help."""
+    """One option per config field, --<field name>, with the field's help and default. An option
+    not given stays out of the namespace: the dataclass fills in its own default."""
     group = parser.add_argument_group("memory-bank settings (stored in the bank; evaluate.py follows them)")
     for field in dataclasses.fields(config_type):
         if "help" not in field.metadata:
             continue  # set by the code, not by a flag
-        default = field.default
-        shown = field.metadata.get("default_text") or (",".join(default) if isinstance(default, tuple) else default)
-        if field.type == "bool":
-            group.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default,
-                               help=f"{field.metadata['help']} (default: {shown})")  # fmt: skip
-            continue
+        shown = field.metadata.get("default_text") or (",".join(field.default) if isinstance(field.default, tuple) else field.default)
         group.add_argument(
-            f"--{field.name}", type=_parse_field(field), default=default, metavar=field.metadata.get("metavar"),
+            f"--{field.name}", type=_parse_field(field), default=argparse.SUPPRESS, metavar=field.metadata.get("metavar"),
             help=f"{field.metadata['help']} (default: {shown})",
         )  # fmt: skip
 
@@ -81,15 +77,18 @@ def refuse_config_args(parser: argparse.ArgumentParser, config_type: type, allow
 
     for field in dataclasses.fields(config_type):
         if "help" in field.metadata and field.name not in allowed:
-            names = [f"--{field.name}"] + ([f"--no-{field.name}"] if field.type == "bool" else [])
-            parser.add_argument(*names, action=Refuse, nargs="?", help=argparse.SUPPRESS)
+            parser.add_argument(f"--{field.name}", action=Refuse, nargs="?", help=argparse.SUPPRESS)
+
+
+def given_config_args(args: argparse.Namespace, config_type: type) -> dict:
+    """The memory-bank settings given on the command line (not their defaults)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, config_type: type):
     """The config the command line asks for; an invalid value is a usage error."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if hasattr(args, f.name)}
     try:
-        return config_type(**values)
+        return config_type(**given_config_args(args, config_type))
     except ValueError as err:
         parser.error(str(err))
 

@@ -59,18 +59,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", default=None, help="score these unlabelled images instead of the test split: a folder or a glob")
     parser.add_argument(
         "--threshold",
-        type=float,
         default=None,
-        help="with --images: image score at or above which an image is called defective "
-        "(default: the image F1 threshold in the category's metrics.json, if any)",
+        metavar="VALUE|f1",
+        help="with --images: the image score at or above which a part is defective, or 'f1' for the labelled F1-optimal "
+        "thresholds in the category's metrics.json (default: the thresholds calibrated on good images at training)",
     )
     refuse_config_args(parser, PatchCoreConfig, allowed=("weights",))
     args = parser.parse_args()
     check_runtime_args(parser, args)
     if args.images and ("," in args.category or args.category == "all"):
         parser.error("--images scores against one memory bank: give a single --category")
+    if not args.images and not args.data_path:
+        parser.error("the following argument is required: --data_path")
     if args.threshold is not None and not args.images:
         parser.error("--threshold applies to --images only; on the test split the F1-optimal threshold is reported")
+    if args.threshold not in (None, "f1"):
+        try:
+            args.threshold = float(args.threshold)
+        except ValueError:
+            parser.error(f"--threshold takes a number or f1, got {args.threshold!r}")
     return args
 
 
@@ -91,6 +98,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "a center crop has no scores outside it"
         )
     dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
+    calibration = model.calibration
+    calibrated = calibration.get("image_threshold") is not None
     no_masks = None
     if dataset.unmasked_defects:
         no_masks = (
@@ -134,7 +143,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "protocol": config.protocol,
             "layout": dataset.layout,
             "shots": config.shots,
-            **compute_metrics(labels, scores, masks, maps, defects, no_masks),
+            **compute_metrics(labels, scores, masks, maps, defects, no_masks, model.calibration),
             "n_images": n,
             "n_good": int((labels == 0).sum()),
             "n_defective": int((labels == 1).sum()),
@@ -144,7 +153,9 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
-            "heatmap_scale": [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
+            "heatmap_scale": calibration.get("heatmap_scale") or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
+            "heatmap_region": "at the calibrated pixel threshold" if calibrated else "at the labelled pixel F1 threshold",
+            "calibration": calibration,
             "seconds": round(seconds, 2),
             "ms_per_image": round(1000 * seconds / n, 1),
             "device": str(model.device),
@@ -158,7 +169,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
 
         # heatmaps, now that the colour scale and threshold are known: the images are read again, a batch at a
         # time, or one by one at their own resolution for a bank that sees the whole image
-        vmin, vmax, threshold = *metrics["heatmap_scale"], metrics["pixel_f1_threshold"]
+        vmin, vmax = metrics["heatmap_scale"]
+        threshold = calibration["pixel_threshold"] if calibrated else metrics["pixel_f1_threshold"]
         names = [Path(d) / (Path(p).stem + ".png") for p, d in zip(paths, defects)]
         if whole:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
@@ -176,20 +188,38 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         plot_roc(stage / "roc.png", labels, scores, metrics["image_auroc"], category)
         plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
         records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
+        if calibrated:  # 1.0 or more: defective at the threshold calibrated on good images
+            for record in records:
+                record["normalized_score"] = record["score"] / calibration["image_threshold"]
         write_json(stage / "scores.json", records)
         write_json(stage / "metrics.json", metrics)
     return metrics
 
 
+def decision_thresholds(args: argparse.Namespace, model: PatchCore, known: dict) -> tuple[float | None, float | None, str]:
+    """(image threshold, pixel threshold, where they come from) for --images."""
+    calibration = model.calibration
+    if args.threshold == "f1":
+        if known.get("image_f1_threshold") is None:
+            raise ValueError(f"--threshold f1: no labelled F1 threshold for {args.category} yet: run evaluate.py on its test split first")
+        return known["image_f1_threshold"], known.get("pixel_f1_threshold"), "labelled F1-optimal thresholds (metrics.json)"
+    if args.threshold is not None:
+        return args.threshold, calibration.get("pixel_threshold"), "--threshold (image); pixel: calibrated"
+    if calibration.get("image_threshold") is not None:
+        how = f"calibrated on {calibration['n_held_out']} held-out good images for {calibration['target_fpr']:.0%} false alarms"
+        return calibration["image_threshold"], calibration["pixel_threshold"], how
+    return None, None, f"none: {calibration['reason']}"
+
+
 def score_new_images(args: argparse.Namespace) -> None:
-    """--images: score unlabelled images batch by batch; decisions where a threshold is known."""
+    """--images: score unlabelled images batch by batch; decide with the calibrated thresholds (or --threshold)."""
     category = args.category
     out_dir = Path(args.output_dir) / category
     paths = find_images(args.images)
     model = load_model(args, category)
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
-    threshold = args.threshold if args.threshold is not None else known.get("image_f1_threshold")
-    scale = known.get("heatmap_scale")  # the category's scale; without one, each heatmap is scaled to its own range
+    threshold, pixel_threshold, source = decision_thresholds(args, model, known)
+    scale = model.calibration.get("heatmap_scale") or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own
     dataset = ImageFiles(paths, model.config.preprocess())
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
     records = []
@@ -206,25 +236,28 @@ def score_new_images(args: argparse.Namespace) -> None:
                 else:
                     rgb = to_rgb(image)
                 vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
-                save_heatmap(
-                    stage / "anomaly_maps" / name, heatmap_panel(rgb, anomaly_map, None, vmin, vmax, known.get("pixel_f1_threshold"))
-                )
+                save_heatmap(stage / "anomaly_maps" / name, heatmap_panel(rgb, anomaly_map, None, vmin, vmax, pixel_threshold))
                 record = {"path": str(paths[index]), "heatmap": f"anomaly_maps/{name}", "score": float(value)}
-                if threshold is not None:
+                if threshold is not None:  # normalized: 1.0 or more means defective
+                    record["normalized_score"] = float(value) / threshold
                     record["decision"] = "defective" if value >= threshold else "good"
                 records.append(record)
         summary = {
             "threshold": threshold,
-            "heatmap_scale": scale or "each heatmap scaled to its own range (no metrics.json for this category yet)",
+            "pixel_threshold": pixel_threshold,
+            "thresholds_from": source,
+            "heatmap_scale": scale or "each heatmap scaled to its own range (no calibration or metrics.json for this category)",
             "weights": model.weights,
             "created": now(),
             "images": records,
         }
         write_json(stage / "scores.json", summary)
     seconds = time.perf_counter() - start
-    print(f"\n{'image':<40} {'score':>10}  decision")
+    print(f"\nthresholds: {source}" + (f": image {threshold:.4g}" if threshold is not None else ""))
+    print(f"{'image':<40} {'score':>10} {'/ threshold':>12}  decision")
     for record in records:
-        print(f"{Path(record['path']).name:<40} {record['score']:>10.4f}  {record.get('decision', '(no threshold)')}")
+        normalized = f"{record['normalized_score']:.3f}" if "normalized_score" in record else "-"
+        print(f"{Path(record['path']).name:<40} {record['score']:>10.4f} {normalized:>12}  {record.get('decision', '(no threshold)')}")
     print(f"\n{len(records)} images in {seconds:.1f}s; scores and heatmaps in {inference}/")
 
 

@@ -89,6 +89,15 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float | None, str | None
     return float(area / fpr_limit), None
 
 
+def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
+    """(false-positive rate on the good samples, recall on the defective ones) when score >= threshold
+    is called defective; None for a class that is absent."""
+    labels, flagged = np.asarray(labels).ravel().astype(bool), np.asarray(scores).ravel() >= threshold
+    fpr = float(flagged[~labels].mean()) if (~labels).any() else None
+    recall = float(flagged[labels].mean()) if labels.any() else None
+    return fpr, recall
+
+
 def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: list[str]) -> dict:
     """Image AUROC of the good images against each defect type alone, with counts."""
     labels, scores, defect_types = np.asarray(labels), np.asarray(scores), np.asarray(defect_types)
@@ -103,11 +112,21 @@ def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: list[
     return result
 
 
-def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, maps, defect_types: list[str], no_masks: str | None = None) -> dict:
+def compute_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks,
+    maps,
+    defect_types: list[str],
+    no_masks: str | None = None,
+    calibration: dict | None = None,
+) -> dict:
     """Every metric of a category's test split; pixel metrics over all pixels of all test images.
 
     masks and maps: [N, H, W] arrays or lists of per-image arrays. `no_masks`: why there is no
     pixel ground truth (masks is then ignored, and every pixel metric is None with that reason).
+    `calibration` (thresholds set on good images, patchcore.calibrate): the false-positive rate
+    and recall it gives at image and pixel level, beside the F1-optimal thresholds.
     """
     metrics: dict = {}
     reasons: dict = {}
@@ -127,6 +146,15 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks, maps, defect_
         if reason:
             reasons[f"{level}_f1_max"] = reason
     metrics["per_defect"] = per_defect_auroc(labels, scores, defect_types)
+    if calibration and calibration.get("image_threshold") is not None:
+        at = {"image_threshold": calibration["image_threshold"], "pixel_threshold": calibration["pixel_threshold"],
+              "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"]}  # fmt: skip
+        at["image_fpr"], at["image_recall"] = rates_at(labels, scores, calibration["image_threshold"])
+        at["pixel_fpr"], at["pixel_recall"] = (
+            (None, None) if no_masks else rates_at(pixel_labels, pixel_scores, calibration["pixel_threshold"])
+        )
+        at["f1_image_threshold"], at["f1_pixel_threshold"] = metrics["image_f1_threshold"], metrics["pixel_f1_threshold"]
+        metrics["at_calibrated_thresholds"] = at
     if reasons:
         metrics["undefined"] = reasons
     return metrics

@@ -88,6 +88,11 @@ class PatchCoreConfig:
         metadata={"help": "image score: 0 = max patch score; b >= 2 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)"},
     )
     blur_sigma: float = field(default=4.0, metadata={"help": "Gaussian sigma for smoothing anomaly maps, 0 = none"})
+    calibration_holdout: float = field(
+        default=0.2,
+        metadata={"help": "fraction of train/good held out (drawn with --seed) to set thresholds on good images only; 0 = none"},
+    )
+    target_fpr: float = field(default=0.05, metadata={"help": "false-alarm rate the thresholds aim at on good parts"})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON
@@ -110,6 +115,8 @@ class PatchCoreConfig:
             (self.reweight_b >= 0, f"--reweight_b must be 0 (max score) or at least 2, got {self.reweight_b}"),
             (self.reweight_b != 1, "--reweight_b 1 would score every image 0 (Eq. 7's weight is 1 - e^s/e^s): use 0 or b >= 2"),
             (self.blur_sigma >= 0, f"--blur_sigma must be 0 (off) or more, got {self.blur_sigma}"),
+            (0 <= self.calibration_holdout < 1, f"--calibration_holdout must be in [0, 1), got {self.calibration_holdout}"),
+            (0 < self.target_fpr < 1, f"--target_fpr must be in (0, 1), got {self.target_fpr}"),
             (not official or self.reweight_b == 0, "--reweight_b: the released code scores by the max; Eq. 7 is --protocol paper only"),
         ]
         for ok, message in checks:
@@ -254,16 +261,44 @@ def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: 
     return out
 
 
-def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int, block: int = 64) -> torch.Tensor:
+def nearest_center(points: torch.Tensor, centers: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance (float32) of every point to its nearest center, and that center's index; computed
+    in float64 as ||p||^2 - 2 p.c + ||c||^2 in row blocks, so it is exact to float32 rounding."""
+    centers64 = centers.double()
+    centers_sq = (centers64**2).sum(1)
+    best, which = [], []
+    for block in points.split(rows):
+        block64 = block.double()
+        d = ((block64**2).sum(1, keepdim=True) - 2 * block64 @ centers64.T + centers_sq).clamp_min(0)
+        value, index = d.min(1)
+        best.append(value.float())
+        which.append(index)
+    return torch.cat(best), torch.cat(which)
+
+
+def _greedy_start(points: torch.Tensor, start: int | None, existing: torch.Tensor | None) -> tuple[list[int], torch.Tensor]:
+    """The picks made before the loop, and every point's squared distance to the nearest of the selected set:
+    a fresh run starts at `start`; a grown bank starts from the `existing` centers (no pick yet)."""
+    if existing is None:
+        if points.device.type == "cpu":  # in row blocks: no N x D temporaries
+            return [start], torch.from_numpy(squared_distances_blocked(points, points[start]))
+        return [start], squared_distances(points, points[start])
+    return [], nearest_center(points, existing.to(points.device, torch.float32))[0]
+
+
+def k_center_greedy_dense(
+    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, block: int = 64
+) -> torch.Tensor:
     """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path).
 
-    On CUDA, `block` iterations are captured once as a CUDA graph and replayed, so the
-    per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
+    Picks n_select points, the first being `start`; or, to grow a bank, n_select more points
+    after the `existing` centers. On CUDA, `block` iterations are captured once as a CUDA graph
+    and replayed, so the per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
     """
+    first, min_dist = _greedy_start(points, start, existing)  # squared distance to the nearest selected point
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
-    selected[0] = start
-    min_dist = squared_distances(points, points[start])  # squared distance to the nearest selected point
-    position = torch.ones(1, dtype=torch.long, device=points.device)  # where the next index goes
+    selected[: len(first)] = torch.tensor(first, dtype=torch.long)
+    position = torch.full((1,), len(first), dtype=torch.long, device=points.device)  # where the next index goes
 
     def step() -> None:
         farthest = torch.argmax(min_dist).view(1)  # first index among ties
@@ -271,7 +306,7 @@ def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int, block
         torch.minimum(min_dist, squared_distances(points, points[farthest]), out=min_dist)
         position.add_(1)
 
-    remaining = n_select - 1
+    remaining = n_select - len(first)
     progress = tqdm(total=remaining, desc="coreset", unit="pt", mininterval=1.0)
     if points.device.type == "cuda" and remaining >= 2 * block:
         side = torch.cuda.Stream()
@@ -297,7 +332,9 @@ def k_center_greedy_dense(points: torch.Tensor, n_select: int, start: int, block
     return selected
 
 
-def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pivots: int = 16) -> torch.Tensor:
+def k_center_greedy_pruned(
+    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, n_pivots: int = 16
+) -> torch.Tensor:
     """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
 
     Every point belongs to its nearest center j, and r_j is the largest distance in j's
@@ -305,7 +342,8 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
     (triangle inequality), so other groups are skipped. d(j, c) itself is first bounded
     from below through a few pivot centers, |d(k, j) - d(k, c)| <= d(j, c), so that most
     centers are ruled out without a full distance. A slack of 1e-4 of the data's scale on
-    the bounds covers float32 rounding. Same selection as k_center_greedy_dense.
+    the bounds covers float32 rounding. Same selection as k_center_greedy_dense, with the
+    same `start` or `existing` centers; returns the n_select picks.
     """
     n, dim = points.shape
     x = points.numpy()
@@ -314,26 +352,33 @@ def k_center_greedy_pruned(points: torch.Tensor, n_select: int, start: int, n_pi
         diff = a - c
         return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
+    first, min_dist = _greedy_start(points, start, existing)
+    min_dist = min_dist.numpy()
+    initial = x[first] if existing is None else existing.numpy().astype(np.float32)
+    k0 = len(initial)  # centers before the loop: the start point, or the existing bank
+    centers = np.empty((k0 + n_select - len(first), dim), np.float32)
+    centers[:k0] = initial
+    group = np.zeros(n, np.int32) if existing is None else nearest_center(points, existing)[1].numpy().astype(np.int32)
+    radius = np.zeros(len(centers), np.float32)  # r_j, exact for every group
+    np.maximum.at(radius, group, np.sqrt(min_dist))
+    pivot_of = list(range(min(n_pivots, k0)))  # the first centers serve as pivots, up to n_pivots
+    pivot_dist = np.zeros((n_pivots, len(centers)), np.float32)  # d(pivot k, center j)
+    for k, j in enumerate(pivot_of):
+        pivot_dist[k, :k0] = center_distances(centers[:k0], centers[j])
     selected = np.empty(n_select, np.int64)
-    centers = np.empty((n_select, dim), np.float32)
-    radius = np.zeros(n_select, np.float32)  # r_j, exact for every group
-    pivot_dist = np.zeros((n_pivots, n_select), np.float32)  # d(pivot k, center j)
-    selected[0], centers[0] = start, x[start]
-    min_dist = squared_distances_blocked(points, points[start])
-    group = np.zeros(n, np.int32)
-    radius[0] = np.sqrt(min_dist.max())
-    slack = 1e-4 * float(radius[0]) + 1e-12
-    n_piv = 1
-    for i in tqdm(range(1, n_select), desc="coreset", unit="pt", mininterval=1.0):
+    selected[: len(first)] = first
+    slack = 1e-4 * float(np.sqrt(min_dist.max())) + 1e-12
+    for i in tqdm(range(k0, len(centers)), desc="coreset", unit="pt", mininterval=1.0):
         farthest = int(np.argmax(min_dist))  # first index among ties
         c = x[farthest]
-        selected[i], centers[i] = farthest, c
-        if n_piv < n_pivots:  # the first centers serve as pivots
-            pivot_dist[n_piv, : i + 1] = center_distances(centers[: i + 1], c)
-            n_piv += 1
-        to_pivots = center_distances(centers[:n_piv], c)
-        pivot_dist[:n_piv, i] = to_pivots
-        lower = np.abs(pivot_dist[:n_piv, :i] - to_pivots[:, None]).max(0)
+        selected[i - k0 + len(first)], centers[i] = farthest, c
+        if len(pivot_of) < n_pivots:  # the new center becomes a pivot
+            pivot_dist[len(pivot_of), : i + 1] = center_distances(centers[: i + 1], c)
+            pivot_of.append(i)
+        pivots = len(pivot_of)
+        to_pivots = center_distances(centers[pivot_of], c)
+        pivot_dist[:pivots, i] = to_pivots
+        lower = np.abs(pivot_dist[:pivots, :i] - to_pivots[:, None]).max(0)
         maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)
         near = maybe[center_distances(centers[maybe], c) < 2 * radius[maybe] + slack]
         in_near = np.zeros(i + 1, bool)
@@ -416,19 +461,65 @@ class _StopForward(Exception):
     """Raised by the hook of the deepest used layer: the rest of the network never runs."""
 
 
-def _gather_rows(chunks: Iterable[torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
-    """Rows `selected` (global indices into the chunks laid end to end), in that order, taken
-    chunk by chunk: the chunks are never concatenated, and each can be freed once read."""
-    order = torch.argsort(selected)
-    ordered = selected[order]
-    rows, offset = None, 0
+def _gather_rows(chunks: Iterable[torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each name, the rows at its global indices (into the chunks laid end to end), in that
+    order, taken chunk by chunk: the chunks are never concatenated, and each can be freed once read."""
+    plans = {name: (order := torch.argsort(rows), rows[order]) for name, rows in wanted.items()}
+    out, offset = {}, 0
     for chunk in chunks:
-        lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(chunk)))
-        if rows is None:
-            rows = torch.empty(len(selected), chunk.shape[1])
-        rows[order[lo:hi]] = chunk[ordered[lo:hi] - offset]
+        for name, (order, ordered) in plans.items():
+            lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(chunk)))
+            if name not in out:
+                out[name] = torch.empty(len(ordered), chunk.shape[1])
+            out[name][order[lo:hi]] = chunk[ordered[lo:hi] - offset]
         offset += len(chunk)
-    return rows
+    return out
+
+
+def _image_rows(images: list[int], per_image: int) -> torch.Tensor:
+    """The patch rows of these images, when every image gives per_image rows in order."""
+    return (torch.tensor(images, dtype=torch.long)[:, None] * per_image + torch.arange(per_image)).flatten()
+
+
+def _conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float]:
+    """The smallest held-out score t such that a new good score, exchangeable with the n held-out ones, is
+    >= t with probability at most `target`: the k-th smallest, k = ceil((n + 1)(1 - target)). Returns
+    (t, its false-alarm rate (n + 1 - k) / (n + 1)); with too few scores, k = n: the largest, 1 / (n + 1)."""
+    n = len(scores)
+    k = min(n, math.ceil((n + 1) * (1 - target) - 1e-9))
+    return float(np.sort(scores)[k - 1]), (n + 1 - k) / (n + 1)
+
+
+def calibrate(scores: np.ndarray, maps: np.ndarray, target_fpr: float) -> dict:
+    """Thresholds from good images only (scores [n], maps [n, H, W] of held-out good images).
+
+    image threshold: split-conformal on the image scores, so that a new good part is called
+    defective with probability at most target_fpr; pixel threshold: the same on each held-out
+    map's largest value, so that a good part shows no predicted region with probability at
+    least 1 - target_fpr. A target finer than 1 / (n + 1) cannot be met with n images: the
+    thresholds are then the largest held-out values, and `expected_fpr` says what they give.
+    """
+    image, image_rate = _conformal_threshold(scores, target_fpr)
+    peaks = maps.reshape(len(maps), -1).max(1)
+    pixel, _ = _conformal_threshold(peaks, target_fpr)
+    low = float(maps.min())
+
+    def stats(values: np.ndarray) -> dict:
+        q = np.quantile(values, [0.5, 0.9, 0.95, 0.99])
+        return {"min": float(values.min()), "mean": float(values.mean()), "std": float(values.std()), "median": float(q[0]),
+                "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]), "max": float(values.max())}  # fmt: skip
+
+    return {
+        "method": "split conformal on held-out good images (k-th smallest score, k = ceil((n + 1)(1 - target_fpr)))",
+        "target_fpr": target_fpr,
+        "expected_fpr": image_rate,
+        "n_held_out": len(scores),
+        "image_threshold": image,
+        "pixel_threshold": pixel,
+        "heatmap_scale": [low, 2 * pixel - low],  # the pixel threshold in the middle of the colour bar
+        "held_out_image_scores": stats(scores),
+        "held_out_map_maxima": stats(peaks),
+    }
 
 
 class PatchCore:
@@ -478,6 +569,7 @@ class PatchCore:
         self.grid = max((tuple(f.shape[-2:]) for f in probe), key=lambda hw: hw[0] * hw[1])  # (28, 28): patches per image
         self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
+        self.calibration: dict = {"reason": "no memory bank yet"}  # thresholds set on held-out good images (calibrate)
         self.index = None  # faiss index over the memory bank, or None for the torch search
 
     # ------------------------------------------------------------------ backbone
@@ -607,22 +699,12 @@ class PatchCore:
         return self.aggregate_patches(features), (int(grid[0]), int(grid[1]))
 
     # ------------------------------------------------------------------ memory bank
-    @torch.no_grad()
-    def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
-        """Build the memory bank from the normal training images (Sec. 3.2); returns counts.
-
-        Pass 1 keeps every patch's projected feature (N x coreset_proj_dim) for the coreset,
-        and, when all full features fit in `feature_memory_gb` (default: half the available
-        RAM), those too, in per-batch chunks that are never concatenated: the selected rows
-        are taken chunk by chunk, each chunk freed once read. Otherwise pass 2 runs the images
-        again and keeps just the selected patches. Both ways give the same memory bank.
-        """
+    def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
+        """Pass 1 over the images: every patch's projected feature for the coreset ([N, coreset_proj_dim]),
+        and, when all full features fit in `feature_memory_gb` (default: half the available RAM), those
+        too, as the per-batch chunks they arrive in, never concatenated. Returns (projected, chunks or None, what was kept)."""
         budget = (default_feature_memory_gb() if feature_memory_gb is None else feature_memory_gb) * 2**30
-        n_images = len(dataloader.dataset)
-        if n_images == 0:
-            raise ValueError("fit() got no training images")
         n_patches, dim = n_images * self.grid[0] * self.grid[1], self.feature_dim
-        self._check_reweight_b(self.bank_size(n_patches))
         projection = self.coreset_projection(dim)
         projected = torch.empty(n_patches, dim if projection is None else projection.shape[1])
         chunks, size = None, f"{n_patches:,} patch features ({n_patches * dim * 4 / 2**30:.2f} GB)"
@@ -649,18 +731,96 @@ class PatchCore:
             offset += len(patches)
         if offset != len(projected):
             raise ValueError(f"the dataloader gave {offset // (self.grid[0] * self.grid[1])} images, its dataset's length {n_images}")
-        selected = self.k_center_greedy(projected)
         if projection is None:
-            bank = projected[selected]
-        else:
-            del projected
-            if chunks is not None:  # the kept chunks, each released as soon as its rows are taken
-                source = (chunks.pop(0) for _ in range(len(chunks)))
-            else:
-                source = (self._patches(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
-            bank = _gather_rows(source, selected)
-        self.set_memory_bank(bank)
-        return {"n_images": n_images, "n_patches": int(offset), "memory_bank_size": len(bank), "fit": path.split(":")[0]}
+            chunks = [projected]  # the full features themselves
+        return projected, chunks, path.split(":")[0]
+
+    def _full_features(self, chunks: list | None, dataloader):
+        """The full features' chunks in order: the kept ones, each released once taken, or a second pass."""
+        if chunks is not None:
+            return (chunks.pop(0) for _ in range(len(chunks)))
+        return (self._patches(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
+
+    def holdout_images(self, n_images: int) -> list[int]:
+        """The training images held out for calibration: round(calibration_holdout * n), drawn with the
+        seed (a stream apart from the few-shot draw); none when that leaves no image on either side."""
+        k = round(self.config.calibration_holdout * n_images)
+        if k < 1 or k >= n_images:
+            return []
+        return sorted(np.random.default_rng([self.config.seed, 1]).choice(n_images, k, replace=False).tolist())
+
+    @torch.no_grad()
+    def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
+        """Build the memory bank from the normal training images (Sec. 3.2); returns counts.
+
+        Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit;
+        the selected rows are then taken from the kept chunks, or from a second pass. Both ways
+        give the same memory bank. With calibration_holdout > 0, a seeded part of the images is
+        also left out of a second coreset; their scores against it set `self.calibration`'s
+        thresholds (calibrate); the saved bank holds every image, as the paper's does.
+        """
+        n_images = len(dataloader.dataset)
+        if n_images == 0:
+            raise ValueError("fit() got no training images")
+        per_image = self.grid[0] * self.grid[1]
+        self._check_reweight_b(self.bank_size(n_images * per_image))
+        held_out = self.holdout_images(n_images)
+        projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
+        wanted = {"bank": self.k_center_greedy(projected)}
+        if held_out:
+            kept = _image_rows(sorted(set(range(n_images)) - set(held_out)), per_image)
+            wanted["calibration bank"] = kept[self.k_center_greedy(projected[kept])]
+            if chunks is not None:
+                wanted["held out"] = _image_rows(held_out, per_image)
+        del projected
+        rows = _gather_rows(self._full_features(chunks, dataloader), wanted)
+        if self.config.calibration_holdout == 0:
+            self.calibration = {"reason": "calibration off (--calibration_holdout 0): no thresholds"}
+        elif not held_out:
+            self.calibration = {
+                "reason": f"too few training images ({n_images}) to hold out a share of {self.config.calibration_holdout:g} "
+                "for calibration: no thresholds stored; decide with evaluate.py --threshold"
+            }
+        if held_out:
+            self.set_memory_bank(rows.pop("calibration bank"))
+            if "held out" in rows:
+                patches = rows.pop("held out").view(len(held_out), per_image, -1)
+                scored = [self._score(part, self.grid, (self.config.image_size,) * 2) for part in patches.split(16)]
+            else:  # the full features were not kept: run the held-out images again
+                subset = torch.utils.data.Subset(dataloader.dataset, held_out)
+                loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
+                scored = [self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch")]
+            scores, maps = (np.concatenate(parts) for parts in zip(*scored))
+            self.calibration = calibrate(scores, maps, self.config.target_fpr)
+        self.set_memory_bank(rows["bank"])
+        facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(rows["bank"]), "fit": path}
+        return {**facts, "held_out": held_out}
+
+    @torch.no_grad()
+    def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
+        """Grow the memory bank with newly confirmed good images: Alg. 1 goes on with the bank as the
+        already-selected set. Each new patch starts at its distance to the nearest bank patch (in the
+        coreset's projection), and bank_size(new patches) greedy picks are added. The thresholds stay:
+        more good patches can only lower scores, so they become conservative."""
+        if self.memory_bank is None:
+            raise RuntimeError("no memory bank to grow: fit() or from_bank() first")
+        n_images = len(dataloader.dataset)
+        if n_images == 0:
+            raise ValueError("add() got no images")
+        projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
+        projection = self.coreset_projection(self.feature_dim)
+        existing = self.memory_bank.cpu() if projection is None else self.memory_bank.cpu() @ projection.cpu()
+        picked = self.k_center_greedy(projected, existing=existing)
+        del projected
+        new_rows = _gather_rows(self._full_features(chunks, dataloader), {"new": picked})["new"]
+        old = len(self.memory_bank)
+        self.set_memory_bank(torch.cat([self.memory_bank.cpu(), new_rows]))
+        if self.calibration.get("image_threshold") is not None:
+            self.calibration["note"] = (
+                f"kept after adding {n_images} good images: more good patches can only lower scores, so these thresholds are conservative"
+            )
+        return {"n_images": n_images, "n_patches": n_images * self.grid[0] * self.grid[1], "added": len(picked),
+                "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
 
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
@@ -691,17 +851,19 @@ class PatchCore:
                 "use a smaller --reweight_b or a larger --coreset_ratio"
             )
 
-    def k_center_greedy(self, points: torch.Tensor) -> torch.Tensor:
-        """Greedy k-center selection on (projected) `points`, from the seeded random start, which is
-        the first index returned: the pruned exact loop on a CPU, the dense CUDA-graph loop on a GPU."""
+    def k_center_greedy(self, points: torch.Tensor, existing: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy k-center selection (Alg. 1) of bank_size(N) of the (projected) `points`: the pruned
+        exact loop on a CPU, the dense CUDA-graph loop on a GPU. A fresh selection starts at the
+        seeded random start, the first index returned; with `existing` centers (a bank being
+        grown), every point starts at its distance to the nearest of them."""
         n = points.shape[0]
         n_select = self.bank_size(n)
         if n_select >= n:
             return torch.arange(n)
-        start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.config.seed)))
+        start = None if existing is not None else int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(self.config.seed)))
         if self.device.type == "cpu":
-            return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start)
-        return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start).cpu()
+            return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start, existing)
+        return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start, existing).cpu()
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
         """Keep the memory bank and index it for the chosen search."""
@@ -744,8 +906,12 @@ class PatchCore:
         paper: L2 distances (Eq. 6), maps blurred with mirror padding; official: squared L2
         distances, as faiss returns them to the released code, blurred as scipy's default ('reflect').
         """
+        patches, grid = self._patches(images)
+        return self._score(patches, grid, tuple(images.shape[-2:]))
+
+    def _score(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """predict() from the patch features [B, N, C] of images of `size`."""
         official = self.config.protocol == "official"
-        patches, (h, w) = self._patches(images)
         b, n, c = patches.shape
         distances, nearest = self.nearest_neighbors(patches.reshape(-1, c), k=1, squared=official)
         patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
@@ -753,7 +919,7 @@ class PatchCore:
             scores = self._reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
         else:
             scores = patch_scores.max(dim=1).values
-        maps = F.interpolate(patch_scores.reshape(b, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        maps = F.interpolate(patch_scores.reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)
         if self.config.blur_sigma > 0:
             maps = gaussian_blur(maps, self.config.blur_sigma, mode="reflect" if official else "mirror")
         return scores.cpu().numpy(), maps[:, 0].cpu().numpy()
@@ -780,7 +946,13 @@ class PatchCore:
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to save: call fit() first")
         model = {"weights": self.weights, "backbone_sha256": self.backbone_sha256, "feature_dim": self.feature_dim}
-        header = {"config": self.config.to_dict(), "model": model, **sections, "environment": environment()}
+        header = {
+            "config": self.config.to_dict(),
+            "model": model,
+            "calibration": self.calibration,
+            **sections,
+            "environment": environment(),
+        }
         save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
@@ -810,5 +982,5 @@ class PatchCore:
                 f"{model.feature_dim}-d ones: rerun train.py with these settings"
             )
         model.set_memory_bank(torch.from_numpy(memory_bank))
-        model.bank_header = header
+        model.calibration, model.bank_header = header["calibration"], header
         return model

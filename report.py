@@ -168,17 +168,18 @@ def summary_rows(results: list[dict]) -> list[dict]:
     rows = []
     for m in results:
         image, pixel, _ = published(m["protocol"], m["category"])
+        at = m.get("at_calibrated_thresholds") or {}
         rows.append({
             "category": m["category"], "protocol": m["protocol"], "shots": m["shots"] or "all", "image_auroc": pct(m["image_auroc"]),
             "published_image_auroc": pct(image), "pixel_auroc": pct(m["pixel_auroc"]), "published_pixel_auroc": pct(pixel),
-            "aupro": pct(m["aupro"]),
+            "aupro": pct(m["aupro"]), "image_fpr": pct(at.get("image_fpr")), "image_recall": pct(at.get("image_recall")),
         })  # fmt: skip
     mean = {
         "category": "mean",
         "protocol": "/".join(sorted({r["protocol"] for r in rows})),
         "shots": "/".join(sorted({str(r["shots"]) for r in rows})),
     }
-    for key in ("image_auroc", "published_image_auroc", "pixel_auroc", "published_pixel_auroc", "aupro"):
+    for key in ("image_auroc", "published_image_auroc", "pixel_auroc", "published_pixel_auroc", "aupro", "image_fpr", "image_recall"):
         values = [r[key] for r in rows if r[key] is not None]
         mean[key] = round(float(np.mean(values)), 2) if values else None
     rows.append(mean)
@@ -192,6 +193,7 @@ def summary_rows(results: list[dict]) -> list[dict]:
 COLUMNS = {  # summary column: title
     "category": "category", "shots": "shots", "image_auroc": "image AUROC", "published_image_auroc": "published", "image_diff": "diff",
     "pixel_auroc": "pixel AUROC", "published_pixel_auroc": "published", "pixel_diff": "diff", "aupro": "AUPRO@0.3",
+    "image_fpr": "false alarms", "image_recall": "recall",
 }  # fmt: skip
 
 
@@ -215,7 +217,10 @@ def write_summary(output_dir: Path, results: list[dict]) -> str:
     weights = ", ".join(sorted({m["weights"] for m in results}))
     markdown = (
         f"# PatchCore on {len(results)} categor{'y' if len(results) == 1 else 'ies'} (percent)\n\n"
-        f"protocol: {', '.join(protocols)}; weights: {weights}\n\n{sources}\n\n{table}\n"
+        f"protocol: {', '.join(protocols)}; weights: {weights}\n\n{sources}\n"
+        "- false alarms, recall: on the test split's good and defective images, at the image threshold calibrated on "
+        "held-out good training images (n/a without one)\n\n"
+        f"{table}\n"
     )
     write_text(output_dir / "summary.md", markdown)
 

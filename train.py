@@ -2,6 +2,11 @@
 
     python train.py --data_path "/mnt/e/Big Data/MVTec AD" --category bottle
     python train.py --data_path "/mnt/e/Big Data/MVTec AD" --category all --coreset_ratio 0.1
+    python train.py --data_path DIR --category bottle --add "confirmed_good/*.png"
+
+A seeded part of train/good is held out to set decision thresholds on good images only
+(--calibration_holdout, --target_fpr); the bank itself holds every training image.
+--add grows an existing bank with newly confirmed good images.
 
 Every memory-bank setting below is stored in the bank; evaluate.py rebuilds the model from it.
 """
@@ -20,16 +25,17 @@ from cli import (
     add_runtime_args,
     check_runtime_args,
     config_from_args,
+    given_config_args,
     make_loader,
     now,
     run_main,
 )
-from dataset import CategoryDataset, resolve_categories
+from dataset import CategoryDataset, ImageFiles, find_images, resolve_categories
 from files import write_json
 from patchcore import PatchCore, PatchCoreConfig
 
 
-def parse_args() -> tuple[argparse.Namespace, PatchCoreConfig]:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     add_runtime_args(parser)
@@ -39,16 +45,36 @@ def parse_args() -> tuple[argparse.Namespace, PatchCoreConfig]:
         default=None,
         help="keep all full patch features in RAM up to this size, else run the images a second time (default: half the available RAM)",
     )
+    parser.add_argument(
+        "--add",
+        default=None,
+        metavar="DIR_OR_GLOB",
+        help="grow the category's existing bank with these newly confirmed good images (a folder or a glob) instead of training",
+    )
     add_config_args(parser, PatchCoreConfig)
     args = parser.parse_args()
     check_runtime_args(parser, args)
     if args.feature_memory_gb is not None and args.feature_memory_gb < 0:
         parser.error(f"--feature_memory_gb must be 0 or more, got {args.feature_memory_gb}")
-    return args, config_from_args(parser, args, PatchCoreConfig)
+    if args.add and ("," in args.category or args.category == "all"):
+        parser.error("--add grows one memory bank: give a single --category")
+    if not args.add and not args.data_path:
+        parser.error("the following argument is required: --data_path")
+    return parser, args
 
 
-def main() -> None:
-    args, config = parse_args()
+def say_calibration(category: str, calibration: dict) -> None:
+    if calibration.get("image_threshold") is None:
+        print(f"{category}: {calibration['reason']}")
+        return
+    print(
+        f"{category}: thresholds from {calibration['n_held_out']} held-out good images, aiming at {calibration['target_fpr']:.0%} "
+        f"false alarms (expected {calibration['expected_fpr']:.1%}): image {calibration['image_threshold']:.4g}, "
+        f"pixel {calibration['pixel_threshold']:.4g}"
+    )
+
+
+def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
     categories = resolve_categories(Path(args.data_path), args.category)
     datasets = {c: CategoryDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
     if config.shots:
@@ -61,16 +87,53 @@ def main() -> None:
             chosen = ", ".join(s.image.name for s in dataset.samples)
             print(f"{category}: few-shot, {config.shots} training images drawn with seed {config.seed}: {chosen}")
         facts = model.fit(make_loader(dataset, args, model.device), args.feature_memory_gb)
+        facts["held_out"] = [dataset.relative_path(i) for i in facts["held_out"]]
         if config.shots:
             facts["images"] = [dataset.relative_path(i) for i in range(len(dataset))]
         seconds = time.perf_counter() - start
         path = Path(args.output_dir) / category / BANK_FILE
         model.save(path, category=category, train=facts)  # nothing run-specific: same data and seed, same bytes
         write_json(path.parent / TRAIN_LOG, {"seconds": round(seconds, 2), "device": str(model.device), "created": now()})
+        say_calibration(category, model.calibration)
         print(
             f"{category}: {facts['n_images']} images -> {facts['n_patches']} patches -> memory bank "
             f"{tuple(model.memory_bank.shape)} in {seconds:.1f}s, saved to {path}"
         )
+
+
+def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--add: the category's bank grows; a memory-bank setting given here must be the bank's."""
+    path = Path(args.output_dir) / args.category / BANK_FILE
+    model = PatchCore.from_bank(path, device=args.device)
+    stored = model.config.to_dict()
+    for name, value in given_config_args(args, PatchCoreConfig).items():
+        value = list(value) if isinstance(value, tuple) else value
+        if value != stored[name]:
+            parser.error(f"--{name} {value} differs from the bank's {stored[name]} ({path}): drop it, or train a new bank")
+    paths = find_images(args.add)
+    start = time.perf_counter()
+    facts = model.add(make_loader(ImageFiles(paths, model.config.preprocess()), args, model.device), args.feature_memory_gb)
+    train = model.bank_header["train"]
+    added = {"images": [str(p) for p in paths], "patches": facts["n_patches"], "picked": facts["added"]}
+    train = {**train, "n_images": train["n_images"] + len(paths), "n_patches": train["n_patches"] + facts["n_patches"],
+             "memory_bank_size": facts["memory_bank_size"], "added": [*train.get("added", []), added]}  # fmt: skip
+    model.save(path, category=args.category, train=train)
+    seconds = time.perf_counter() - start
+    print(
+        f"{args.category}: {len(paths)} good images added -> {facts['n_patches']} patches -> {facts['added']} picked; memory bank "
+        f"{facts['previous_size']} -> {facts['memory_bank_size']} in {seconds:.1f}s, saved to {path}"
+    )
+    say_calibration(args.category, model.calibration)
+    if model.calibration.get("note"):
+        print(f"{args.category}: thresholds {model.calibration['note']}")
+
+
+def main() -> None:
+    parser, args = parse_args()
+    if args.add:
+        add(parser, args)
+    else:
+        train(args, config_from_args(parser, args, PatchCoreConfig))
 
 
 if __name__ == "__main__":

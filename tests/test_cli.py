@@ -104,19 +104,85 @@ def test_summary_files(evaluated):
 
 def test_scoring_new_images(evaluated, tmp_path):
     root, out, _ = evaluated
+    _, header = load_bank(out / "widget" / "memory_bank.npz")
+    calibration = header["calibration"]
     result = evaluate(root, out, "--images", root / "widget" / "test" / "spot")
     assert result.returncode == 0, result.stderr
     inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
-    metrics = json.loads((out / "widget" / "metrics.json").read_text())
-    assert inference["threshold"] == metrics["image_f1_threshold"] and len(inference["images"]) == 2
+    assert inference["threshold"] == calibration["image_threshold"] and inference["pixel_threshold"] == calibration["pixel_threshold"]
+    assert inference["thresholds_from"].startswith("calibrated on 1 held-out good images") and len(inference["images"]) == 2
     for record in inference["images"]:
         assert record["decision"] == ("defective" if record["score"] >= inference["threshold"] else "good")
+        assert record["normalized_score"] == pytest.approx(record["score"] / inference["threshold"])
         assert (out / "widget" / "inference" / record["heatmap"]).is_file()
+    metrics = json.loads((out / "widget" / "metrics.json").read_text())
+    assert evaluate(root, out, "--images", root / "widget" / "test" / "spot", "--threshold", "f1").returncode == 0
+    inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
+    assert inference["threshold"] == metrics["image_f1_threshold"] and inference["thresholds_from"].startswith("labelled F1")
     result = evaluate(root, out, "--images", f"{root}/widget/test/*/000.png", "--threshold", "1e9")
     assert result.returncode == 0, result.stderr
     inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
     assert len(inference["images"]) == 4 and {r["decision"] for r in inference["images"]} == {"good"}
     assert not (out / "widget" / "inference" / "metrics.json").exists()
+    assert "--threshold takes a number or f1" in one_line_error(evaluate(root, out, "--images", root, "--threshold", "high"), code=2)
+
+
+def test_metrics_at_the_calibrated_thresholds(evaluated):
+    root, out, _ = evaluated
+    metrics = json.loads((out / "widget" / "metrics.json").read_text())
+    records = json.loads((out / "widget" / "scores.json").read_text())
+    at = metrics["at_calibrated_thresholds"]
+    good = [r["score"] >= at["image_threshold"] for r in records if r["label"] == 0]
+    defective = [r["score"] >= at["image_threshold"] for r in records if r["label"] == 1]
+    assert at["image_fpr"] == pytest.approx(np.mean(good)) and at["image_recall"] == pytest.approx(np.mean(defective))
+    assert 0 <= at["pixel_fpr"] <= 1 and 0 <= at["pixel_recall"] <= 1 and at["f1_image_threshold"] == metrics["image_f1_threshold"]
+    assert all(r["normalized_score"] == pytest.approx(r["score"] / at["image_threshold"]) for r in records)
+
+
+def test_decisions_right_after_training(synthetic_root, tmp_path):
+    """No metrics.json: the thresholds calibrated on held-out good images decide."""
+    result = train(synthetic_root, tmp_path, "--calibration_holdout", "0.5", "--target_fpr", "0.25")
+    assert result.returncode == 0, result.stderr
+    assert "widget: thresholds from 3 held-out good images, aiming at 25% false alarms (expected 25.0%)" in result.stdout
+    _, header = load_bank(tmp_path / "widget" / "memory_bank.npz")
+    assert len(header["train"]["held_out"]) == 3 and header["train"]["n_images"] == 6  # the bank holds every image
+    result = evaluate(synthetic_root, tmp_path, "--images", f"{synthetic_root}/widget/test/*/*.png")
+    assert result.returncode == 0, result.stderr
+    inference = json.loads((tmp_path / "widget" / "inference" / "scores.json").read_text())
+    assert inference["threshold"] == header["calibration"]["image_threshold"] and not (tmp_path / "widget" / "metrics.json").exists()
+    assert all(r["decision"] == ("defective" if r["normalized_score"] >= 1 else "good") for r in inference["images"])
+
+
+def test_too_few_images_to_calibrate_is_said_in_one_line(tmp_path):
+    from dataset import make_synthetic_category
+
+    make_synthetic_category(tmp_path / "data", "widget", n_train=2, n_test_good=1, n_per_defect=1, size=72)
+    result = train(tmp_path / "data", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "calibration" in line]
+    assert lines == ["widget: too few training images (2) to hold out a share of 0.2 for calibration: no thresholds stored; "
+                     "decide with evaluate.py --threshold"]  # fmt: skip
+    result = evaluate(tmp_path / "data", tmp_path / "out", "--images", tmp_path / "data" / "widget" / "test" / "good")
+    assert result.returncode == 0, result.stderr
+    inference = json.loads((tmp_path / "out" / "widget" / "inference" / "scores.json").read_text())
+    assert inference["threshold"] is None and "decision" not in inference["images"][0] and "(no threshold)" in result.stdout
+
+
+def test_adding_good_images_grows_the_bank(evaluated, tmp_path):
+    root, out, _ = evaluated
+    shutil.copytree(out / "widget", tmp_path / "widget", ignore=shutil.ignore_patterns("anomaly_maps*", "inference"))
+    before, old_header = load_bank(tmp_path / "widget" / "memory_bank.npz")
+    grow = ["--category", "widget", "--output_dir", tmp_path, *SMALL]
+    result = run("train.py", *grow, "--add", root / "widget" / "test" / "good")
+    assert result.returncode == 0, result.stderr
+    after, header = load_bank(tmp_path / "widget" / "memory_bank.npz")
+    assert np.array_equal(after[: len(before)], before) and len(after) == len(before) + 3 * 8 * 8 // 4
+    assert header["train"]["n_images"] == 9 and len(header["train"]["added"][0]["images"]) == 3
+    assert header["calibration"]["image_threshold"] == old_header["calibration"]["image_threshold"]
+    assert "conservative" in header["calibration"]["note"] and "thresholds kept after adding 3 good images" in result.stdout
+    line = one_line_error(run("train.py", *grow, "--add", root / "widget" / "test" / "good", "--coreset_ratio", "0.5"), code=2)
+    assert "--coreset_ratio 0.5 differs from the bank's 0.25" in line
+    assert np.array_equal(load_bank(tmp_path / "widget" / "memory_bank.npz")[0], after)  # the refused run wrote nothing
 
 
 def test_scoring_new_images_holds_one_batch_at_a_time(evaluated, tmp_path, monkeypatch):

@@ -371,3 +371,67 @@ def test_a_gpu_that_torch_cannot_use_is_said_once(tmp_path, monkeypatch, capsys)
     smi.unlink()  # no NVIDIA GPU: nothing to say
     monkeypatch.setattr(patchcore, "_warned", set())
     assert resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+
+
+def test_growing_a_bank_continues_the_greedy_loop():
+    """add() = Alg. 1 continued with the bank as the selected set, against a naive float64 loop written here."""
+    generator = torch.Generator().manual_seed(20)
+    first, more = torch.randn(4, 3, 64, 64, generator=generator), torch.randn(3, 3, 64, 64, generator=generator)
+    model = PatchCore(weights="none", device="cpu", image_size=64, coreset_ratio=0.1, calibration_holdout=0)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(first), batch_size=2))
+    old = model.memory_bank.clone()
+    facts = model.add(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(more), batch_size=2))
+    new = model.aggregate_patches(model.extract_features(more)).reshape(-1, 1536)
+    projection = (torch.randn(1536, 128, generator=torch.Generator().manual_seed(0)) / np.sqrt(128)).numpy().astype(np.float64)
+    points, centers = new.numpy().astype(np.float64) @ projection, old.numpy().astype(np.float64) @ projection
+    min_dist = ((points[:, None, :] - centers[None]) ** 2).sum(-1).min(1)
+    picked = []
+    for _ in range(len(points) // 10):
+        picked.append(int(np.argmax(min_dist)))
+        min_dist = np.minimum(min_dist, ((points - points[picked[-1]]) ** 2).sum(1))
+    assert facts["added"] == len(picked) == 19 and torch.equal(model.memory_bank[: len(old)], old)
+    # features differ by up to 1.6e-5 between batch sizes; another pick would differ by about 1
+    np.testing.assert_allclose(model.memory_bank[len(old) :].numpy(), new.numpy()[picked], atol=1e-4)
+
+
+@pytest.mark.parametrize("n, target", [(199, 0.05), (99, 0.01), (9, 0.05)])
+def test_calibrated_threshold_gives_the_target_false_alarm_rate(n, target):
+    """Good-image scores from a known (skewed) distribution: over many held-out draws, the share of fresh good
+    scores at or above the calibrated threshold averages the rate calibrate() reports, and that is the target
+    when n held-out images can reach it (9 images cannot reach 5 %: 1 / (n + 1) = 10 % is what they give)."""
+    from patchcore import calibrate
+
+    rng = np.random.default_rng(n)
+    fresh = rng.gamma(3.0, 2.0, 200_000)
+    rates, reported = [], set()
+    for _ in range(400):
+        held_out = rng.gamma(3.0, 2.0, n)
+        calibration = calibrate(held_out, np.tile(held_out[:, None, None], (1, 2, 2)), target)
+        rates.append((fresh >= calibration["image_threshold"]).mean())
+        reported.add(calibration["expected_fpr"])
+    (expected,) = reported
+    assert expected == (target if n >= 1 / target - 1 else 1 / (n + 1))
+    assert abs(np.mean(rates) - expected) < 0.15 * expected  # the mean of 400 draws; its sampling error is about 5 %
+
+
+def test_calibration_scores_held_out_images_against_a_bank_without_them():
+    from patchcore import calibrate
+
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(21))
+    settings = {"weights": "none", "device": "cpu", "image_size": 64, "target_fpr": 0.25}
+    model = PatchCore(calibration_holdout=0.5, **settings)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
+    held = model.holdout_images(6)
+    kept = [i for i in range(6) if i not in held]
+    assert len(held) == 3 and model.calibration["n_held_out"] == 3
+    # the reference: a bank of the kept images only, and the held-out images scored against it
+    reference = PatchCore(calibration_holdout=0, **settings)
+    reference.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[kept]), batch_size=3))
+    expected = calibrate(*reference.predict(images[held]), 0.25)
+    for key in ("image_threshold", "pixel_threshold"):
+        assert model.calibration[key] == pytest.approx(expected[key], rel=1e-4)
+    assert model.calibration["held_out_image_scores"] == pytest.approx(expected["held_out_image_scores"], rel=1e-4)
+    # and the saved bank is every image's, as without calibration
+    every = PatchCore(calibration_holdout=0, **settings)
+    every.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
+    assert torch.equal(model.memory_bank, every.memory_bank)

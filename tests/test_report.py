@@ -49,9 +49,15 @@ def test_visa_categories_few_shot_runs_and_own_categories(tmp_path):
     assert "IM-IAD" in text and "full-shot" in text and "| pcb1 | 4 |" in text
 
 
+def test_false_alarms_and_recall_at_the_calibrated_threshold_are_columns():
+    result = {**_result("bottle", 0.99, 0.97, 0.9), "at_calibrated_thresholds": {"image_fpr": 0.05, "image_recall": 0.875}}
+    row, mean = summary_rows([result])
+    assert (row["image_fpr"], row["image_recall"]) == (5.0, 87.5) and (mean["image_fpr"], mean["image_recall"]) == (5.0, 87.5)
+
+
 def test_write_summary_files(tmp_path):
     table = write_summary(tmp_path, [_result("bottle", 0.99, 0.97, 0.9)])
-    assert "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 |" in table
+    assert "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 | n/a | n/a |" in table
     assert table in (tmp_path / "summary.md").read_text()
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert rows[0]["image_diff"] == "-1.0" and rows[0]["protocol"] == "paper" and rows[1]["category"] == "mean"

@@ -256,7 +256,7 @@ def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: 
     n = len(points) if rows is None else len(rows)
     out = np.empty(n, np.float32)
     for lo in range(0, n, block):
-        part = points[lo : lo + block] if rows is None else points[torch.from_numpy(rows[lo : lo + block])]
+        part = points[lo : lo + block] if rows is None else torch.from_numpy(points.numpy()[rows[lo : lo + block]])
         out[lo : lo + block] = squared_distances(part, center).numpy()
     return out
 
@@ -337,13 +337,14 @@ def k_center_greedy_pruned(
 ) -> torch.Tensor:
     """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
 
-    Every point belongs to its nearest center j, and r_j is the largest distance in j's
-    group. A new center c can only come closer to points of group j if d(j, c) < 2 r_j
-    (triangle inequality), so other groups are skipped. d(j, c) itself is first bounded
-    from below through a few pivot centers, |d(k, j) - d(k, c)| <= d(j, c), so that most
-    centers are ruled out without a full distance. A slack of 1e-4 of the data's scale on
-    the bounds covers float32 rounding. Same selection as k_center_greedy_dense, with the
-    same `start` or `existing` centers; returns the n_select picks.
+    Every point belongs to its nearest center j (a list of members per center), and r_j is
+    the largest distance in j's group. A new center c can only come closer to points of
+    group j if d(j, c) < 2 r_j (triangle inequality), so other groups are skipped. d(j, c)
+    itself is first bounded from below through pivot centers, |d(k, j) - d(k, c)| <= d(j, c):
+    4 pivots for every center, the other 12 for those that pass, so that most centers are
+    ruled out without a full distance. A slack of 1e-4 of the data's scale on the bounds
+    covers float32 rounding. Same selection as k_center_greedy_dense, with the same `start`
+    or `existing` centers; returns the n_select picks.
     """
     n, dim = points.shape
     x = points.numpy()
@@ -356,19 +357,23 @@ def k_center_greedy_pruned(
     min_dist = min_dist.numpy()
     initial = x[first] if existing is None else existing.numpy().astype(np.float32)
     k0 = len(initial)  # centers before the loop: the start point, or the existing bank
-    centers = np.empty((k0 + n_select - len(first), dim), np.float32)
+    size = k0 + n_select - len(first)
+    centers = np.empty((size, dim), np.float32)
     centers[:k0] = initial
-    group = np.zeros(n, np.int32) if existing is None else nearest_center(points, existing)[1].numpy().astype(np.int32)
-    radius = np.zeros(len(centers), np.float32)  # r_j, exact for every group
+    group = np.zeros(n, np.int64) if existing is None else nearest_center(points, existing)[1].numpy()
+    members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group, minlength=k0))[:-1]) + [None] * (size - k0)
+    radius = np.zeros(size, np.float32)  # r_j, exact for every group
     np.maximum.at(radius, group, np.sqrt(min_dist))
+    slack = 1e-4 * float(np.sqrt(min_dist.max())) + 1e-12
+    bound = 2 * radius + slack  # how close a new center must come to center j to touch j's group
     pivot_of = list(range(min(n_pivots, k0)))  # the first centers serve as pivots, up to n_pivots
-    pivot_dist = np.zeros((n_pivots, len(centers)), np.float32)  # d(pivot k, center j)
+    pivot_dist = np.zeros((n_pivots, size), np.float32)  # d(pivot k, center j)
     for k, j in enumerate(pivot_of):
         pivot_dist[k, :k0] = center_distances(centers[:k0], centers[j])
+    scratch = np.empty((4, size), np.float32)
     selected = np.empty(n_select, np.int64)
     selected[: len(first)] = first
-    slack = 1e-4 * float(np.sqrt(min_dist.max())) + 1e-12
-    for i in tqdm(range(k0, len(centers)), desc="coreset", unit="pt", mininterval=1.0):
+    for i in tqdm(range(k0, size), desc="coreset", unit="pt", mininterval=1.0):
         farthest = int(np.argmax(min_dist))  # first index among ties
         c = x[farthest]
         selected[i - k0 + len(first)], centers[i] = farthest, c
@@ -378,21 +383,33 @@ def k_center_greedy_pruned(
         pivots = len(pivot_of)
         to_pivots = center_distances(centers[pivot_of], c)
         pivot_dist[:pivots, i] = to_pivots
-        lower = np.abs(pivot_dist[:pivots, :i] - to_pivots[:, None]).max(0)
-        maybe = np.flatnonzero(lower < 2 * radius[:i] + slack)
-        near = maybe[center_distances(centers[maybe], c) < 2 * radius[maybe] + slack]
-        in_near = np.zeros(i + 1, bool)
-        in_near[near] = True
-        touched = np.flatnonzero(in_near[group])
+        lower = scratch[: min(pivots, 4), :i]  # the bound through the first 4 pivots, for every center
+        np.abs(np.subtract(pivot_dist[: len(lower), :i], to_pivots[: len(lower), None], out=lower), out=lower)
+        maybe = np.flatnonzero(lower.max(0) < bound[:i])
+        if pivots > len(lower) and len(maybe):  # through the other pivots, for the centers still in question
+            maybe = maybe[np.abs(pivot_dist[len(lower) : pivots, maybe] - to_pivots[len(lower) :, None]).max(0) < bound[maybe]]
+        near = maybe[center_distances(centers[maybe], c) < bound[maybe]]
+        parts = [members[j] for j in near]
+        touched = np.concatenate(parts) if parts else np.empty(0, np.int64)
         if len(touched) > n // 4:  # little to prune (early on, or data without cluster structure): one dense pass
             dist = squared_distances_blocked(points, points[farthest])[touched]
         else:
             dist = squared_distances_blocked(points, points[farthest], touched)
         closer = dist < min_dist[touched]
         min_dist[touched[closer]] = dist[closer]
-        group[touched[closer]] = i
+        members[i] = touched[closer]
+        # the touched groups keep the points that stayed; their radii are recomputed from those
+        stay = ~closer
+        counts = np.add.reduceat(stay, np.cumsum([0] + [len(p) for p in parts[:-1]])) if parts else np.zeros(0, np.int64)
+        kept = touched[stay]
+        for j, part in zip(near, np.split(kept, np.cumsum(counts)[:-1])):
+            members[j] = part
         radius[near] = 0
-        np.maximum.at(radius, group[touched], np.sqrt(min_dist[touched]))
+        if len(kept):  # kept is ordered by group: one maximum per non-empty group
+            filled = counts > 0
+            radius[near[filled]] = np.maximum.reduceat(np.sqrt(min_dist[kept]), (np.cumsum(counts) - counts)[filled])
+        radius[i] = np.sqrt(min_dist[members[i]].max()) if len(members[i]) else 0
+        bound[near], bound[i] = 2 * radius[near] + slack, 2 * radius[i] + slack
     return torch.from_numpy(selected)
 
 

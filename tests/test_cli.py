@@ -581,7 +581,7 @@ def test_whole_image_maps_land_on_the_original_image(tmp_path):
     assert full.shape == (60, 120)  # back at the original size
     y, x = np.unravel_index(full.argmax(), full.shape)
     assert 20 - 4 <= y <= 35 + 4 and 88 - 4 <= x <= 103 + 4, (y, x)
-    assert Image.open(tmp_path / "out" / "w" / "anomaly_maps" / "hole" / "0.png").size == (2 * 120 + 72, 60)  # no F1 region: no masks
+    assert Image.open(tmp_path / "out" / "w" / "anomaly_maps" / "hole" / "0.png").size == (3 * 120 + 72, 60)  # the full photo, 3 panels
     result = run("evaluate.py", *common, "--pixel_metrics_at", "original")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "w" / "metrics.json").read_text())

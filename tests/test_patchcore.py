@@ -435,3 +435,18 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     every = PatchCore(calibration_holdout=0, **settings)
     every.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
     assert torch.equal(model.memory_bank, every.memory_bank)
+
+
+@pytest.mark.parametrize("n_existing", [3, 40])  # fewer and more existing centers than the 16 pivots
+def test_greedy_continues_from_existing_centers_as_the_naive_loop(n_existing):
+    rng = np.random.default_rng(n_existing)
+    points = rng.normal(size=(600, 8)).astype(np.float32)
+    points[:100] *= 0.05  # a dense cluster next to the spread-out rest
+    existing = rng.normal(size=(n_existing, 8)).astype(np.float32)
+    min_dist = ((points[:, None, :].astype(np.float64) - existing[None]) ** 2).sum(-1).min(1)
+    expected = []
+    for _ in range(60):
+        expected.append(int(np.argmax(min_dist)))
+        min_dist = np.minimum(min_dist, ((points.astype(np.float64) - points[expected[-1]]) ** 2).sum(1))
+    for greedy in (k_center_greedy_pruned, k_center_greedy_dense):
+        assert greedy(torch.from_numpy(points), 60, existing=torch.from_numpy(existing)).tolist() == expected

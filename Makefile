@@ -27,7 +27,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 $(VENV)/.notebook: $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check notebook

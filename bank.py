@@ -9,8 +9,10 @@ loading it can never run code. It holds two arrays:
         sha256                    of the features and of every other header field
         config                    PatchCoreConfig as a dict: rebuilds the model (PatchCore.from_bank)
         model                     weights description, sha256 of the backbone weights, feature dimension
-        train                     image and patch counts, bank size, the training images when chosen (shots)
-        calibration               thresholds set on held-out good images, or null with the reason
+        calibration               thresholds set on held-out good images and how, or the reason there are none
+        category                  the category's name
+        train                     image and patch counts, bank size, which fit path ran, the held-out
+                                  images, the few-shot images (--shots), the images added later (--add)
         environment               library versions
 
 Nothing run-specific (time, seconds, device) is stored, so that the same data and seed give a

@@ -47,7 +47,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 def _parse_field(field: dataclasses.Field) -> Callable[[str], object]:
     if field.type in ("tuple[str, ...]",):
         return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
-    return {"int": int, "float": float, "str": str, "float | None": float, "int | None": int}[str(field.type)]
+    return {"int": int, "float": float, "str": str, "float | None": float}[str(field.type)]
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_type: type) -> None:
@@ -55,8 +55,6 @@ def add_config_args(parser: argparse.ArgumentParser, config_type: type) -> None:
     not given stays out of the namespace: the dataclass fills in its own default."""
     group = parser.add_argument_group("memory-bank settings (stored in the bank; evaluate.py follows them)")
     for field in dataclasses.fields(config_type):
-        if "help" not in field.metadata:
-            continue  # set by the code, not by a flag
         shown = field.metadata.get("default_text") or (",".join(field.default) if isinstance(field.default, tuple) else field.default)
         group.add_argument(
             f"--{field.name}", type=_parse_field(field), default=argparse.SUPPRESS, metavar=field.metadata.get("metavar"),
@@ -76,7 +74,7 @@ def refuse_config_args(parser: argparse.ArgumentParser, config_type: type, allow
             )
 
     for field in dataclasses.fields(config_type):
-        if "help" in field.metadata and field.name not in allowed:
+        if field.name not in allowed:
             parser.add_argument(f"--{field.name}", action=Refuse, nargs="?", help=argparse.SUPPRESS)
 
 
@@ -93,8 +91,14 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(str(err))
 
 
-def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject bad arguments before any work starts."""
+def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace, single: str | None = None) -> None:
+    """Reject bad arguments before any work starts. `single`: the driver's option (--images, --add) that
+    works on one category's bank and needs no --data_path; without it, --data_path is required."""
+    if single and getattr(args, single.lstrip("-")) is not None:
+        if "," in args.category or args.category == "all":
+            parser.error(f"{single} works on one memory bank: give a single --category")
+    elif not args.data_path:
+        parser.error("the following argument is required: --data_path")
     from patchcore import resolve_device
 
     if args.batch_size <= 0:

@@ -49,7 +49,7 @@ class Preprocess:
       astype(int)), so defect edges, and defects thinner than a few pixels, count as normal.
     """
 
-    def __init__(self, resize: int = 256, image_size: int = 224, protocol: str = "paper", crop: str = "center") -> None:
+    def __init__(self, resize: int, image_size: int, protocol: str = "paper", crop: str = "center") -> None:
         self.resize, self.image_size, self.protocol, self.crop = resize, image_size, protocol, crop
 
         def geometry(interpolation: InterpolationMode) -> list:
@@ -162,14 +162,12 @@ def resolve_categories(root: Path, spec: str) -> list[str]:
     return wanted
 
 
-def _image_files(folder: Path, skipped: list[Path]) -> list[Path]:
-    files = []
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(path)
-        elif path.is_file():
-            skipped.append(path)
-    return files
+def _image_files(candidates: list[Path], where: object) -> list[Path]:
+    """The image files among `candidates`, with one note on stderr for the other files skipped."""
+    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if len(images) < len(candidates):
+        print(f"note: skipped {len(candidates) - len(images)} non-image file(s) in {where}", file=sys.stderr)
+    return images
 
 
 def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
@@ -178,21 +176,19 @@ def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
     folder = root / category / split
     if not folder.is_dir():
         raise DataError(f"{folder} is missing: {LAYOUT_HELP}")
-    samples, skipped = [], []
+    samples = []
     defect_types = ["good"] if split == "train" else sorted(p.name for p in folder.iterdir() if p.is_dir())
     for defect in defect_types:
         if not (folder / defect).is_dir():
             continue
         masks = root / category / "ground_truth" / defect
-        for path in _image_files(folder / defect, skipped):
+        for path in _image_files(sorted(p for p in (folder / defect).iterdir() if p.is_file()), folder / defect):
             mask = None
             if defect != "good" and masks.is_dir():
                 mask = masks / f"{path.stem}_mask.png"
                 if not mask.is_file():
                     raise DataError(f"defect image {path} has no mask: expected {mask} (or no {masks} folder at all)")
             samples.append(Sample(path, defect, mask))
-    if skipped:
-        print(f"note: skipped {len(skipped)} non-image file(s) under {folder}", file=sys.stderr)
     if not samples:
         where = folder / "good" if split == "train" else folder
         raise DataError(f"no images in {where}: expected {'/'.join(IMAGE_EXTENSIONS)} files there")
@@ -226,11 +222,11 @@ class CategoryDataset(torch.utils.data.Dataset):
     time, in the DataLoader's workers; no full-size image is kept.
     """
 
-    def __init__(self, root: str | Path, category: str, split: str, transform: Preprocess | None = None) -> None:
+    def __init__(self, root: str | Path, category: str, split: str, transform: Preprocess) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root_path, self.category, self.split = Path(root), category, split
-        self.transform = transform or Preprocess()
+        self.transform = transform
         self.layout = find_layout(self.root_path)
         read = _visa_samples if self.layout == "visa" else _folder_samples
         self.samples = read(self.root_path, category, split)
@@ -303,9 +299,7 @@ def find_images(spec: str) -> list[Path]:
         candidates = sorted(p for p in folder.iterdir() if p.is_file())
     else:
         candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if len(images) < len(candidates):
-        print(f"note: skipped {len(candidates) - len(images)} non-image file(s) in {spec}", file=sys.stderr)
+    images = _image_files(candidates, spec)
     if not images:
         raise DataError(f"--images {spec}: no {'/'.join(IMAGE_EXTENSIONS)} files there; give a folder or a glob such as 'dir/*.png'")
     for path in images:

@@ -27,7 +27,7 @@ from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_a
 from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
 from files import NpzWriter, staging, write_json
 from metrics import compute_metrics
-from patchcore import SEARCH_PRECISIONS, SEARCHES, PatchCore, PatchCoreConfig, resize_map
+from patchcore import SEARCHES, PatchCore, PatchCoreConfig, resize_map
 from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 
 
@@ -44,10 +44,9 @@ def parse_args() -> argparse.Namespace:
         "--search",
         default="auto",
         choices=SEARCHES,
-        help="nearest-neighbour search: auto (faiss where it runs on the device), faiss, torch",
-    )
-    parser.add_argument(
-        "--search_precision", default="fp32", choices=SEARCH_PRECISIONS, help="matmul precision of the torch search (default: fp32)"
+        help="nearest-neighbour search: faiss (exact fp32); torch (fp32 candidates re-ranked exactly); fast (int8 candidates "
+        "on a CPU with VNNI, fp16 on a GPU, re-ranked exactly in fp32); auto (default: fast on a CPU with VNNI, else faiss where "
+        "it runs on the device, else torch)",
     )
     parser.add_argument(
         "--pixel_metrics_at",
@@ -66,11 +65,7 @@ def parse_args() -> argparse.Namespace:
     )
     refuse_config_args(parser, PatchCoreConfig, allowed=("weights",))
     args = parser.parse_args()
-    check_runtime_args(parser, args)
-    if args.images and ("," in args.category or args.category == "all"):
-        parser.error("--images scores against one memory bank: give a single --category")
-    if not args.images and not args.data_path:
-        parser.error("the following argument is required: --data_path")
+    check_runtime_args(parser, args, single="--images")
     if args.threshold is not None and not args.images:
         parser.error("--threshold applies to --images only; on the test split the F1-optimal threshold is reported")
     if args.threshold not in (None, "f1"):
@@ -83,7 +78,7 @@ def parse_args() -> argparse.Namespace:
 
 def load_model(args: argparse.Namespace, category: str) -> PatchCore:
     bank = Path(args.output_dir) / category / BANK_FILE
-    return PatchCore.from_bank(bank, device=args.device, weights=args.weights, search=args.search, search_precision=args.search_precision)
+    return PatchCore.from_bank(bank, device=args.device, weights=args.weights, search=args.search)
 
 
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
@@ -151,6 +146,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             f"at {where}, with the {config.protocol} protocol's masks",
             "pixel_metrics_at": args.pixel_metrics_at,
             "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
+            "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
             "heatmap_scale": calibration.get("heatmap_scale") or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],

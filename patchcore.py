@@ -13,6 +13,7 @@ the method and that round trip; no command line, and the file format lives in ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -35,8 +36,10 @@ from dataset import Preprocess
 
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-SEARCHES = ("auto", "faiss", "torch")
-SEARCH_PRECISIONS = ("fp32", "tf32", "fp16")
+SEARCHES = ("auto", "faiss", "torch", "fast")
+# candidates per query that TorchSearch re-ranks, by the precision of its product: the fewest with which
+# every nearest neighbour was found on random-init WideResNet features (benchmarks/benchmark.py --stages search)
+RERANK_CANDIDATES = {"fp32": 8, "fp16": 8, "int8": 32, "bf16": 128}
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
 
@@ -80,7 +83,10 @@ class PatchCoreConfig:
     )
     coreset_proj_dim: int = field(default=128, metadata={"help": "random-projection dims for the coreset distances, 0 = none"})
     seed: int = field(
-        default=0, metadata={"help": "seed of the coreset's projection and start point, of the few-shot draw, and of random-init weights"}
+        default=0,
+        metadata={
+            "help": "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, random-init weights"
+        },
     )
     amp: str = field(default="none", metadata={"help": "backbone autocast precision: none (fp32), bf16 or fp16"})
     reweight_b: int = field(
@@ -135,13 +141,30 @@ class WeightsError(RuntimeError):
     """The backbone weights asked for cannot be had."""
 
 
-_warned: set[str] = set()
+WARNED: set[str] = set()  # the warnings said in this process, each once
 
 
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+    if message not in WARNED:
+        WARNED.add(message)
         print(f"WARNING: {message}", file=sys.stderr)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def cpu_supports(precision: str) -> bool:
+    """Whether this CPU computes in `precision` natively: bf16 (AVX-512-BF16 or AMX-BF16), fp16 (AVX-512-FP16
+    or AMX-FP16) or int8 (VNNI). Emulated low precision is slower than fp32, so it does not count."""
+    needs = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}, "int8": {"avx512_vnni", "avx_vnni", "amx_int8"}}
+    return bool(needs[precision] & cpu_flags())
 
 
 def _visible_nvidia_gpu() -> str | None:
@@ -276,14 +299,15 @@ def nearest_center(points: torch.Tensor, centers: torch.Tensor, rows: int = 4096
     return torch.cat(best), torch.cat(which)
 
 
-def _greedy_start(points: torch.Tensor, start: int | None, existing: torch.Tensor | None) -> tuple[list[int], torch.Tensor]:
-    """The picks made before the loop, and every point's squared distance to the nearest of the selected set:
-    a fresh run starts at `start`; a grown bank starts from the `existing` centers (no pick yet)."""
+def _greedy_start(points: torch.Tensor, start: int | None, existing: torch.Tensor | None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The picks made before the loop, every point's squared distance to the nearest of the selected set, and
+    which one that is: a fresh run starts at `start`; a grown bank starts from the `existing` centers (no pick yet)."""
     if existing is None:
+        group = torch.zeros(len(points), dtype=torch.long, device=points.device)
         if points.device.type == "cpu":  # in row blocks: no N x D temporaries
-            return [start], torch.from_numpy(squared_distances_blocked(points, points[start]))
-        return [start], squared_distances(points, points[start])
-    return [], nearest_center(points, existing.to(points.device, torch.float32))[0]
+            return [start], torch.from_numpy(squared_distances_blocked(points, points[start])), group
+        return [start], squared_distances(points, points[start]), group
+    return [], *nearest_center(points, existing.to(points.device, torch.float32))
 
 
 def k_center_greedy_dense(
@@ -295,7 +319,7 @@ def k_center_greedy_dense(
     after the `existing` centers. On CUDA, `block` iterations are captured once as a CUDA graph
     and replayed, so the per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
     """
-    first, min_dist = _greedy_start(points, start, existing)  # squared distance to the nearest selected point
+    first, min_dist, _ = _greedy_start(points, start, existing)  # squared distance to the nearest selected point
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
     selected[: len(first)] = torch.tensor(first, dtype=torch.long)
     position = torch.full((1,), len(first), dtype=torch.long, device=points.device)  # where the next index goes
@@ -353,14 +377,13 @@ def k_center_greedy_pruned(
         diff = a - c
         return np.sqrt(np.einsum("ij,ij->i", diff, diff))
 
-    first, min_dist = _greedy_start(points, start, existing)
-    min_dist = min_dist.numpy()
+    first, min_dist, group = _greedy_start(points, start, existing)
+    min_dist, group = min_dist.numpy(), group.numpy()
     initial = x[first] if existing is None else existing.numpy().astype(np.float32)
     k0 = len(initial)  # centers before the loop: the start point, or the existing bank
     size = k0 + n_select - len(first)
     centers = np.empty((size, dim), np.float32)
     centers[:k0] = initial
-    group = np.zeros(n, np.int64) if existing is None else nearest_center(points, existing)[1].numpy()
     members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group, minlength=k0))[:-1]) + [None] * (size - k0)
     radius = np.zeros(size, np.float32)  # r_j, exact for every group
     np.maximum.at(radius, group, np.sqrt(min_dist))
@@ -413,32 +436,56 @@ def k_center_greedy_pruned(
     return torch.from_numpy(selected)
 
 
-def exact_knn_torch(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, precision: str = "fp32", block_bytes: int = 2**28, squared: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest neighbours by ||q||^2 - 2 q.m + ||m||^2, in query chunks whose fp32
-    distance block stays under `block_bytes` (256 MiB) whatever the bank size. Returns L2
-    distances, or squared ones if asked, and bank indices, each [M, k].
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, d] as int8 with one scale per row (its largest magnitude / 127): x ~ scale[:, None] * int8."""
+    scale = x.abs().amax(1).clamp_min(1e-12) / 127
+    return (x / scale[:, None]).round_().to(torch.int8), scale
 
-    precision: 'fp32', 'tf32' (TF32 tensor-core matmul on Ampere and newer) or 'fp16' (the
-    cross term in half precision, accumulated in fp32); norms and the rest stay in fp32.
+
+class TorchSearch:
+    """k nearest bank rows in torch: candidates from a product in `precision`, re-ranked exactly in fp32.
+
+    The `candidates` nearest rows are found by ||q||^2 - 2 q.m + ||m||^2 on features centred on
+    the bank's mean (distances do not change, the terms shrink: 4x smaller norms on WideResNet
+    features), with the cross term in 'fp32', or in low precision: 'fp16' (the GPU's fast path),
+    'int8' with one scale per row (the CPU's, with VNNI), or 'bf16' (measured, not used: it needs
+    128 candidates). Their distances are then recomputed exactly in fp32 from the features,
+    ||q - m||^2, and ranked: the result is the exact nearest neighbour whenever the true one is
+    among the candidates, which the expansion alone misses on near-ties even in fp32.
     """
-    bank_sq = (bank.float() ** 2).sum(1)
-    bank_mm = bank.half() if precision == "fp16" else bank.float()
-    rows = max(1, block_bytes // (4 * bank.shape[0]))  # query rows per chunk
-    distances, indices = [], []
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
+
+    def __init__(self, bank: torch.Tensor, precision: str = "fp32", candidates: int | None = None) -> None:
+        self.bank, self.precision = bank.float(), precision
+        self.candidates = candidates or RERANK_CANDIDATES[precision]
+        self.mean = self.bank.mean(0)
+        centered = self.bank - self.mean
+        self.centered_sq = (centered**2).sum(1)
+        if precision == "int8":
+            self.low, self.scale = _int8_rows(centered)
+        else:
+            self.low = centered.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+
+    def search(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (squared ones if asked) and bank indices, each [M, k]. Queries go in chunks whose
+        largest temporary (the distance block, or one candidate's difference rows) stays under `block_bytes`."""
+        n_candidates = min(len(self.bank), max(self.candidates, k))
+        rows = max(1, block_bytes // (4 * max(len(self.bank), self.bank.shape[1])))  # query rows per chunk
+        distances, indices = [], []
         for q in queries.split(rows):
-            cross = (q.to(bank_mm.dtype) @ bank_mm.T).float()
-            d2 = (q.float() ** 2).sum(1, keepdim=True) - 2 * cross + bank_sq
-            value, index = d2.topk(k, dim=1, largest=False)
-            distances.append(value.clamp_min(0) if squared else value.clamp_min(0).sqrt())
-            indices.append(index)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return torch.cat(distances), torch.cat(indices)
+            q = q.float()
+            centered = q - self.mean
+            if self.precision == "int8":
+                q_low, q_scale = _int8_rows(centered)
+                cross = torch._int_mm(q_low, self.low.T).float().mul_(q_scale[:, None]).mul_(self.scale)
+            else:
+                cross = (centered.to(self.low.dtype) @ self.low.T).float()
+            d2 = cross.mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
+            index = d2.topk(n_candidates, dim=1, largest=False).indices
+            exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
+            value, order = exact.topk(k, dim=1, largest=False)  # the exact re-rank
+            distances.append(value if squared else value.sqrt())
+            indices.append(index.gather(1, order))
+        return torch.cat(distances), torch.cat(indices)
 
 
 def _border_indices(n: int, radius: int, mode: str) -> torch.Tensor:
@@ -474,6 +521,11 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def _largest_grid(features: list[torch.Tensor]) -> tuple[int, int]:
+    """(h, w) of the largest feature map: the patch grid (28 x 28 for layer2 at 224 px)."""
+    return max((tuple(int(v) for v in f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
+
+
 class _StopForward(Exception):
     """Raised by the hook of the deepest used layer: the rest of the network never runs."""
 
@@ -507,19 +559,18 @@ def _conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, floa
     return float(np.sort(scores)[k - 1]), (n + 1 - k) / (n + 1)
 
 
-def calibrate(scores: np.ndarray, maps: np.ndarray, target_fpr: float) -> dict:
-    """Thresholds from good images only (scores [n], maps [n, H, W] of held-out good images).
+def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_fpr: float) -> dict:
+    """Thresholds from good images only: the image scores [n] of held-out good images, each one's
+    anomaly-map maximum [n], and the smallest map value of them all.
 
     image threshold: split-conformal on the image scores, so that a new good part is called
-    defective with probability at most target_fpr; pixel threshold: the same on each held-out
-    map's largest value, so that a good part shows no predicted region with probability at
-    least 1 - target_fpr. A target finer than 1 / (n + 1) cannot be met with n images: the
-    thresholds are then the largest held-out values, and `expected_fpr` says what they give.
+    defective with probability at most target_fpr; pixel threshold: the same on the map maxima,
+    so that a good part shows no predicted region with probability at least 1 - target_fpr.
+    A target finer than 1 / (n + 1) cannot be met with n images: the thresholds are then the
+    largest held-out values, and `expected_fpr` says what they give.
     """
     image, image_rate = _conformal_threshold(scores, target_fpr)
-    peaks = maps.reshape(len(maps), -1).max(1)
-    pixel, _ = _conformal_threshold(peaks, target_fpr)
-    low = float(maps.min())
+    pixel, _ = _conformal_threshold(map_peaks, target_fpr)
 
     def stats(values: np.ndarray) -> dict:
         q = np.quantile(values, [0.5, 0.9, 0.95, 0.99])
@@ -533,32 +584,30 @@ def calibrate(scores: np.ndarray, maps: np.ndarray, target_fpr: float) -> dict:
         "n_held_out": len(scores),
         "image_threshold": image,
         "pixel_threshold": pixel,
-        "heatmap_scale": [low, 2 * pixel - low],  # the pixel threshold in the middle of the colour bar
+        "heatmap_scale": [float(map_low), 2 * pixel - float(map_low)],  # the pixel threshold in the middle of the colour bar
         "held_out_image_scores": stats(scores),
-        "held_out_map_maxima": stats(peaks),
+        "held_out_map_maxima": stats(map_peaks),
     }
 
 
 class PatchCore:
-    """The method, built from a PatchCoreConfig; `device`, `search` and `search_precision` only
-    decide how it runs. PatchCore(weights="none", seed=3) is PatchCore(PatchCoreConfig(weights="none", seed=3)).
+    """The method, built from a PatchCoreConfig; `device` and `search` only decide how it runs.
+    PatchCore(weights="none", seed=3) is PatchCore(PatchCoreConfig(weights="none", seed=3)).
 
-    search: 'faiss' (exact IndexFlatL2, on the GPU when faiss has GPUs), 'torch' (exact chunked
-    matrix-product search in torch, `search_precision` fp32, tf32 or fp16), or 'auto': faiss
-    where it runs on the model's device, else torch.
+    search: 'faiss' (IndexFlatL2, exact fp32, on the GPU when faiss has GPUs); 'torch' (TorchSearch:
+    fp32 candidates re-ranked exactly); 'fast' (the same with candidates from a low-precision
+    product: int8 on a CPU with VNNI, fp16 on a GPU); or 'auto': fast on such a CPU, else faiss
+    where it runs on the device, else torch. Fields given beside a config replace its values;
+    protocol-dependent defaults (the coreset ratio) resolve when a config is built, not then.
     """
 
-    def __init__(
-        self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", search_precision: str = "fp32", **fields
-    ) -> None:
+    def __init__(self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", **fields) -> None:
         config = PatchCoreConfig(**fields) if config is None else dataclasses.replace(config, **fields)
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
-        if search_precision not in SEARCH_PRECISIONS:
-            raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {search_precision!r}")
         self.device = resolve_device(device)
-        self.search, self.search_precision = search, search_precision
-
+        self.search, self.low_precision = self._resolve_search(search)
+        self.amp = self._resolve_amp(config.amp)
         network, weights_spec, self.weights = load_backbone(config.backbone, config.weights, config.seed)
         self.config = dataclasses.replace(config, weights=weights_spec)  # 'auto' resolved: the bank records what was used
         self.backbone = self._cut_after_last_layer(network)
@@ -583,11 +632,41 @@ class PatchCore:
                     f"channels (wide_resnet50_2 layer2,layer3); {self.config.backbone} {list(self.config.layers)} have {widths}"
                 )
             self._official_batchnorm_update()
-        self.grid = max((tuple(f.shape[-2:]) for f in probe), key=lambda hw: hw[0] * hw[1])  # (28, 28): patches per image
+        self.grid = _largest_grid(probe)
+        self.patches_per_image = self.grid[0] * self.grid[1]
         self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.memory_bank: torch.Tensor | None = None  # [M, C] coreset of training patch features
         self.calibration: dict = {"reason": "no memory bank yet"}  # thresholds set on held-out good images (calibrate)
-        self.index = None  # faiss index over the memory bank, or None for the torch search
+        self.index = None  # over the memory bank: a faiss index, or a TorchSearch
+
+    def _resolve_search(self, search: str) -> tuple[str, str | None]:
+        """(the search that runs: faiss, torch or fast; the fast search's low precision)."""
+        cuda = self.device.type == "cuda"
+        faiss_here = not cuda or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+        low = "fp16" if cuda else "int8" if cpu_supports("int8") else None
+        if search == "faiss" and not faiss_here:
+            raise ValueError("--search faiss: this faiss build has no GPU support; use --search torch or fast, or --device cpu")
+        if search == "fast" and low is None:
+            _warn_once("--search fast: this CPU has no native int8 product (VNNI), so low precision would be slower than fp32; "
+                       "running the fp32 torch search")  # fmt: skip
+            return "torch", None
+        if search == "auto":
+            search = "fast" if low and not cuda else "faiss" if faiss_here else "torch"
+        return search, low if search == "fast" else None
+
+    def _resolve_amp(self, amp: str) -> str:
+        """The backbone precision that runs: the config's, where the device computes it natively, else fp32."""
+        if amp == "none":
+            return amp
+        supported = (
+            torch.cuda.is_bf16_supported()
+            if self.device.type == "cuda" and amp == "bf16"
+            else self.device.type == "cuda" or cpu_supports(amp)
+        )
+        if not supported:
+            _warn_once(f"--amp {amp}: this {self.device.type.upper()} has no native {amp}; the backbone runs in fp32, which is faster here")
+            return "none"
+        return amp
 
     # ------------------------------------------------------------------ backbone
     def _cut_after_last_layer(self, network: torch.nn.Module) -> torch.nn.Module:
@@ -662,9 +741,8 @@ class PatchCore:
         """Raw feature maps of the used layers, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px."""
         self._features = {}
         images = images.to(self.device, memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
-        amp = self.config.amp
         try:
-            with torch.autocast(self.device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "none"):
                 self.backbone(images)
         except _StopForward:
             pass
@@ -681,7 +759,7 @@ class PatchCore:
         """
         if self.config.protocol == "official":
             return self._official_patches(features)
-        grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
+        grid = _largest_grid(features)
         maps = []
         for f in features:
             f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -712,8 +790,7 @@ class PatchCore:
     def _patches(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[B, N, C] patch features and their grid (h, w)."""
         features = self.extract_features(images)
-        grid = max((f.shape[-2:] for f in features), key=lambda hw: hw[0] * hw[1])
-        return self.aggregate_patches(features), (int(grid[0]), int(grid[1]))
+        return self.aggregate_patches(features), _largest_grid(features)
 
     # ------------------------------------------------------------------ memory bank
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
@@ -721,7 +798,7 @@ class PatchCore:
         and, when all full features fit in `feature_memory_gb` (default: half the available RAM), those
         too, as the per-batch chunks they arrive in, never concatenated. Returns (projected, chunks or None, what was kept)."""
         budget = (default_feature_memory_gb() if feature_memory_gb is None else feature_memory_gb) * 2**30
-        n_patches, dim = n_images * self.grid[0] * self.grid[1], self.feature_dim
+        n_patches, dim = n_images * self.patches_per_image, self.feature_dim
         projection = self.coreset_projection(dim)
         projected = torch.empty(n_patches, dim if projection is None else projection.shape[1])
         chunks, size = None, f"{n_patches:,} patch features ({n_patches * dim * 4 / 2**30:.2f} GB)"
@@ -747,7 +824,7 @@ class PatchCore:
                 chunks.append(patches.cpu())
             offset += len(patches)
         if offset != len(projected):
-            raise ValueError(f"the dataloader gave {offset // (self.grid[0] * self.grid[1])} images, its dataset's length {n_images}")
+            raise ValueError(f"the dataloader gave {offset // self.patches_per_image} images, its dataset's length {n_images}")
         if projection is None:
             chunks = [projected]  # the full features themselves
         return projected, chunks, path.split(":")[0]
@@ -779,9 +856,11 @@ class PatchCore:
         n_images = len(dataloader.dataset)
         if n_images == 0:
             raise ValueError("fit() got no training images")
-        per_image = self.grid[0] * self.grid[1]
+        per_image = self.patches_per_image
         self._check_reweight_b(self.bank_size(n_images * per_image))
         held_out = self.holdout_images(n_images)
+        if held_out:  # the calibration bank is the smaller one
+            self._check_reweight_b(self.bank_size((n_images - len(held_out)) * per_image))
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
         wanted = {"bank": self.k_center_greedy(projected)}
         if held_out:
@@ -802,13 +881,15 @@ class PatchCore:
             self.set_memory_bank(rows.pop("calibration bank"))
             if "held out" in rows:
                 patches = rows.pop("held out").view(len(held_out), per_image, -1)
-                scored = [self._score(part, self.grid, (self.config.image_size,) * 2) for part in patches.split(16)]
+                scored = (self._score(part.to(self.device), self.grid, (self.config.image_size,) * 2) for part in patches.split(16))
             else:  # the full features were not kept: run the held-out images again
                 subset = torch.utils.data.Subset(dataloader.dataset, held_out)
                 loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
-                scored = [self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch")]
-            scores, maps = (np.concatenate(parts) for parts in zip(*scored))
-            self.calibration = calibrate(scores, maps, self.config.target_fpr)
+                scored = (self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch"))
+            # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
+            summary = [(scores, maps.reshape(len(maps), -1).max(1), maps.min()) for scores, maps in scored]
+            scores, peaks, lows = zip(*summary)
+            self.calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
         self.set_memory_bank(rows["bank"])
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(rows["bank"]), "fit": path}
         return {**facts, "held_out": held_out}
@@ -836,7 +917,7 @@ class PatchCore:
             self.calibration["note"] = (
                 f"kept after adding {n_images} good images: more good patches can only lower scores, so these thresholds are conservative"
             )
-        return {"n_images": n_images, "n_patches": n_images * self.grid[0] * self.grid[1], "added": len(picked),
+        return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
                 "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
 
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
@@ -883,13 +964,12 @@ class PatchCore:
         return k_center_greedy_dense(points.to(self.device, torch.float32), n_select, start, existing).cpu()
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
-        """Keep the memory bank and index it for the chosen search."""
+        """Keep the memory bank and index it for the search that runs."""
         self._check_reweight_b(len(memory_bank))
         self.memory_bank = memory_bank.to(self.device, torch.float32).contiguous()
-        self.index = None
-        faiss_on_device = self.device.type == "cpu" or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
-        if self.search == "torch" or (self.search == "auto" and not faiss_on_device):
-            return  # nearest_neighbors uses exact_knn_torch
+        if self.search != "faiss":
+            self.index = TorchSearch(self.memory_bank, self.low_precision or "fp32")
+            return
         faiss.omp_set_num_threads(torch.get_num_threads())
         index = faiss.IndexFlatL2(self.memory_bank.shape[1])
         index.add(self.memory_bank.cpu().numpy())
@@ -900,7 +980,9 @@ class PatchCore:
 
     def search_name(self) -> str:
         """Which nearest-neighbour search runs, for the outputs."""
-        return f"faiss {type(self.index).__name__}" if self.index is not None else f"exact torch search ({self.search_precision})"
+        if self.search == "faiss":
+            return f"faiss {type(self.index).__name__}, exact fp32"
+        return f"torch, {self.index.precision} candidates ({self.index.candidates} per patch) re-ranked exactly in fp32"
 
     def nearest_neighbors(self, patches: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances [M, k] (squared ones if asked) and memory-bank indices [M, k] of each patch's k nearest memory patches."""
@@ -908,8 +990,8 @@ class PatchCore:
             raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
         if not 1 <= k <= len(self.memory_bank):
             raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.memory_bank)}")
-        if self.index is None:
-            return exact_knn_torch(patches.to(self.device), self.memory_bank, k, self.search_precision, squared=squared)
+        if isinstance(self.index, TorchSearch):
+            return self.index.search(patches.to(self.device), k, squared=squared)
         queries = np.ascontiguousarray(patches.detach().cpu().numpy(), dtype=np.float32)
         distances, indices = self.index.search(queries, k)  # faiss returns squared L2
         distances = np.maximum(distances, 0) if squared else np.sqrt(np.maximum(distances, 0))
@@ -973,9 +1055,7 @@ class PatchCore:
         save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
-    def from_bank(
-        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto", search_precision: str = "fp32"
-    ) -> PatchCore:
+    def from_bank(cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto") -> PatchCore:
         """The model a memory bank was built with, holding that bank; its header is `bank_header`.
 
         `weights` only says where the same weights are now (a moved file); a bank whose backbone
@@ -986,7 +1066,7 @@ class PatchCore:
             config = PatchCoreConfig(**header["config"])
         except (KeyError, TypeError, ValueError) as err:
             raise BankError(f"{path} holds a config this code cannot use ({err}); rerun train.py for this category") from err
-        model = cls(config, device=device, search=search, search_precision=search_precision, **({"weights": weights} if weights else {}))
+        model = cls(config, device=device, search=search, **({"weights": weights} if weights else {}))
         built = header["model"]
         if model.backbone_sha256 != built["backbone_sha256"]:
             raise BankError(

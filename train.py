@@ -53,13 +53,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     )
     add_config_args(parser, PatchCoreConfig)
     args = parser.parse_args()
-    check_runtime_args(parser, args)
+    check_runtime_args(parser, args, single="--add")
     if args.feature_memory_gb is not None and args.feature_memory_gb < 0:
         parser.error(f"--feature_memory_gb must be 0 or more, got {args.feature_memory_gb}")
-    if args.add and ("," in args.category or args.category == "all"):
-        parser.error("--add grows one memory bank: give a single --category")
-    if not args.add and not args.data_path:
-        parser.error("the following argument is required: --data_path")
     return parser, args
 
 
@@ -104,9 +100,10 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
 def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--add: the category's bank grows; a memory-bank setting given here must be the bank's."""
     path = Path(args.output_dir) / args.category / BANK_FILE
-    model = PatchCore.from_bank(path, device=args.device)
+    given = given_config_args(args, PatchCoreConfig)
+    model = PatchCore.from_bank(path, device=args.device, weights=given.pop("weights", None))  # --weights: where they are now
     stored = model.config.to_dict()
-    for name, value in given_config_args(args, PatchCoreConfig).items():
+    for name, value in given.items():
         value = list(value) if isinstance(value, tuple) else value
         if value != stored[name]:
             parser.error(f"--{name} {value} differs from the bank's {stored[name]} ({path}): drop it, or train a new bank")

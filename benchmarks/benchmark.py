@@ -9,6 +9,8 @@ Stages (--stages, comma list; default: speed,e2e):
           raw matrix product it needs);
   e2e     train.py and evaluate.py end to end, in fresh processes;
   large   train.py and evaluate.py on synthetic 1500x1000 JPEGs (VisA's size) against 256 px PNGs;
+  search  evaluation per image with faiss fp32 against the fast re-ranked search (several candidate
+          counts), and with the fp32 against the bf16 backbone: time, top-1 agreement, score error, AUROC;
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
           Use a --batch_size no larger than the smallest size, so that every run holds full
@@ -21,6 +23,7 @@ does not depend on them. Only public functions of the project are used.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -33,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,7 +270,96 @@ def stage_large(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
                    peak_rss_gib=round(peak, 3), num_workers=args.num_workers)  # fmt: skip
 
 
-STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large}
+def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """Evaluation speed on a CPU (or GPU): faiss fp32 against the fast re-ranked search at several candidate
+    counts, and the fp32 against the bf16 backbone; top-1 agreement, score error and AUROC of each."""
+    import patchcore
+    from metrics import auroc
+
+    device = torch.device(args.device)
+    resize = args.image_size * 256 // 224
+    make_synthetic_category(work, "search", n_train=args.n_images, n_test_good=args.search_test // 2, n_per_defect=args.search_test // 6,
+                            size=resize, seed=5)  # fmt: skip
+    settings = {"weights": "none", "device": args.device, "image_size": args.image_size, "resize": resize, "calibration_holdout": 0}
+    model = PatchCore(search="faiss", **settings)
+    train = CategoryDataset(work, "search", "train", model.config.preprocess())
+    test = CategoryDataset(work, "search", "test", model.config.preprocess())
+    with Stage(device) as s:
+        model.fit(torch.utils.data.DataLoader(train, batch_size=args.batch_size))
+    record(rows, "fit (for the search stage)", s, bank=list(model.memory_bank.shape))
+    images = torch.cat([b[0] for b in torch.utils.data.DataLoader(test, batch_size=args.batch_size)])
+    labels = torch.tensor([test[i][1] for i in range(len(test))]).numpy()
+    patches = torch.cat([model.aggregate_patches(model.extract_features(b)) for b in images.split(args.batch_size)])
+    queries = patches.flatten(0, 1).cpu()
+    _, exact_index = (t.cpu() for t in model.nearest_neighbors(queries, 1))  # faiss's nearest neighbours, and their
+    exact = (queries.double() - model.memory_bank.cpu().double()[exact_index[:, 0]]).norm(dim=1, keepdim=True)  # float64 distances
+    per_image = queries.shape[0] // len(images)
+
+    def image_scores(distances: torch.Tensor) -> np.ndarray:
+        return distances[:, 0].reshape(len(images), per_image).max(1).values.numpy()
+
+    reference_auroc = auroc(labels, image_scores(exact))[0]
+    bank = model.memory_bank
+    cuda = device.type == "cuda"
+    native = {"fp32": True, "int8": not cuda and patchcore.cpu_supports("int8")}
+    native.update({p: cuda or patchcore.cpu_supports(p) for p in ("bf16", "fp16")})
+    searches = [("faiss, exact fp32", None, functools.partial(model.nearest_neighbors, k=1))]
+    for precision in (p for p in args.search_precisions.split(",") if not (cuda and p == "int8")):  # int8 is the CPU's
+        search = patchcore.TorchSearch(bank, precision)  # the low-precision copies are made once, as set_memory_bank does
+        for c in (int(v) for v in args.candidates.split(",")):
+            search.candidates = c
+            searches.append((f"{precision} candidates: {c}", precision, functools.partial(search.search, k=1)))
+    for name, precision, search in searches:
+        # a precision the device does not compute natively is emulated: timed on 4 images, for its accuracy only
+        n = len(queries) if precision is None or native[precision] else 4 * per_image
+        search(queries[:per_image].to(device))  # warm-up
+        with Stage(device) as s:
+            distances, index = (t.cpu() for t in search(queries[:n].to(device)))
+        error = (distances.double() - exact[:n]) / exact[:n].clamp_min(1e-12)  # the score against float64
+        chosen = (queries[:n].double() - bank.cpu().double()[index[:, 0]]).norm(dim=1, keepdim=True)  # float64, of the patch taken
+        whole = n == len(queries)
+        scores = image_scores(distances) if whole else None
+        image_error = float(np.abs(scores - image_scores(exact)).max() / np.abs(image_scores(exact)).max()) if whole else None
+        agreement = round(float((index[:, 0] == exact_index[:n, 0]).float().mean()), 6)
+        record(rows, f"search: {name}", s, native=precision is None or native[precision], patches=n,
+               ms_per_image=round(1000 * s.seconds * per_image / n, 1), top1_agreement=agreement,
+               farther_patch_taken=int((chosen > exact[:n] * (1 + 1e-6)).sum()), max_rel_patch_score_diff=float(error.abs().max()),
+               max_rel_image_score_diff=image_error,
+               auroc_diff=auroc(labels, scores)[0] - reference_auroc if whole else None)  # fmt: skip
+
+    # the whole per-image evaluation (backbone + search + maps): fp32 faiss, the default search, and a bf16 backbone;
+    # where the CPU has no native bf16, PatchCore runs fp32 instead: the bf16 numbers are then emulated, for accuracy only
+    bf16_native = device.type == "cuda" or patchcore.cpu_supports("bf16")
+    variants = [
+        ("fp32 backbone, faiss", "faiss", "none"),
+        ("fp32 backbone, auto search", "auto", "none"),
+        ("bf16 backbone, auto search", "auto", "bf16"),
+    ]
+    reference_scores = None
+    for name, how, amp in variants:
+        emulated = amp == "bf16" and not bf16_native
+        supports = patchcore.cpu_supports
+        patchcore.cpu_supports = (lambda precision: True) if emulated else supports  # emulated bf16, measured on purpose
+        try:
+            scorer = PatchCore(search=how, amp=amp, **settings)
+        finally:
+            patchcore.cpu_supports = supports
+        scorer.set_memory_bank(model.memory_bank)
+        scorer.predict(images[: args.batch_size])  # warm-up
+        with Stage(device) as s:
+            scores = np.concatenate([scorer.predict(b)[0] for b in images.split(args.batch_size)])
+        reference_scores = scores if reference_scores is None else reference_scores
+        record(rows, f"evaluate per image: {name}", s, ms_per_image=round(1000 * s.seconds / len(images), 1), emulated=emulated,
+               search=scorer.search_name(), backbone=scorer.amp, image_auroc=auroc(labels, scores)[0],
+               auroc_diff=auroc(labels, scores)[0] - reference_auroc,
+               max_rel_image_score_diff=float(np.abs(scores - reference_scores).max() / np.abs(reference_scores).max()))  # fmt: skip
+    if not bf16_native:
+        record(
+            rows, "bf16 backbone", native=False, note="no native bf16 on this CPU: PatchCore keeps the backbone in fp32, and says so once"
+        )
+
+
+STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large, "search": stage_search}
 
 
 def main() -> None:
@@ -274,7 +367,7 @@ def main() -> None:
         child(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory, large (default: speed,e2e)")
+    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory, large, search (default: speed,e2e)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--n_images", type=int, default=209, help="training images; N = 784 x this at 224 px (default: 209, MVTec bottle)")
     parser.add_argument("--image_size", type=int, default=224, help="crop size (default: 224)")
@@ -289,6 +382,9 @@ def main() -> None:
         "--memory_ratio", type=float, default=0.01, help="coreset ratio of the memory stage's two-pass fits (default: 0.01)"
     )
     parser.add_argument("--large_images", type=int, default=30, help="training images of the large stage (default: 30)")
+    parser.add_argument("--search_test", type=int, default=48, help="test images of the search stage (default: 48)")
+    parser.add_argument("--candidates", default="1,4,8,16,32,64,128", help="candidate counts of the re-ranked search to compare")
+    parser.add_argument("--search_precisions", default="fp32,int8,bf16,fp16", help="products of the re-ranked search to compare")
     parser.add_argument(
         "--num_workers",
         type=int,

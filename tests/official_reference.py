@@ -52,7 +52,7 @@ Pipeline, with the class / step of theirs each part mirrors
    ``sklearn.metrics.roc_auc_score`` over all pixels of all test images flattened together.
 10. ``sampler.ApproximateGreedyCoresetSampler`` (``official_approx_greedy_coreset``).
 
-Closed forms of steps 1-4 (what ``PatchCore._official_patches`` computes; tests/test_official.py checks it)
+Closed forms of steps 1-4 (what ``PatchCore.aggregate_patches`` computes for protocol official; tests/test_official.py checks it)
 -------------------------------------------------------------
 ``adaptive_avg_pool1d`` from length L to n uses bin i = ``[floor(i L / n), ceil((i + 1) L / n))``.
 

@@ -9,10 +9,10 @@ from scripts import REPO
 
 def test_benchmark_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory,large", "--device", "cpu",
+    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory,large,search", "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
-               "--out", str(out)]  # fmt: skip
+               "--search_test", "6", "--candidates", "1,8", "--search_precisions", "fp32,int8", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
@@ -30,5 +30,8 @@ def test_benchmark_small_run(tmp_path):
     assert "gib_per_1000_images" in rows["fit two-pass: growth"] and "mib_per_1000_images" in rows["evaluate --images: growth"]
     for name in ("256 px PNG", "1500x1000 JPEG"):
         assert rows[f"train.py on {name}"]["images"] == 3 and rows[f"evaluate.py on {name}"]["images"] == 4
+    assert rows["search: faiss, exact fp32"]["top1_agreement"] == 1.0 and rows["search: fp32 candidates: 8"]["farther_patch_taken"] == 0
+    assert rows["search: int8 candidates: 8"]["max_rel_patch_score_diff"] < 1e-6  # re-ranked: float64's distances to fp32 rounding
+    assert rows["evaluate per image: fp32 backbone, faiss"]["search"].startswith("faiss")
     scored = [r["stage"] for r in rows.values() if r["stage"].startswith("evaluate --images, ")]
     assert scored == ["evaluate --images, 2 images", "evaluate --images, 4 images"]

@@ -63,7 +63,7 @@ def test_missing_mask_names_the_expected_path(tmp_path):
         (cat / folder).mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(cat / "test" / "crack" / "007.png")
     with pytest.raises(DataError, match=r"007\.png has no mask: expected .*ground_truth/crack/007_mask\.png \(or no .* folder at all\)"):
-        CategoryDataset(tmp_path, "cat", "test")
+        CategoryDataset(tmp_path, "cat", "test", Preprocess(32, 32))
 
 
 def test_resolve_categories(synthetic_root, tmp_path):
@@ -89,7 +89,7 @@ def test_non_image_files_are_skipped_with_one_note(tmp_path, capsys):
     make_synthetic_category(tmp_path, "toy", n_train=2, n_test_good=1, n_per_defect=1, size=48)
     (tmp_path / "toy" / "train" / "good" / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "toy" / "train" / "good" / "Thumbs.db").write_bytes(b"\0\1")
-    assert len(CategoryDataset(tmp_path, "toy", "train")) == 2
+    assert len(CategoryDataset(tmp_path, "toy", "train", Preprocess(48, 48))) == 2
     assert "skipped 2 non-image file(s)" in capsys.readouterr().err
 
 
@@ -103,13 +103,13 @@ def test_truncated_image_stops_before_work_naming_the_file(tmp_path):
     broken = tmp_path / "toy" / "train" / "good" / "001.png"
     broken.write_bytes(broken.read_bytes()[:200])
     with pytest.raises(DataError, match=r"cannot read image .*001\.png"):
-        CategoryDataset(tmp_path, "toy", "train")
+        CategoryDataset(tmp_path, "toy", "train", Preprocess(48, 48))
 
 
 def test_empty_train_good_is_an_error(tmp_path):
     (tmp_path / "toy" / "train" / "good").mkdir(parents=True)
     with pytest.raises(DataError, match="no images in .*train/good"):
-        CategoryDataset(tmp_path, "toy", "train")
+        CategoryDataset(tmp_path, "toy", "train", Preprocess(48, 48))
 
 
 @pytest.mark.parametrize(

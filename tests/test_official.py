@@ -45,11 +45,12 @@ def both(weights_file):
     return ours, theirs
 
 
-def test_closed_form_equals_the_released_chain():
+def test_closed_form_equals_the_released_chain(both):
+    official, _ = both
     generator = torch.Generator().manual_seed(1)
     for grid, coarse in (((28, 28), (14, 14)), ((10, 7), (5, 4))):
         layer2, layer3 = torch.randn(2, 512, *grid, generator=generator), torch.randn(2, 1024, *coarse, generator=generator)
-        ours = PatchCore._official_patches([layer2, layer3])
+        ours = official.aggregate_patches([layer2, layer3])
         expected = official_embeddings(layer2, layer3)
         assert ours.shape == (2, grid[0] * grid[1], 1024)
         assert _relative(ours.reshape(-1, 1024), expected) < 1e-6  # measured: 1.5e-7
@@ -69,9 +70,9 @@ def test_official_features_equal_the_released_code_on_the_same_weights(both, wei
 
 
 @pytest.mark.parametrize("search", ["faiss", "torch"])
-def test_official_scores_and_maps_equal_the_released_code(both, search, monkeypatch):
-    ours, theirs = both
-    monkeypatch.setattr(ours, "search", search)
+def test_official_scores_and_maps_equal_the_released_code(both, weights_file, search):
+    _, theirs = both
+    ours = PatchCore(protocol="official", weights=str(weights_file), device="cpu", image_size=SIZE, resize=SIZE, search=search)
     generator = torch.Generator().manual_seed(3)
     train, test = torch.randn(2, 3, SIZE, SIZE, generator=generator), torch.randn(3, 3, SIZE, SIZE, generator=generator)
     bank = official_embeddings(*official_backbone_features(theirs, train))

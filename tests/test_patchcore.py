@@ -11,8 +11,8 @@ import torchvision
 
 from patchcore import (
     PatchCore,
+    TorchSearch,
     WeightsError,
-    exact_knn_torch,
     gaussian_blur,
     k_center_greedy_dense,
     k_center_greedy_pruned,
@@ -165,13 +165,21 @@ def _brute_force(queries, bank, k):
     return np.take_along_axis(d, order, 1), order
 
 
-@pytest.mark.parametrize("search", ["faiss", "torch"])
-def test_nearest_neighbors_equal_brute_force(search):
+@pytest.fixture
+def low_precision_cpu(monkeypatch):
+    """A CPU that computes bf16, fp16 and int8 natively, whatever this one does: the numerics run either way."""
+    import patchcore
+
+    monkeypatch.setattr(patchcore, "cpu_supports", lambda precision: True)
+
+
+@pytest.mark.parametrize("search", ["faiss", "torch", "fast"])
+def test_nearest_neighbors_equal_brute_force(search, low_precision_cpu):
     model = PatchCore(weights="none", device="cpu", search=search)
     generator = torch.Generator().manual_seed(2)
     bank, queries = torch.randn(500, 32, generator=generator), torch.randn(40, 32, generator=generator)
     model.set_memory_bank(bank)
-    assert (model.index is None) == (search == "torch")
+    assert isinstance(model.index, TorchSearch) == (search != "faiss") and model.low_precision == ("int8" if search == "fast" else None)
     distances, indices = model.nearest_neighbors(queries, k=3)
     expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), 3)
     assert np.array_equal(indices.numpy(), expected_i)
@@ -180,53 +188,66 @@ def test_nearest_neighbors_equal_brute_force(search):
         model.nearest_neighbors(queries, k=501)
 
 
-@pytest.mark.parametrize("block_bytes", [2**28, 4 * 3000 * 7])  # one chunk; chunks of 7 query rows (100 chunks)
-def test_torch_search_equals_brute_force_across_chunks(block_bytes):
-    generator = torch.Generator().manual_seed(8)
-    bank, queries = torch.randn(3000, 24, generator=generator), torch.randn(700, 24, generator=generator)
-    distances, indices = exact_knn_torch(queries, bank, k=2, block_bytes=block_bytes)
+def _near_ties(n_queries=60, per_query=5, spread=1e-3, seed=7):
+    """Bank rows at almost the same distance from each query (relative gaps of `spread`), amid unrelated rows:
+    low precision cannot rank them, an exact re-rank must."""
+    rng = np.random.default_rng(seed)
+    queries = rng.normal(size=(n_queries, 64)).astype(np.float32) * 5
+    directions = rng.normal(size=(n_queries, per_query, 64))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    radii = 0.5 * (1 + spread * rng.permutation(per_query))  # shuffled, so that the bank's order does not tell
+    near = queries[:, None, :] + radii[None, :, None] * directions
+    bank = np.concatenate([near.reshape(-1, 64), rng.normal(size=(500, 64)) * 5]).astype(np.float32)
+    return torch.from_numpy(queries), torch.from_numpy(bank)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("block_bytes", [2**28, 4 * 800 * 7])  # one chunk; chunks of 7 queries
+def test_torch_search_equals_brute_force_on_near_ties(precision, block_bytes):
+    queries, bank = _near_ties()
+    distances, indices = TorchSearch(bank, precision).search(queries, k=2, block_bytes=block_bytes)
     expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), 2)
     assert np.array_equal(indices.numpy(), expected_i)
-    np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-5)  # measured: 1.9e-7
+    np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-6)  # measured: 1.2e-7
+    _, alone = TorchSearch(bank, precision, candidates=1).search(queries, k=1)
+    assert not np.array_equal(alone[:, 0].numpy(), expected_i[:, 0])  # the product alone cannot tell the ties apart
 
 
-@pytest.mark.parametrize("initially", [True, False])
-def test_tf32_search_sets_the_flag_only_for_its_matmuls_and_restores_it(initially):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_the_candidate_product_runs_in_the_low_precision(precision, dtype):
     seen = []
 
     class Spy(torch.overrides.TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
-                seen.append(torch.backends.cuda.matmul.allow_tf32)
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm", "_int_mm"):
+                seen.append((func.__name__, args[0].dtype))
             return func(*args, **(kwargs or {}))
 
-    generator = torch.Generator().manual_seed(8)
-    bank, queries = torch.randn(300, 8, generator=generator), torch.randn(50, 8, generator=generator)
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = initially
-    try:
-        for precision, expected in (("tf32", True), ("fp32", False)):
-            seen.clear()
-            with Spy():
-                exact_knn_torch(queries, bank, k=1, precision=precision, block_bytes=4 * 300 * 20)
-            assert seen == [expected] * 3  # 3 chunks of 20, 20 and 10 queries
-            assert torch.backends.cuda.matmul.allow_tf32 is initially
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    queries, bank = _near_ties()
+    for name, want in ((precision, dtype), ("int8", torch.int8)):
+        seen.clear()
+        with Spy():
+            TorchSearch(bank, name).search(queries, k=1)
+        assert {d for _, d in seen} == {want}, seen
 
 
-def test_fp16_search_error_is_that_of_half_precision():
-    generator = torch.Generator().manual_seed(9)
-    bank, queries = torch.randn(500, 64, generator=generator), torch.randn(100, 64, generator=generator)
-    distances, indices = exact_knn_torch(queries, bank, k=1, precision="fp16")
-    expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), 1)
-    error = np.abs(distances.numpy() - expected_d).max() / expected_d.min()
-    assert 2e-5 < error < 8e-4  # measured 1.6e-4; fp32 gives 1.2e-7, so a search that skips fp16 fails too
-    assert np.array_equal(indices.numpy(), expected_i)  # no near-ties at this spread
+def test_low_precision_never_runs_where_the_cpu_lacks_it(model, monkeypatch, capsys):
+    import patchcore
+
+    monkeypatch.setattr(patchcore, "cpu_supports", lambda precision: False)
+    monkeypatch.setattr(patchcore, "WARNED", set())
+    fast = PatchCore(weights="none", device="cpu", amp="bf16", search="fast")
+    again = PatchCore(weights="none", device="cpu", amp="bf16", search="auto")
+    assert (fast.amp, fast.search, again.amp, again.search) == ("none", "torch", "none", "faiss")
+    err = capsys.readouterr().err
+    assert err.count("--amp bf16: this CPU has no native bf16") == 1 and err.count("--search fast: this CPU has no native int8") == 1
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(fast.extract_features(images)[0], model.extract_features(images)[0])  # fp32, bit for bit
+    assert fast.config.amp == "bf16"  # the bank's setting stays as trained
 
 
 @pytest.mark.parametrize("amp, low, high", [("bf16", 1e-3, 1.5e-2), ("fp16", 1.5e-4, 2.5e-3)])
-def test_low_precision_backbone_error_is_what_the_precision_gives(model, amp, low, high):
+def test_low_precision_backbone_error_is_what_the_precision_gives(model, amp, low, high, low_precision_cpu):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))
     exact = model.aggregate_patches(model.extract_features(images))
     fast = PatchCore(weights="none", device="cpu", amp=amp)
@@ -276,11 +297,12 @@ def scored():
     return model, test
 
 
-@pytest.mark.parametrize("search", ["faiss", "torch"])
-def test_predict_equals_the_papers_definition(scored, search, monkeypatch):
-    model, images = scored
-    monkeypatch.setattr(model, "search", search)
-    model.set_memory_bank(model.memory_bank)
+@pytest.mark.parametrize("search", ["faiss", "torch", "fast"])
+def test_predict_equals_the_papers_definition(scored, search, low_precision_cpu):
+    same, images = scored
+    model = PatchCore(weights="none", device="cpu", seed=0, search=search)  # the same weights, and the same bank
+    model.set_memory_bank(same.memory_bank)
+    assert model.search_name().startswith({"faiss": "faiss", "torch": "torch, fp32", "fast": "torch, int8"}[search])
     scores, maps = model.predict(images)
     expected_scores, expected_maps = _paper_reference(model, images)
     assert scores.shape == (3,) and maps.shape == (3, 64, 64)
@@ -364,12 +386,12 @@ def test_a_gpu_that_torch_cannot_use_is_said_once(tmp_path, monkeypatch, capsys)
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(patchcore, "_warned", set())
+    monkeypatch.setattr(patchcore, "WARNED", set())
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "NVIDIA GeForce RTX 3060, 535.104.05" in err and "driver" in err
     smi.unlink()  # no NVIDIA GPU: nothing to say
-    monkeypatch.setattr(patchcore, "_warned", set())
+    monkeypatch.setattr(patchcore, "WARNED", set())
     assert resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
 
 
@@ -406,7 +428,7 @@ def test_calibrated_threshold_gives_the_target_false_alarm_rate(n, target):
     rates, reported = [], set()
     for _ in range(400):
         held_out = rng.gamma(3.0, 2.0, n)
-        calibration = calibrate(held_out, np.tile(held_out[:, None, None], (1, 2, 2)), target)
+        calibration = calibrate(held_out, held_out, 0.0, target)
         rates.append((fresh >= calibration["image_threshold"]).mean())
         reported.add(calibration["expected_fpr"])
     (expected,) = reported
@@ -427,7 +449,8 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     # the reference: a bank of the kept images only, and the held-out images scored against it
     reference = PatchCore(calibration_holdout=0, **settings)
     reference.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[kept]), batch_size=3))
-    expected = calibrate(*reference.predict(images[held]), 0.25)
+    scores, maps = reference.predict(images[held])
+    expected = calibrate(scores, maps.reshape(3, -1).max(1), maps.min(), 0.25)
     for key in ("image_threshold", "pixel_threshold"):
         assert model.calibration[key] == pytest.approx(expected[key], rel=1e-4)
     assert model.calibration["held_out_image_scores"] == pytest.approx(expected["held_out_image_scores"], rel=1e-4)

@@ -37,8 +37,10 @@ from dataset import Preprocess
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEARCHES = ("auto", "faiss", "torch", "fast")
-# candidates per query that TorchSearch re-ranks, by the precision of its product: the fewest with which
-# every nearest neighbour was found on random-init WideResNet features (benchmarks/benchmark.py --stages search)
+# candidates per query that TorchSearch re-ranks, by the precision of its product. On random-init WideResNet
+# features one candidate found every nearest neighbour in every precision, on a coreset bank and on a dense one
+# (benchmarks/benchmark.py --stages search [--search_bank dense]); these keep a margin, larger where the product
+# has fewer bits, for features that could not be tried here. 32 instead of 1 costs about 7 % of the int8 search.
 RERANK_CANDIDATES = {"fp32": 8, "fp16": 8, "int8": 32, "bf16": 128}
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %

@@ -1,11 +1,11 @@
 """Mutation check: does the test suite notice when PatchCore is computed wrongly?
 
-    python tests/mutations.py            (or: make mutations; about 15-25 minutes on 2 cores)
+    python tests/mutations.py            (or: make mutations; about an hour on 2 cores)
     python tests/mutations.py --only max_to_mean,blur_off
 
 Each mutation below is a small deliberate error in a library module. One at a time, it is
 applied to a temporary copy of the repository, and the suite runs there with -x (fast test
-files first). A mutation is CAUGHT when some test fails, and the first failing test is
+files first, on 2 workers). A mutation is CAUGHT when some test fails, and the first failing test is
 reported; it SURVIVED when the whole suite passes. Not part of `make test`. Exits 1 when a
 mutation survives or no longer applies (the code it targets has changed: update its text).
 """
@@ -137,7 +137,7 @@ def test_files(root: Path) -> list[str]:
 
 def run_suite(root: Path) -> tuple[bool, str]:
     """(passed, first failing test) of the suite with -x in root."""
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *test_files(root)]
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "2", "-p", "no:cacheprovider", "-o", "addopts=", *test_files(root)]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M)
     if result.returncode == 0:

@@ -111,8 +111,8 @@ class PatchCoreConfig:
         official = self.protocol == "official"
         checks = [  # (holds, what to say when it does not)
             (bool(self.layers), "--layers must name at least one layer"),
-            (
-                0 < self.image_size <= self.resize,
+            (  # --crop none resizes the whole image to image_size: resize plays no part then
+                self.image_size > 0 and (self.crop == "none" or self.image_size <= self.resize),
                 f"--image_size must be positive and at most --resize ({self.resize}), got {self.image_size}",
             ),
             (self.crop in ("center", "none"), f"--crop must be center or none, got {self.crop!r}"),
@@ -465,7 +465,7 @@ class TorchSearch:
         if precision == "int8":
             self.low, self.scale = _int8_rows(centered)
         else:
-            self.low = centered.to({"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32))
+            self.low = centered.to(AMP_DTYPES.get(precision) or torch.float32)
 
     def search(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (squared ones if asked) and bank indices, each [M, k]. Queries go in chunks whose

@@ -229,3 +229,14 @@ def test_without_the_crop_the_whole_image_is_the_input_and_masks_follow_it(tmp_p
     assert mask[:, 33:].all() and not mask[:, :31].any()  # columns 60/90 of 48 = 32: the whole width is kept
     cropped = Preprocess(64, 48).mask(Image.fromarray(values), (90, 60))[0]  # center crop: width 96 -> 48 in the middle
     assert cropped[:, :8].sum() == 0 and cropped[:, -8:].all()
+
+
+def test_without_the_crop_image_size_may_exceed_resize():
+    """--crop none resizes the whole image to image_size, so resize plays no part; the center crop must fit in it."""
+    from patchcore import PatchCoreConfig
+
+    assert PatchCoreConfig(crop="none", image_size=320).image_size == 320
+    with pytest.raises(ValueError, match="at most --resize"):
+        PatchCoreConfig(crop="center", image_size=320)
+    with pytest.raises(ValueError, match="must be positive"):
+        PatchCoreConfig(crop="none", image_size=0)

@@ -26,9 +26,11 @@ from bank import BANK_FILE, TRAIN_LOG, BankError, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
 from files import NpzWriter, staging, write_json
+from maps import resize_map
 from metrics import compute_metrics
-from patchcore import SEARCHES, PatchCore, PatchCoreConfig, resize_map
+from patchcore import PatchCore, PatchCoreConfig
 from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from search import SEARCHES
 
 
 def parse_args() -> argparse.Namespace:

@@ -125,7 +125,7 @@ def compute_metrics(
 
     masks and maps: [N, H, W] arrays or lists of per-image arrays. `no_masks`: why there is no
     pixel ground truth (masks is then ignored, and every pixel metric is None with that reason).
-    `calibration` (thresholds set on good images, patchcore.calibrate): the false-positive rate
+    `calibration` (thresholds set on good images, thresholds.calibrate): the false-positive rate
     and recall it gives at image and pixel level, beside the F1-optimal thresholds.
     """
     metrics: dict = {}

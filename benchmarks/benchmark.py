@@ -44,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from coreset import greedy_coreset  # noqa: E402
 from dataset import CategoryDataset, Preprocess, make_synthetic_category  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 
@@ -157,9 +158,8 @@ def stage_speed(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
 
     bank_indices = None
     for ratio in (float(r) for r in args.ratios.split(",")):
-        ratio_model = PatchCore(weights="none", device=args.device, image_size=args.image_size, coreset_ratio=ratio)
-        with Stage(device) as s:
-            selected = ratio_model.k_center_greedy(projected)
+        with Stage(device) as s:  # Alg. 1 as fit runs it, from the seeded start
+            selected = greedy_coreset(projected, max(1, int(n * ratio)), model.config.seed, device)
         record(rows, f"coreset {ratio:g}", s, N=n, selected=len(selected), path="pruned" if device.type == "cpu" else "dense CUDA graphs")
         if bank_indices is None:  # the first ratio: against the plain loop, and kept as the memory bank
             bank_indices, fast_seconds = selected, s.seconds
@@ -172,8 +172,7 @@ def stage_speed(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
                    speedup=round(per_iter * len(selected) / fast_seconds, 1), same_first_iterations=same)  # fmt: skip
 
     sub = projected[: args.equal_n]
-    equal_model = PatchCore(weights="none", device=args.device, image_size=args.image_size, coreset_ratio=0.25)
-    fast = equal_model.k_center_greedy(sub).tolist()
+    fast = greedy_coreset(sub, len(sub) // 4, model.config.seed, device).tolist()
     same = fast == plain_greedy_loop(sub.to(device), len(fast), fast[0])
     record(rows, f"full-run equality N={len(sub)}, ratio 0.25", same_selection=same)
 
@@ -291,8 +290,9 @@ def float64_nearest(queries: torch.Tensor, bank: torch.Tensor, rows: int = 1024)
 def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     """Evaluation speed on a CPU (or GPU): faiss fp32 against the fast re-ranked search at several candidate
     counts, and the fp32 against the bf16 backbone; top-1 agreement, score error and AUROC of each."""
-    import patchcore
+    import system
     from metrics import auroc
+    from search import TorchSearch
 
     device = torch.device(args.device)
     resize = args.image_size * 256 // 224
@@ -327,14 +327,14 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     reference_auroc = auroc(labels, image_scores(exact))[0]
     bank = model.memory_bank
     cuda = device.type == "cuda"
-    native = {"fp32": True, "int8": not cuda and patchcore.cpu_supports("int8")}
-    native.update({p: cuda or patchcore.cpu_supports(p) for p in ("bf16", "fp16")})
+    native = {"fp32": True, "int8": not cuda and system.cpu_supports("int8")}
+    native.update({p: cuda or system.cpu_supports(p) for p in ("bf16", "fp16")})
     searches = [("faiss, exact fp32", None, functools.partial(model.nearest_neighbors, k=1))]
     for precision in (p for p in args.search_precisions.split(",") if not (cuda and p == "int8")):  # int8 is the CPU's
-        search = patchcore.TorchSearch(bank, precision)  # the low-precision copies are made once, as set_memory_bank does
+        search = TorchSearch(bank, precision)  # the low-precision copies are made once, as set_memory_bank does
         for c in (int(v) for v in args.candidates.split(",")):
             search.candidates = c
-            searches.append((f"{precision} candidates: {c}", precision, functools.partial(search.search, k=1)))
+            searches.append((f"{precision} candidates: {c}", precision, functools.partial(search, k=1)))
     for name, precision, search in searches:
         # a precision the device does not compute natively is emulated: timed on 4 images, for its accuracy only
         n = len(queries) if precision is None or native[precision] else 4 * per_image
@@ -355,7 +355,7 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
 
     # the whole per-image evaluation (backbone + search + maps): fp32 faiss, the default search, and a bf16 backbone;
     # where the CPU has no native bf16, PatchCore runs fp32 instead: the bf16 numbers are then emulated, for accuracy only
-    bf16_native = device.type == "cuda" or patchcore.cpu_supports("bf16")
+    bf16_native = device.type == "cuda" or system.cpu_supports("bf16")
     variants = [
         ("fp32 backbone, faiss", "faiss", "none"),
         ("fp32 backbone, auto search", "auto", "none"),
@@ -364,13 +364,13 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     reference_scores = None
     for name, how, amp in variants:
         emulated = amp == "bf16" and not bf16_native
-        supports = patchcore.cpu_supports
+        flags = system.cpu_flags
         if emulated:  # bf16 measured on purpose where it is emulated; every other check (the search's int8) as it is
-            patchcore.cpu_supports = lambda precision, native=supports: precision == "bf16" or native(precision)
+            system.cpu_flags = functools.partial(frozenset.union, flags(), {"avx512_bf16"})
         try:
             scorer = PatchCore(search=how, amp=amp, **settings)
         finally:
-            patchcore.cpu_supports = supports
+            system.cpu_flags = flags
         scorer.set_memory_bank(model.memory_bank)
         scorer.predict(images[: args.batch_size])  # warm-up
         with Stage(device) as s:

@@ -228,7 +228,8 @@ def test_scoring_new_images_holds_one_batch_at_a_time(evaluated, tmp_path, monke
 def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
     """Non-default resize, crop, layers, amp and blur at training; evaluation, given none of them, uses the stored ones."""
     from dataset import CategoryDataset, Preprocess
-    from patchcore import PatchCore, cpu_supports
+    from patchcore import PatchCore
+    from system import cpu_supports
 
     settings = ["--resize", "60", "--image_size", "48", "--layers", "layer1,layer2", "--amp", "bf16", "--blur_sigma", "2"]
     assert train(synthetic_root, tmp_path, *settings).returncode == 0

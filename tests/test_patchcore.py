@@ -9,15 +9,14 @@ import scipy.special
 import torch
 import torchvision
 
-from patchcore import (
-    PatchCore,
-    TorchSearch,
-    WeightsError,
-    gaussian_blur,
-    k_center_greedy_dense,
-    k_center_greedy_pruned,
-    resolve_device,
-)
+import system
+from backbone import WeightsError
+from coreset import k_center_greedy_dense, k_center_greedy_pruned
+from maps import gaussian_blur
+from patchcore import PatchCore
+from search import TorchSearch
+from system import resolve_device
+from thresholds import calibrate
 
 
 def test_patch_features_have_the_papers_shapes(model):
@@ -27,17 +26,29 @@ def test_patch_features_have_the_papers_shapes(model):
 
 
 def test_forward_stops_after_layer3(model):
+    names = [name for name, _ in model.backbone.named_children()]
+    assert names == ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]  # layer4, avgpool and fc are gone
     calls = []
-    hooks = [
-        getattr(model.backbone, n).register_forward_hook(lambda *a, n=n: calls.append(n)) for n in ("layer2", "layer4", "avgpool", "fc")
-    ]
+    hooks = [child.register_forward_hook(lambda *a, n=name: calls.append(n)) for name, child in model.backbone.named_children()]
     try:
         model.extract_features(torch.randn(1, 3, 64, 64))
     finally:
         for h in hooks:
             h.remove()
-    assert calls == ["layer2"]  # layer3 runs too: its hook is what stops the forward pass
-    assert isinstance(model.backbone.layer4, torch.nn.Identity) and isinstance(model.backbone.fc, torch.nn.Identity)
+    assert calls == names  # in the order torchvision's forward() runs them
+
+
+def test_backbone_maps_equal_torchvisions_own_forward(model):
+    """The cut network's layer2 and layer3 maps are those of torchvision's unchanged WideResNet-50 forward()."""
+    network = torchvision.models.wide_resnet50_2()
+    network.load_state_dict(model.backbone.state_dict(), strict=False)  # layer4 and fc keep their random init: unused here
+    seen = {}
+    for name in ("layer2", "layer3"):
+        getattr(network, name).register_forward_hook(lambda module, inputs, output, n=name: seen.__setitem__(n, output))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    network.eval()(images)
+    got = model.extract_features(images)
+    assert torch.equal(got[0], seen["layer2"]) and torch.equal(got[1], seen["layer3"])
 
 
 def test_aggregation_hand_computed(model):
@@ -168,9 +179,7 @@ def _brute_force(queries, bank, k):
 @pytest.fixture
 def low_precision_cpu(monkeypatch):
     """A CPU that computes bf16, fp16 and int8 natively, whatever this one does: the numerics run either way."""
-    import patchcore
-
-    monkeypatch.setattr(patchcore, "cpu_supports", lambda precision: True)
+    monkeypatch.setattr(system, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_fp16", "avx512_vnni"}))
 
 
 @pytest.mark.parametrize("search", ["faiss", "torch", "fast"])
@@ -205,11 +214,11 @@ def _near_ties(n_queries=60, per_query=5, spread=1e-3, seed=7):
 @pytest.mark.parametrize("block_bytes", [2**28, 4 * 800 * 7])  # one chunk; chunks of 7 queries
 def test_torch_search_equals_brute_force_on_near_ties(precision, block_bytes):
     queries, bank = _near_ties()
-    distances, indices = TorchSearch(bank, precision).search(queries, k=2, block_bytes=block_bytes)
+    distances, indices = TorchSearch(bank, precision)(queries, k=2, block_bytes=block_bytes)
     expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), 2)
     assert np.array_equal(indices.numpy(), expected_i)
     np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-6)  # measured: 1.2e-7
-    _, alone = TorchSearch(bank, precision, candidates=1).search(queries, k=1)
+    _, alone = TorchSearch(bank, precision, candidates=1)(queries, k=1)
     assert not np.array_equal(alone[:, 0].numpy(), expected_i[:, 0])  # the product alone cannot tell the ties apart
 
 
@@ -227,15 +236,13 @@ def test_the_candidate_product_runs_in_the_low_precision(precision, dtype):
     for name, want in ((precision, dtype), ("int8", torch.int8)):
         seen.clear()
         with Spy():
-            TorchSearch(bank, name).search(queries, k=1)
+            TorchSearch(bank, name)(queries, k=1)
         assert {d for _, d in seen} == {want}, seen
 
 
 def test_low_precision_never_runs_where_the_cpu_lacks_it(model, monkeypatch, capsys):
-    import patchcore
-
-    monkeypatch.setattr(patchcore, "cpu_supports", lambda precision: False)
-    monkeypatch.setattr(patchcore, "WARNED", set())
+    monkeypatch.setattr(system, "cpu_flags", lambda: frozenset())
+    monkeypatch.setattr(system, "WARNED", set())
     fast = PatchCore(weights="none", device="cpu", amp="bf16", search="fast")
     again = PatchCore(weights="none", device="cpu", amp="bf16", search="auto")
     assert (fast.amp, fast.search, again.amp, again.search) == ("none", "torch", "none", "faiss")
@@ -379,19 +386,17 @@ def test_device_checks():
 
 
 def test_a_gpu_that_torch_cannot_use_is_said_once(tmp_path, monkeypatch, capsys):
-    import patchcore
-
     smi = tmp_path / "nvidia-smi"  # answers as on a machine whose driver is too old for this torch's CUDA
     smi.write_text("#!/bin/sh\necho 'NVIDIA GeForce RTX 3060, 535.104.05'\n")
     smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(patchcore, "WARNED", set())
+    monkeypatch.setattr(system, "WARNED", set())
     assert resolve_device("auto") == torch.device("cpu") and resolve_device("auto") == torch.device("cpu")
     err = capsys.readouterr().err
     assert err.count("WARNING") == 1 and "NVIDIA GeForce RTX 3060, 535.104.05" in err and "driver" in err
     smi.unlink()  # no NVIDIA GPU: nothing to say
-    monkeypatch.setattr(patchcore, "WARNED", set())
+    monkeypatch.setattr(system, "WARNED", set())
     assert resolve_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
 
 
@@ -421,8 +426,6 @@ def test_calibrated_threshold_gives_the_target_false_alarm_rate(n, target):
     """Good-image scores from a known (skewed) distribution: over many held-out draws, the share of fresh good
     scores at or above the calibrated threshold averages the rate calibrate() reports, and that is the target
     when n held-out images can reach it (9 images cannot reach 5 %: 1 / (n + 1) = 10 % is what they give)."""
-    from patchcore import calibrate
-
     rng = np.random.default_rng(n)
     fresh = rng.gamma(3.0, 2.0, 200_000)
     rates, reported = [], set()
@@ -437,8 +440,6 @@ def test_calibrated_threshold_gives_the_target_false_alarm_rate(n, target):
 
 
 def test_calibration_scores_held_out_images_against_a_bank_without_them():
-    from patchcore import calibrate
-
     images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(21))
     settings = {"weights": "none", "device": "cpu", "image_size": 64, "target_fpr": 0.25}
     model = PatchCore(calibration_holdout=0.5, **settings)

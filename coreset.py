@@ -1,0 +1,226 @@
+"""The memory bank's coreset (Sec. 3.2): a seeded random projection, and Alg. 1, greedy k-center selection.
+
+Alg. 1 picks, one at a time, the patch farthest from every patch picked so far, so that the bank
+covers the training patches with the smallest largest gap. Two exact implementations pick the
+same patches: k_center_greedy_dense (one vectorised update per pick; the GPU path, with CUDA
+graphs) and k_center_greedy_pruned (touches only the patches a new center can come closer to;
+the CPU path). gather_rows then takes the selected rows out of features that arrive in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def random_projection(in_dim: int, out_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A Gaussian [in_dim, out_dim] matrix scaled by 1/sqrt(out_dim): distances are kept in expectation."""
+    return torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)
+
+
+def squared_distances(points: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """||p - c||^2 for every row p. Both greedy variants use exactly this arithmetic, so their
+    float32 distances, and therefore their selections, agree bit for bit."""
+    return ((points - center) ** 2).sum(1)
+
+
+def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: np.ndarray | None = None, block: int = 16384) -> np.ndarray:
+    """squared_distances of all points, or of the points at `rows`, `block` rows at a time, so
+    that no N x D temporary exists; each row's arithmetic is the same, so is every value."""
+    n = len(points) if rows is None else len(rows)
+    out = np.empty(n, np.float32)
+    for lo in range(0, n, block):
+        part = points[lo : lo + block] if rows is None else torch.from_numpy(points.numpy()[rows[lo : lo + block]])
+        out[lo : lo + block] = squared_distances(part, center).numpy()
+    return out
+
+
+def nearest_center(points: torch.Tensor, centers: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance (float32) of every point to its nearest center, and that center's index; computed
+    in float64 as ||p||^2 - 2 p.c + ||c||^2 in row blocks, so it is exact to float32 rounding."""
+    centers64 = centers.double()
+    centers_sq = (centers64**2).sum(1)
+    best, which = [], []
+    for block in points.split(rows):
+        block64 = block.double()
+        d = ((block64**2).sum(1, keepdim=True) - 2 * block64 @ centers64.T + centers_sq).clamp_min(0)
+        value, index = d.min(1)
+        best.append(value.float())
+        which.append(index)
+    return torch.cat(best), torch.cat(which)
+
+
+def _greedy_start(points: torch.Tensor, start: int | None, existing: torch.Tensor | None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The picks made before the loop, every point's squared distance to the nearest of the selected set, and
+    which one that is: a fresh run starts at `start`; a grown bank starts from the `existing` centers (no pick yet)."""
+    if existing is None:
+        group = torch.zeros(len(points), dtype=torch.long, device=points.device)
+        if points.device.type == "cpu":  # in row blocks: no N x D temporaries
+            return [start], torch.from_numpy(squared_distances_blocked(points, points[start])), group
+        return [start], squared_distances(points, points[start]), group
+    return [], *nearest_center(points, existing.to(points.device, torch.float32))
+
+
+def k_center_greedy_dense(
+    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, block: int = 64
+) -> torch.Tensor:
+    """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path).
+
+    Picks n_select points, the first being `start`; or, to grow a bank, n_select more points
+    after the `existing` centers. On CUDA, `block` iterations are captured once as a CUDA graph
+    and replayed, so the per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
+    """
+    first, min_dist, _ = _greedy_start(points, start, existing)  # squared distance to the nearest selected point
+    selected = torch.empty(n_select, dtype=torch.long, device=points.device)
+    selected[: len(first)] = torch.tensor(first, dtype=torch.long)
+    position = torch.full((1,), len(first), dtype=torch.long, device=points.device)  # where the next index goes
+
+    def step() -> None:
+        farthest = torch.argmax(min_dist).view(1)  # first index among ties
+        selected.index_copy_(0, position, farthest)
+        torch.minimum(min_dist, squared_distances(points, points[farthest]), out=min_dist)
+        position.add_(1)
+
+    remaining = n_select - len(first)
+    progress = tqdm(total=remaining, desc="coreset", unit="pt", mininterval=1.0)
+    if points.device.type == "cuda" and remaining >= 2 * block:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
+            for _ in range(block):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        remaining -= block
+        progress.update(block)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            for _ in range(block):
+                step()
+        while remaining >= block:
+            graph.replay()
+            remaining -= block
+            progress.update(block)
+    for _ in range(remaining):
+        step()
+        progress.update(1)
+    progress.close()
+    return selected
+
+
+def k_center_greedy_pruned(
+    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, n_pivots: int = 16
+) -> torch.Tensor:
+    """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
+
+    Every point belongs to its nearest center j (a list of members per center), and r_j is
+    the largest distance in j's group. A new center c can only come closer to points of
+    group j if d(j, c) < 2 r_j (triangle inequality), so other groups are skipped. d(j, c)
+    itself is first bounded from below through pivot centers, |d(k, j) - d(k, c)| <= d(j, c):
+    4 pivots for every center, the other 12 for those that pass, so that most centers are
+    ruled out without a full distance. A slack of 1e-4 of the data's scale on the bounds
+    covers float32 rounding. Same selection as k_center_greedy_dense, with the same `start`
+    or `existing` centers; returns the n_select picks.
+    """
+    n, dim = points.shape
+    x = points.numpy()
+
+    def center_distances(a: np.ndarray, c: np.ndarray) -> np.ndarray:  # for the bounds only
+        diff = a - c
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff))
+
+    first, min_dist, group = _greedy_start(points, start, existing)
+    min_dist, group = min_dist.numpy(), group.numpy()
+    initial = x[first] if existing is None else existing.numpy().astype(np.float32)
+    k0 = len(initial)  # centers before the loop: the start point, or the existing bank
+    size = k0 + n_select - len(first)
+    centers = np.empty((size, dim), np.float32)
+    centers[:k0] = initial
+    members = np.split(np.argsort(group, kind="stable"), np.cumsum(np.bincount(group, minlength=k0))[:-1]) + [None] * (size - k0)
+    radius = np.zeros(size, np.float32)  # r_j, exact for every group
+    np.maximum.at(radius, group, np.sqrt(min_dist))
+    slack = 1e-4 * float(np.sqrt(min_dist.max())) + 1e-12
+    bound = 2 * radius + slack  # how close a new center must come to center j to touch j's group
+    pivot_of = list(range(min(n_pivots, k0)))  # the first centers serve as pivots, up to n_pivots
+    pivot_dist = np.zeros((n_pivots, size), np.float32)  # d(pivot k, center j)
+    for k, j in enumerate(pivot_of):
+        pivot_dist[k, :k0] = center_distances(centers[:k0], centers[j])
+    scratch = np.empty((4, size), np.float32)
+    selected = np.empty(n_select, np.int64)
+    selected[: len(first)] = first
+    for i in tqdm(range(k0, size), desc="coreset", unit="pt", mininterval=1.0):
+        farthest = int(np.argmax(min_dist))  # first index among ties
+        c = x[farthest]
+        selected[i - k0 + len(first)], centers[i] = farthest, c
+        if len(pivot_of) < n_pivots:  # the new center becomes a pivot
+            pivot_dist[len(pivot_of), : i + 1] = center_distances(centers[: i + 1], c)
+            pivot_of.append(i)
+        pivots = len(pivot_of)
+        to_pivots = center_distances(centers[pivot_of], c)
+        pivot_dist[:pivots, i] = to_pivots
+        lower = scratch[: min(pivots, 4), :i]  # the bound through the first 4 pivots, for every center
+        np.abs(np.subtract(pivot_dist[: len(lower), :i], to_pivots[: len(lower), None], out=lower), out=lower)
+        maybe = np.flatnonzero(lower.max(0) < bound[:i])
+        if pivots > len(lower) and len(maybe):  # through the other pivots, for the centers still in question
+            maybe = maybe[np.abs(pivot_dist[len(lower) : pivots, maybe] - to_pivots[len(lower) :, None]).max(0) < bound[maybe]]
+        near = maybe[center_distances(centers[maybe], c) < bound[maybe]]
+        parts = [members[j] for j in near]
+        touched = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if len(touched) > n // 4:  # little to prune (early on, or data without cluster structure): one dense pass
+            dist = squared_distances_blocked(points, points[farthest])[touched]
+        else:
+            dist = squared_distances_blocked(points, points[farthest], touched)
+        closer = dist < min_dist[touched]
+        min_dist[touched[closer]] = dist[closer]
+        members[i] = touched[closer]
+        # the touched groups keep the points that stayed; their radii are recomputed from those
+        stay = ~closer
+        counts = np.add.reduceat(stay, np.cumsum([0] + [len(p) for p in parts[:-1]])) if parts else np.zeros(0, np.int64)
+        kept = touched[stay]
+        for j, part in zip(near, np.split(kept, np.cumsum(counts)[:-1])):
+            members[j] = part
+        radius[near] = 0
+        if len(kept):  # kept is ordered by group: one maximum per non-empty group
+            filled = counts > 0
+            radius[near[filled]] = np.maximum.reduceat(np.sqrt(min_dist[kept]), (np.cumsum(counts) - counts)[filled])
+        radius[i] = np.sqrt(min_dist[members[i]].max()) if len(members[i]) else 0
+        bound[near], bound[i] = 2 * radius[near] + slack, 2 * radius[i] + slack
+    return torch.from_numpy(selected)
+
+
+def gather_rows(chunks: Iterable[torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each name, the rows at its global indices (into the chunks laid end to end), in that
+    order, taken chunk by chunk: the chunks are never concatenated, and each can be freed once read."""
+    plans = {name: (order := torch.argsort(rows), rows[order]) for name, rows in wanted.items()}
+    out, offset = {}, 0
+    for chunk in chunks:
+        for name, (order, ordered) in plans.items():
+            lo, hi = (int(torch.searchsorted(ordered, v)) for v in (offset, offset + len(chunk)))
+            if name not in out:
+                out[name] = torch.empty(len(ordered), chunk.shape[1])
+            out[name][order[lo:hi]] = chunk[ordered[lo:hi] - offset]
+        offset += len(chunk)
+    return out
+
+
+def image_rows(images: list[int], per_image: int) -> torch.Tensor:
+    """The patch rows of these images, when every image gives per_image rows in order."""
+    return (torch.tensor(images, dtype=torch.long)[:, None] * per_image + torch.arange(per_image)).flatten()
+
+
+def greedy_coreset(
+    points: torch.Tensor, n_select: int, seed: int, device: torch.device, existing: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Alg. 1: indices of n_select of the (projected) `points`, on `device`: the pruned exact loop on a CPU,
+    the dense CUDA-graph loop on a GPU. A fresh selection starts at a seeded random point, the first index
+    returned; with `existing` centers (a bank being grown), every point starts at its distance to the nearest."""
+    n = points.shape[0]
+    if n_select >= n:
+        return torch.arange(n)
+    start = None if existing is not None else int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    if device.type == "cpu":
+        return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start, existing)
+    return k_center_greedy_dense(points.to(device, torch.float32), n_select, start, existing).cpu()

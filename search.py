@@ -1,0 +1,136 @@
+"""Nearest-neighbour search over the memory bank: the k nearest bank rows of each query patch.
+
+Two searches, both torch.nn.Modules holding the bank as a buffer, called as search(queries, k):
+- TorchSearch: candidates from a distance product in fp32 or a low precision (int8 on a CPU with
+  VNNI, fp16 on a GPU), re-ranked exactly in fp32; torch operations only;
+- FaissSearch: faiss's IndexFlatL2 (on the GPU where faiss has GPUs); it leaves torch for numpy.
+resolve_search decides which one runs for a device.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from backbone import AMP_DTYPES
+from system import cpu_supports, warn_once
+
+SEARCHES = ("auto", "faiss", "torch", "fast")
+# candidates per query that TorchSearch re-ranks, by the precision of its product. On random-init WideResNet
+# features one candidate found every nearest neighbour in every precision, on a coreset bank and on a dense one
+# (benchmarks/benchmark.py --stages search [--search_bank dense]); these keep a margin, larger where the product
+# has fewer bits, for features that could not be tried here. 32 instead of 1 costs about 7 % of the int8 search.
+RERANK_CANDIDATES = {"fp32": 8, "fp16": 8, "int8": 32, "bf16": 128}
+
+
+def resolve_search(search: str, device: torch.device) -> tuple[str, str | None]:
+    """(the search that runs: faiss, torch or fast; the fast search's low precision) for `search` on `device`.
+    auto: fast on a CPU with VNNI, else faiss where it runs on the device, else torch."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    cuda = device.type == "cuda"
+    faiss_here = not cuda or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
+    low = "fp16" if cuda else "int8" if cpu_supports("int8") else None
+    if search == "faiss" and not faiss_here:
+        raise ValueError("--search faiss: this faiss build has no GPU support; use --search torch or fast, or --device cpu")
+    if search == "fast" and low is None:
+        warn_once("--search fast: this CPU has no native int8 product (VNNI), so low precision would be slower than fp32; "
+                  "running the fp32 torch search")  # fmt: skip
+        return "torch", None
+    if search == "auto":
+        search = "fast" if low and not cuda else "faiss" if faiss_here else "torch"
+    return search, low if search == "fast" else None
+
+
+def make_search(bank: torch.Tensor, search: str, low_precision: str | None) -> TorchSearch | FaissSearch:
+    """The search module that runs (resolve_search's answer) over a float32 bank on its device."""
+    if search == "faiss":
+        return FaissSearch(bank)
+    return TorchSearch(bank, low_precision or "fp32")
+
+
+def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, d] as int8 with one scale per row (its largest magnitude / 127): x ~ scale[:, None] * int8."""
+    scale = x.abs().amax(1).clamp_min(1e-12) / 127
+    return (x / scale[:, None]).round_().to(torch.int8), scale
+
+
+class TorchSearch(torch.nn.Module):
+    """k nearest bank rows in torch: candidates from a product in `precision`, re-ranked exactly in fp32.
+
+    The `candidates` nearest rows are found by ||q||^2 - 2 q.m + ||m||^2 on features centred on
+    the bank's mean (distances do not change, the terms shrink: 4x smaller norms on WideResNet
+    features), with the cross term in 'fp32', or in low precision: 'fp16' (the GPU's fast path),
+    'int8' with one scale per row (the CPU's, with VNNI), or 'bf16' (measured, not used: it needs
+    128 candidates). Their distances are then recomputed exactly in fp32 from the features,
+    ||q - m||^2, and ranked: the result is the exact nearest neighbour whenever the true one is
+    among the candidates, which the expansion alone misses on near-ties even in fp32.
+    """
+
+    def __init__(self, bank: torch.Tensor, precision: str = "fp32", candidates: int | None = None) -> None:
+        super().__init__()
+        self.precision, self.candidates = precision, candidates or RERANK_CANDIDATES[precision]
+        bank = bank.float()
+        mean = bank.mean(0)
+        centered = bank - mean
+        self.register_buffer("bank", bank)
+        self.register_buffer("mean", mean)
+        self.register_buffer("centered_sq", (centered**2).sum(1))
+        if precision == "int8":
+            low, scale = _int8_rows(centered)
+            self.register_buffer("scale", scale)
+        else:
+            low = centered.to(AMP_DTYPES.get(precision) or torch.float32)
+        self.register_buffer("low", low)
+
+    def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (squared ones if asked) and bank indices, each [M, k]. Queries go in chunks whose
+        largest temporary (the distance block, or one candidate's difference rows) stays under `block_bytes`."""
+        n_candidates = min(len(self.bank), max(self.candidates, k))
+        rows = max(1, block_bytes // (4 * max(len(self.bank), self.bank.shape[1])))  # query rows per chunk
+        distances, indices = [], []
+        for q in queries.split(rows):
+            q = q.float()
+            centered = q - self.mean
+            if self.precision == "int8":
+                q_low, q_scale = _int8_rows(centered)
+                cross = torch._int_mm(q_low, self.low.T).float().mul_(q_scale[:, None]).mul_(self.scale)
+            else:
+                cross = (centered.to(self.low.dtype) @ self.low.T).float()
+            d2 = cross.mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
+            index = d2.topk(n_candidates, dim=1, largest=False).indices
+            exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
+            value, order = exact.topk(k, dim=1, largest=False)  # the exact re-rank
+            distances.append(value if squared else value.sqrt())
+            indices.append(index.gather(1, order))
+        return torch.cat(distances), torch.cat(indices)
+
+    def describe(self) -> str:
+        return f"torch, {self.precision} candidates ({self.candidates} per patch) re-ranked exactly in fp32"
+
+
+class FaissSearch(torch.nn.Module):
+    """faiss's exhaustive IndexFlatL2 over the bank, on the bank's GPU where faiss has GPUs. Queries go
+    to numpy and back: this search cannot be part of an exported torch graph."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("bank", bank.float())
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        index = faiss.IndexFlatL2(bank.shape[1])
+        index.add(self.bank.cpu().numpy())
+        if bank.device.type == "cuda":
+            self.resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self.resources, bank.device.index or 0, index)
+        self.index = index
+
+    def forward(self, queries: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (squared ones if asked) and bank indices, each [M, k]."""
+        host = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
+        distances, indices = self.index.search(host, k)  # faiss returns squared L2
+        distances = np.maximum(distances, 0) if squared else np.sqrt(np.maximum(distances, 0))
+        return torch.from_numpy(distances).to(self.bank.device), torch.from_numpy(indices).to(self.bank.device)
+
+    def describe(self) -> str:
+        return f"faiss {type(self.index).__name__}, exact fp32"

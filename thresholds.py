@@ -1,0 +1,52 @@
+"""Decision thresholds from good images only: split-conformal calibration on held-out good training images.
+
+PatchCore.fit holds a seeded share of the good training images out of a second coreset, scores
+them against it, and calibrate() turns their scores into the image and pixel thresholds that a
+production line decides with (docs/architecture.md, "Decisions on unlabelled parts").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float]:
+    """The smallest held-out score t such that a new good score, exchangeable with the n held-out ones, is
+    >= t with probability at most `target`: the k-th smallest, k = ceil((n + 1)(1 - target)). Returns
+    (t, its false-alarm rate (n + 1 - k) / (n + 1)); with too few scores, k = n: the largest, 1 / (n + 1)."""
+    n = len(scores)
+    k = min(n, math.ceil((n + 1) * (1 - target) - 1e-9))
+    return float(np.sort(scores)[k - 1]), (n + 1 - k) / (n + 1)
+
+
+def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_fpr: float) -> dict:
+    """Thresholds from good images only: the image scores [n] of held-out good images, each one's
+    anomaly-map maximum [n], and the smallest map value of them all.
+
+    image threshold: split-conformal on the image scores, so that a new good part is called
+    defective with probability at most target_fpr; pixel threshold: the same on the map maxima,
+    so that a good part shows no predicted region with probability at least 1 - target_fpr.
+    A target finer than 1 / (n + 1) cannot be met with n images: the thresholds are then the
+    largest held-out values, and `expected_fpr` says what they give.
+    """
+    image, image_rate = _conformal_threshold(scores, target_fpr)
+    pixel, _ = _conformal_threshold(map_peaks, target_fpr)
+
+    def stats(values: np.ndarray) -> dict:
+        q = np.quantile(values, [0.5, 0.9, 0.95, 0.99])
+        return {"min": float(values.min()), "mean": float(values.mean()), "std": float(values.std()), "median": float(q[0]),
+                "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]), "max": float(values.max())}  # fmt: skip
+
+    return {
+        "method": "split conformal on held-out good images (k-th smallest score, k = ceil((n + 1)(1 - target_fpr)))",
+        "target_fpr": target_fpr,
+        "expected_fpr": image_rate,
+        "n_held_out": len(scores),
+        "image_threshold": image,
+        "pixel_threshold": pixel,
+        "heatmap_scale": [float(map_low), 2 * pixel - float(map_low)],  # the pixel threshold in the middle of the colour bar
+        "held_out_image_scores": stats(scores),
+        "held_out_map_maxima": stats(map_peaks),
+    }

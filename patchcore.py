@@ -28,6 +28,7 @@ from bank import BankError, environment, load_bank, save_bank
 from coreset import gather_rows, greedy_coreset, image_rows, random_projection
 from dataset import Preprocess
 from maps import gaussian_blur
+from official import check_official_layers, official_patches
 from search import FaissSearch, TorchSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device
 from thresholds import calibrate
@@ -129,7 +130,6 @@ class PatchCoreConfig:
         return Preprocess(self.resize, self.image_size, self.protocol, self.crop)
 
 
-
 def largest_grid(features: list[torch.Tensor]) -> tuple[int, int]:
     """(h, w) of the largest feature map: the patch grid (28 x 28 for layer2 at 224 px)."""
     return max((tuple(int(v) for v in f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
@@ -155,8 +155,8 @@ class PatchFeatures(torch.nn.Module):
         2. deeper maps upsampled bilinearly to the largest map's grid (28x28 for 224 px);
         3. channels concatenated (512 + 1024 = 1536 for layer2 + layer3).
         """
-        if self.official:
-            return self.official_patches(features)
+        if self.official:  # the released code's features (official.py)
+            return official_patches(features)
         grid = largest_grid(features)
         maps = []
         for f in features:
@@ -165,25 +165,6 @@ class PatchFeatures(torch.nn.Module):
                 f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             maps.append(f)
         return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
-
-    @staticmethod
-    def official_patches(features: list[torch.Tensor]) -> torch.Tensor:
-        """The released code's 1024-d patch features, in closed form: [B, N, 1024].
-
-        Their chain (unfold 3x3 with zero padding, layer3's unfolded patches resized bilinearly to
-        layer2's grid, each layer's C*9 values adaptive-average-pooled to 1024, the two stacked and
-        pooled to 1024 again) works out, for layer widths 512 and 1024, to:
-          dims 0..511:    layer2, (3x3 zero-padded neighbourhood sum + the centre again) / 10;
-          dims 512..1023: layer3 with adjacent channels averaged in pairs, 3x3 zero-padded mean,
-                          upsampled bilinearly to layer2's grid.
-        tests/test_official.py checks it against a literal re-implementation of their chain.
-        """
-        layer2, layer3 = features
-        near2 = (F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) + layer2) / 10
-        pairs = (layer3[:, 0::2] + layer3[:, 1::2]) / 2
-        near3 = F.avg_pool2d(pairs, 3, stride=1, padding=1, count_include_pad=True)
-        near3 = F.interpolate(near3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([near2, near3], dim=1).flatten(2).transpose(1, 2)
 
 
 class AnomalyScorer(torch.nn.Module):
@@ -262,12 +243,7 @@ class PatchCore:
 
         probe = self.extract_features(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
         if self.config.protocol == "official":
-            widths = [f.shape[1] for f in probe]
-            if widths != [512, 1024]:
-                raise ValueError(
-                    f"--protocol official reproduces the released code's baseline, whose two layers have 512 and 1024 "
-                    f"channels (wide_resnet50_2 layer2,layer3); {self.config.backbone} {list(self.config.layers)} have {widths}"
-                )
+            check_official_layers(probe, self.config.backbone, self.config.layers)
             self.backbone.official_batchnorm_update(self.config.image_size)
         self.grid = largest_grid(probe)
         self.patches_per_image = self.grid[0] * self.grid[1]
@@ -312,31 +288,38 @@ class PatchCore:
                 wanted["held out"] = image_rows(held_out, per_image)
         del projected
         rows = gather_rows(self._full_features(chunks, dataloader), wanted)
-        if self.config.calibration_holdout == 0:
-            self.calibration = {"reason": "calibration off (--calibration_holdout 0): no thresholds"}
-        elif not held_out:
-            self.calibration = {
-                "reason": f"too few training images ({n_images}) to hold out a share of {self.config.calibration_holdout:g} "
-                "for calibration: no thresholds stored; decide with evaluate.py --threshold"
-            }
-        if held_out:
-            self.set_memory_bank(rows.pop("calibration bank"))
-            if "held out" in rows:
-                patches = rows.pop("held out").view(len(held_out), per_image, -1)
-                size = (self.config.image_size,) * 2
-                scored = (self.scorer.score(part.to(self.device), self.grid, size) for part in patches.split(16))
-                scored = ((s.cpu().numpy(), m.cpu().numpy()) for s, m in scored)
-            else:  # the full features were not kept: run the held-out images again
-                subset = torch.utils.data.Subset(dataloader.dataset, held_out)
-                loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
-                scored = (self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch"))
-            # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
-            summary = [(scores, maps.reshape(len(maps), -1).max(1), maps.min()) for scores, maps in scored]
-            scores, peaks, lows = zip(*summary)
-            self.calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        self._calibrate(rows, held_out, dataloader)
         self.set_memory_bank(rows["bank"])
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(rows["bank"]), "fit": path}
         return {**facts, "held_out": held_out}
+
+    def _calibrate(self, rows: dict[str, torch.Tensor], held_out: list[int], dataloader) -> None:
+        """self.calibration: the held-out images scored against the calibration bank (from their kept
+        features, or by running them again), then thresholds.calibrate; or why there are no thresholds."""
+        share = self.config.calibration_holdout
+        if share == 0:
+            self.calibration = {"reason": "calibration off (--calibration_holdout 0): no thresholds"}
+            return
+        if not held_out:
+            self.calibration = {
+                "reason": f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
+                "for calibration: no thresholds stored; decide with evaluate.py --threshold"
+            }
+            return
+        self.set_memory_bank(rows.pop("calibration bank"))
+        if "held out" in rows:
+            patches = rows.pop("held out").view(len(held_out), self.patches_per_image, -1)
+            size = (self.config.image_size,) * 2
+            scored = (self.scorer.score(part.to(self.device), self.grid, size) for part in patches.split(16))
+            scored = ((s.cpu().numpy(), m.cpu().numpy()) for s, m in scored)
+        else:  # the full features were not kept: run the held-out images again
+            subset = torch.utils.data.Subset(dataloader.dataset, held_out)
+            loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
+            scored = (self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch"))
+        # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
+        summary = [(scores, maps.reshape(len(maps), -1).max(1), maps.min()) for scores, maps in scored]
+        scores, peaks, lows = zip(*summary)
+        self.calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
 
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
         """Pass 1 over the images: every patch's projected feature for the coreset ([N, coreset_proj_dim]),
@@ -457,13 +440,9 @@ class PatchCore:
         """[M, C] coreset of training patch features, or None before fit/from_bank."""
         return None if self.scorer is None else self.scorer.memory_bank
 
-    @property
-    def index(self) -> TorchSearch | FaissSearch | None:
-        return None if self.scorer is None else self.scorer.index
-
     def search_name(self) -> str:
         """Which nearest-neighbour search runs, for the outputs."""
-        return self.index.describe()
+        return self.scorer.index.describe()
 
     # ------------------------------------------------------------------ scoring (Sec. 3.3)
     def nearest_neighbors(self, patches: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,7 +451,7 @@ class PatchCore:
             raise RuntimeError("no memory bank: call fit() or set_memory_bank() first")
         if not 1 <= k <= len(self.memory_bank):
             raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.memory_bank)}")
-        return self.index(patches.to(self.device), k, squared=squared)
+        return self.scorer.index(patches.to(self.device), k, squared=squared)
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Image scores [B] and anomaly maps [B, H, W] at the input resolution (AnomalyScorer)."""

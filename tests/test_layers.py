@@ -1,0 +1,58 @@
+"""The modules' layers (docs/architecture.md, "Layers"): imports go downwards only, and none goes round in a circle."""
+
+import ast
+
+from scripts import REPO
+
+LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
+    "data and files": ["dataset", "synthetic", "bank", "files"],
+    "machine": ["system"],
+    "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
+    "method": ["patchcore"],
+    "plumbing": ["cli", "report", "metrics"],
+    "drivers": ["train", "evaluate"],
+}
+RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Each top-level module's imports of other top-level modules, those inside functions included."""
+    graph = {}
+    for module in RANK:
+        tree = ast.parse((REPO / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[module] = names & set(RANK)
+    return graph
+
+
+def test_every_top_level_module_has_a_layer():
+    assert {p.stem for p in REPO.glob("*.py")} == set(RANK)
+
+
+def test_imports_go_downwards_only():
+    upwards = [(m, n) for m, imported in project_imports().items() for n in imported if RANK[n] > RANK[m]]
+    assert upwards == []
+    assert "evaluate" not in project_imports()["train"] and "train" not in project_imports()["evaluate"]
+
+
+def test_no_import_cycles():
+    graph = project_imports()
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module) :] + [module])}"
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import CategoryDataset, DataError, Preprocess, load_rgb, make_synthetic_category, resolve_categories
+from dataset import CategoryDataset, DataError, Preprocess, load_rgb, resolve_categories
+from synthetic import make_synthetic_category
 
 
 def _digest(folder):

@@ -116,7 +116,10 @@ def make_synthetic_category(
                 mask.save(root / mask_path)
     if layout == "visa":  # one CSV for all objects: keep the other objects' rows
         table = root / VISA_CSV
-        kept = [r for r in csv.reader(table.open(newline=""))][1:] if table.is_file() else []
+        kept = []
+        if table.is_file():
+            with table.open(newline="") as f:
+                kept = list(csv.reader(f))[1:]
         table.parent.mkdir(parents=True, exist_ok=True)
         with table.open("w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")

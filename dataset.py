@@ -66,10 +66,17 @@ class Preprocess:
         """[1, S, S] float 0/1 on the model's input grid, from a mask as opened (`image_size`: its image's (w, h))."""
         if self.protocol == "official":
             return (self._official_mask(mask)[:1] >= 1).float()
-        mask = _to_8bit(mask).convert("L")
-        if mask.size != image_size:
-            mask = mask.resize(image_size, Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(self._nearest(mask)) >= 128).float()[None]
+        defective = Image.fromarray(_half_range_mask(mask, image_size))  # mode '1', kept 0/1 by the nearest-neighbour geometry
+        return torch.from_numpy(np.array(self._nearest(defective))).float()[None]
+
+
+def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """bool [h, w] at `size` (w, h): defective where the mask is at half its value range or more
+    (the paper protocol), read in 8 bits; a mask of another size is resized nearest-neighbour first."""
+    mask = _to_8bit(mask).convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(mask) >= 128
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -261,8 +268,7 @@ class CategoryDataset(torch.utils.data.Dataset):
         sample, size = self.samples[idx], self.original_size(idx)
         if sample.mask is None:
             return np.zeros(size[::-1], bool)
-        mask = _to_8bit(self._mask_image(sample)).convert("L")
-        return np.asarray(mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)) >= 128
+        return _half_range_mask(self._mask_image(sample), size)
 
     def original(self, idx: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image at its own resolution, and its mask there, if it has one."""

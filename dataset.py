@@ -47,7 +47,7 @@ class Preprocess:
     """
 
     def __init__(self, resize: int, image_size: int, protocol: str = "paper", crop: str = "center") -> None:
-        self.resize, self.image_size, self.protocol, self.crop = resize, image_size, protocol, crop
+        self.protocol = protocol
 
         def geometry(interpolation: InterpolationMode) -> list:
             if crop == "center":

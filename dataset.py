@@ -80,11 +80,18 @@ def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images rescaled to 8 bits over their type's range, not clipped."""
+    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
+    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
+    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
     if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
+    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
+        top = 1.0
+    elif image.mode.startswith("I") and values.max() > 255:
+        top = 65535.0
+    else:
+        top = 255.0
     return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 

@@ -20,7 +20,7 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(PY) dataset.py --synthetic $(DEMO_DATA) --category synthetic
+	$(PY) synthetic.py $(DEMO_DATA) --category synthetic
 	$(PY) train.py --data_path $(DEMO_DATA) --category synthetic --output_dir $(DEMO_OUT) --weights auto
 	$(PY) evaluate.py --data_path $(DEMO_DATA) --category synthetic --output_dir $(DEMO_OUT)
 	@echo "heatmaps: $(DEMO_OUT)/synthetic/anomaly_maps/   metrics: $(DEMO_OUT)/synthetic/metrics.json"

@@ -1,4 +1,4 @@
-"""The data: layouts on disk, image and mask loading, preprocessing, and synthetic categories.
+"""The data: layouts on disk, image and mask loading, and preprocessing.
 
 Layouts, recognised from what is under --data_path:
   folder  MVTec AD's layout, also the one for your own parts; ground truth is optional:
@@ -7,13 +7,10 @@ Layouts, recognised from what is under --data_path:
               <root>/<category>/ground_truth/<defect_type>/<name>_mask.png   (defective at half range)
   visa    VisA: <root>/split_csv/1cls.csv with columns object,split,label,image,mask (labels
           normal/anomaly, paths relative to root); masks mark defects with any non-zero value.
-
-    python dataset.py --synthetic DIR [--layout mvtec|folder|visa]   writes a synthetic category
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import glob
@@ -23,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
@@ -50,7 +47,7 @@ class Preprocess:
     """
 
     def __init__(self, resize: int, image_size: int, protocol: str = "paper", crop: str = "center") -> None:
-        self.resize, self.image_size, self.protocol, self.crop = resize, image_size, protocol, crop
+        self.protocol = protocol
 
         def geometry(interpolation: InterpolationMode) -> list:
             if crop == "center":
@@ -69,18 +66,32 @@ class Preprocess:
         """[1, S, S] float 0/1 on the model's input grid, from a mask as opened (`image_size`: its image's (w, h))."""
         if self.protocol == "official":
             return (self._official_mask(mask)[:1] >= 1).float()
-        mask = _to_8bit(mask).convert("L")
-        if mask.size != image_size:
-            mask = mask.resize(image_size, Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(self._nearest(mask)) >= 128).float()[None]
+        defective = Image.fromarray(_half_range_mask(mask, image_size))  # mode '1', kept 0/1 by the nearest-neighbour geometry
+        return torch.from_numpy(np.array(self._nearest(defective))).float()[None]
+
+
+def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """bool [h, w] at `size` (w, h): defective where the mask is at half its value range or more
+    (the paper protocol), read in 8 bits; a mask of another size is resized nearest-neighbour first."""
+    mask = _to_8bit(mask).convert("L")
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
+    return np.asarray(mask) >= 128
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images rescaled to 8 bits over their type's range, not clipped."""
+    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
+    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
+    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
     if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
         return image
     values = np.asarray(image, dtype=np.float64)
-    top = 65535.0 if image.mode.startswith("I") and values.max() > 255 else 255.0
+    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
+        top = 1.0
+    elif image.mode.startswith("I") and values.max() > 255:
+        top = 65535.0
+    else:
+        top = 255.0
     return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
@@ -264,8 +275,7 @@ class CategoryDataset(torch.utils.data.Dataset):
         sample, size = self.samples[idx], self.original_size(idx)
         if sample.mask is None:
             return np.zeros(size[::-1], bool)
-        mask = _to_8bit(self._mask_image(sample)).convert("L")
-        return np.asarray(mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)) >= 128
+        return _half_range_mask(self._mask_image(sample), size)
 
     def original(self, idx: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image at its own resolution, and its mask there, if it has one."""
@@ -318,128 +328,3 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, int]:
         return self.transform.image(load_rgb(self.paths[idx])), idx
-
-
-# ---------------------------------------------------------------------- synthetic data
-SYNTHETIC_DEFECTS = ("scratch", "spot", "stain")
-SYNTHETIC_LAYOUTS = ("mvtec", "folder", "visa")
-
-
-def _normal_part(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """A round part on a brushed-metal background, with small random shifts in pose and colour."""
-    y, x = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
-    stripes = 0.5 + 0.15 * np.sin(2 * np.pi * (18 * x + 3 * y + rng.uniform(0, 1)))
-    base = np.stack([stripes * c for c in (0.55, 0.6, 0.65)], axis=-1)
-    base += rng.normal(0, 0.02, base.shape)
-    image = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    cx, cy = np.array([w, h]) / 2 + rng.uniform(-3, 3, 2)
-    tint = rng.uniform(-10, 10)
-    for radius, colour in ((0.38, (60, 110, 60)), (0.30, (90, 150, 90)), (0.12, (40, 80, 40))):
-        r = radius * min(w, h)
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c + tint) for c in colour))
-    return image
-
-
-def _draw_defect(kind: str, rng: np.random.Generator, w: int, h: int, image: Image.Image, value: int = 255) -> Image.Image:
-    """Draw one defect of `kind` on image, in place; return its mask (mode L, 0 and `value`)."""
-    size = min(w, h)
-    cx, cy = rng.uniform(0.3, 0.7, 2) * np.array([w, h])
-    if kind == "scratch":
-        angle = rng.uniform(0, np.pi)
-        dx, dy = np.cos(angle) * size * 0.15, np.sin(angle) * size * 0.15
-        shapes = [("line", (cx - dx, cy - dy, cx + dx, cy + dy), (235, 235, 220))]
-    elif kind == "spot":
-        r = size * rng.uniform(0.03, 0.06)
-        shapes = [("ellipse", (cx - r, cy - r, cx + r, cy + r), (20, 15, 10))]
-    else:  # stain: a few overlapping blobs of a foreign colour
-        shapes = []
-        for _ in range(4):
-            x, y = (cx, cy) + rng.uniform(-0.05, 0.05, 2) * size
-            r = size * rng.uniform(0.02, 0.05)
-            shapes.append(("ellipse", (x - r, y - r, x + r, y + r), (170, 90, 30)))
-    mask = Image.new("L", (w, h), 0)
-    for target, mask_fill in ((ImageDraw.Draw(image), None), (ImageDraw.Draw(mask), value)):
-        for shape, box, colour in shapes:
-            if shape == "line":
-                target.line(box, fill=mask_fill or colour, width=max(2, size // 60))
-            else:
-                target.ellipse(box, fill=mask_fill or colour)
-    return mask
-
-
-def make_synthetic_category(
-    root: str | Path,
-    category: str = "synthetic",
-    n_train: int = 30,
-    n_test_good: int = 8,
-    n_per_defect: int = 6,
-    size: int | tuple[int, int] = 256,
-    seed: int = 0,
-    layout: str = "mvtec",
-) -> Path:
-    """Write a category with procedurally made images; the same seed gives the same files.
-
-    layout 'mvtec': MVTec AD's layout, PNG, 0/255 masks; 'folder': the same without any
-    ground_truth/ (one's own parts, unlabelled pixels); 'visa': VisA's layout, JPEG images, masks
-    whose defects have the value 1, and rows added to <root>/split_csv/1cls.csv.
-    size: the side of square images, or (width, height).
-    """
-    if layout not in SYNTHETIC_LAYOUTS:
-        raise ValueError(f"layout must be one of {SYNTHETIC_LAYOUTS}, got {layout!r}")
-    w, h = (size, size) if isinstance(size, int) else size
-    rng = np.random.default_rng(seed)
-    root, folder = Path(root), Path(root) / category
-    counts = [("train", "good", n_train), ("test", "good", n_test_good)] + [("test", d, n_per_defect) for d in SYNTHETIC_DEFECTS]
-    rows = []
-    for split, defect, count in counts:
-        for i in range(count):
-            image = _normal_part(rng, w, h)
-            mask = None if defect == "good" else _draw_defect(defect, rng, w, h, image, value=1 if layout == "visa" else 255)
-            image = image.filter(ImageFilter.GaussianBlur(0.6))
-            if layout == "visa":
-                kind, name = ("Normal", f"{split}_{i:03d}") if defect == "good" else ("Anomaly", f"{defect}_{i:03d}")
-                image_path, mask_path = (
-                    Path(category, "Data", "Images", kind, f"{name}.JPG"),
-                    Path(category, "Data", "Masks", kind, f"{name}.png"),
-                )
-                rows.append(
-                    [
-                        category,
-                        split,
-                        "normal" if defect == "good" else "anomaly",
-                        image_path.as_posix(),
-                        "" if mask is None else mask_path.as_posix(),
-                    ]
-                )
-            else:
-                image_path = Path(category, split, defect, f"{i:03d}.png")
-                mask_path = Path(category, "ground_truth", defect, f"{i:03d}_mask.png") if layout == "mvtec" else None
-            (root / image_path).parent.mkdir(parents=True, exist_ok=True)
-            image.save(root / image_path, quality=95)
-            if mask is not None and mask_path is not None:
-                (root / mask_path).parent.mkdir(parents=True, exist_ok=True)
-                mask.save(root / mask_path)
-    if layout == "visa":  # one CSV for all objects: keep the other objects' rows
-        table = root / VISA_CSV
-        kept = [r for r in csv.reader(table.open(newline=""))][1:] if table.is_file() else []
-        table.parent.mkdir(parents=True, exist_ok=True)
-        with table.open("w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["object", "split", "label", "image", "mask"])
-            writer.writerows([r for r in kept if r[0] != category] + rows)
-    return folder
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write a synthetic category, in MVTec AD's, a plain folder's or VisA's layout.")
-    parser.add_argument("--synthetic", required=True, metavar="DIR", help="folder to write the category into")
-    parser.add_argument("--category", default="synthetic", help="category folder name (default: synthetic)")
-    parser.add_argument("--layout", default="mvtec", choices=SYNTHETIC_LAYOUTS, help="mvtec (default), folder (no masks) or visa")
-    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="image side, or width and height (default: 256)")
-    parser.add_argument("--n_train", type=int, default=30, help="defect-free training images (default: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = parser.parse_args()
-    size = args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
-    out = make_synthetic_category(args.synthetic, args.category, n_train=args.n_train, size=size, seed=args.seed, layout=args.layout)
-    print(f"wrote synthetic {args.layout} category to {out}")

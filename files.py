@@ -52,6 +52,11 @@ def write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def _npz_archive(file: object, compress: bool) -> zipfile.ZipFile:
+    """A zip archive open for writing .npy entries (a path or a binary file), deflated or stored."""
+    return zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+
+
 def _add_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
     """One .npy entry with a fixed timestamp (np.savez stamps the current time), never pickled."""
     info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
@@ -64,7 +69,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) 
     """An .npz that np.load reads with allow_pickle=False, written atomically; the same arrays give the same bytes."""
 
     def write(f) -> None:
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+        with _npz_archive(f, compress) as archive:
             for name, array in arrays.items():
                 _add_array(archive, name, array)
 
@@ -80,7 +85,7 @@ class NpzWriter:
 
     def __enter__(self) -> NpzWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.archive = zipfile.ZipFile(self.path, "w", zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED)
+        self.archive = _npz_archive(self.path, self.compress)
         return self
 
     def add(self, name: str, array: np.ndarray) -> None:

@@ -45,8 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from coreset import greedy_coreset  # noqa: E402
-from dataset import CategoryDataset, Preprocess, make_synthetic_category  # noqa: E402
+from dataset import CategoryDataset, Preprocess  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
+from synthetic import make_synthetic_category  # noqa: E402
 
 
 def rss_bytes() -> int:

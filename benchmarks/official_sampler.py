@@ -27,9 +27,10 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from official_reference import official_approx_greedy_coreset  # noqa: E402
 
-from dataset import CategoryDataset, make_synthetic_category  # noqa: E402
+from dataset import CategoryDataset  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
+from synthetic import make_synthetic_category  # noqa: E402
 
 
 def features_of(model: PatchCore, dataset) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 import pytest
 
-from dataset import make_synthetic_category
 from patchcore import PatchCore
 from scripts import evaluate, train
+from synthetic import make_synthetic_category
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from bank import load_bank, save_bank
 from cli import run_main
-from dataset import make_synthetic_category
 from scripts import REPO, SMALL, evaluate, run, train
+from synthetic import make_synthetic_category
 
 
 def test_train_saves_the_memory_bank_with_its_config(evaluated):
@@ -154,8 +154,6 @@ def test_decisions_right_after_training(synthetic_root, tmp_path):
 
 
 def test_too_few_images_to_calibrate_is_said_in_one_line(tmp_path):
-    from dataset import make_synthetic_category
-
     make_synthetic_category(tmp_path / "data", "widget", n_train=2, n_test_good=1, n_per_defect=1, size=72)
     result = train(tmp_path / "data", tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -524,7 +522,7 @@ def test_ctrl_c_exits_130(monkeypatch, capsys):
 
 def test_a_visa_category_trains_and_evaluates_end_to_end(tmp_path):
     data = tmp_path / "visa"
-    command = run("dataset.py", "--synthetic", data, "--layout", "visa", "--category", "pcb1", "--size", "96", "64", "--n_train", "5")
+    command = run("synthetic.py", data, "--layout", "visa", "--category", "pcb1", "--size", "96", "64", "--n_train", "5")
     assert command.returncode == 0, command.stderr
     visa = ["--data_path", data, "--category", "all", "--output_dir", tmp_path / "out", *SMALL]
     result = run("train.py", *visa, "--weights", "none", "--resize", "72", "--image_size", "64")
@@ -537,8 +535,6 @@ def test_a_visa_category_trains_and_evaluates_end_to_end(tmp_path):
 
 
 def test_a_folder_without_ground_truth_gets_image_metrics_and_heatmaps(tmp_path):
-    from dataset import make_synthetic_category
-
     make_synthetic_category(tmp_path / "data", "widget", n_train=4, n_test_good=2, n_per_defect=1, size=72, layout="folder")
     assert train(tmp_path / "data", tmp_path / "out").returncode == 0
     result = evaluate(tmp_path / "data", tmp_path / "out")

@@ -1,5 +1,6 @@
 """MVTec layout, preprocessing and the synthetic generator, on files the tests write."""
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import CategoryDataset, DataError, Preprocess, load_rgb, make_synthetic_category, resolve_categories
+from dataset import CategoryDataset, DataError, Preprocess, load_rgb, open_image, resolve_categories
+from synthetic import make_synthetic_category
 
 
 def _digest(folder):
@@ -158,6 +160,19 @@ def test_mask_values_are_binarised_at_half_range(tmp_path):
     assert mask[0, :33].sum() == 0 and mask[0, 33:].all()  # columns 0..32 hold 0/100/127, the rest >= 128
     sixteen = np.full((64, 64), 40000, np.uint16)  # 16-bit mask above half of 65535
     assert _category_with_mask(tmp_path / "b", Image.fromarray(sixteen))[0][2].all()
+
+
+def test_float_masks_on_a_0_to_1_scale_keep_their_defects(tmp_path):
+    test = _category_with_mask(tmp_path, Image.new("L", (64, 64)))
+    for top in (1.0, 255.0):  # a 0..1 float mask, and one on the 8-bit scale
+        values = np.zeros((64, 64), np.float32)
+        values[:, 40:] = top  # the right part is defective
+        tif = tmp_path / "cat" / "ground_truth" / "crack" / f"0_mask_{top:g}.tif"
+        Image.fromarray(values).save(tif)
+        assert open_image(tif).mode == "F"
+        test.samples = [dataclasses.replace(test.samples[0], mask=tif)]  # PNG stores no floats: point the sample at the TIFF
+        for mask in (test[0][2][0].numpy(), Preprocess(64, 64).mask(open_image(tif), (64, 64))[0].numpy(), test.original_mask(0)):
+            assert mask[:, 40:].all() and not mask[:, :40].any(), top
 
 
 def test_visa_layout_with_masks_of_value_1(tmp_path):

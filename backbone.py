@@ -60,8 +60,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """The backbone precision that runs: `amp` where the device computes it natively, else 'none' (fp32)."""
     if amp == "none":
         return amp
-    if device.type == "cuda":
-        supported = amp == "fp16" or torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # fp16 on every CUDA GPU; bf16 natively from compute capability 8.0 (Ampere) on, emulated before
+        supported = amp == "fp16" or torch.cuda.get_device_capability(device)[0] >= 8
     else:
         supported = cpu_supports(amp)
     if not supported:

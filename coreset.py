@@ -54,27 +54,46 @@ def nearest_center(points: torch.Tensor, centers: torch.Tensor, rows: int = 4096
     return torch.cat(best), torch.cat(which)
 
 
-def _greedy_start(points: torch.Tensor, start: int | None, existing: torch.Tensor | None) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def closer_(min_dist: torch.Tensor, points: torch.Tensor, center: torch.Tensor, rows: int) -> None:
+    """min_dist = min(min_dist, ||p - center||^2) in place, `rows` points at a time: no N x D temporary."""
+    for lo in range(0, len(points), rows):
+        part = min_dist[lo : lo + rows]
+        torch.minimum(part, squared_distances(points[lo : lo + rows], center), out=part)
+
+
+def _greedy_start(
+    points: torch.Tensor, start: int | None, existing: torch.Tensor | None, rows: int = 16384
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     """The picks made before the loop, every point's squared distance to the nearest of the selected set, and
     which one that is: a fresh run starts at `start`; a grown bank starts from the `existing` centers (no pick yet)."""
     if existing is None:
         group = torch.zeros(len(points), dtype=torch.long, device=points.device)
         if points.device.type == "cpu":  # in row blocks: no N x D temporaries
             return [start], torch.from_numpy(squared_distances_blocked(points, points[start])), group
-        return [start], squared_distances(points, points[start]), group
+        min_dist = torch.full((len(points),), torch.inf, device=points.device)
+        closer_(min_dist, points, points[start], rows)
+        return [start], min_dist, group
     return [], *nearest_center(points, existing.to(points.device, torch.float32))
 
 
 def k_center_greedy_dense(
-    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, block: int = 64
+    points: torch.Tensor,
+    n_select: int,
+    start: int | None = None,
+    existing: torch.Tensor | None = None,
+    block: int = 64,
+    block_bytes: int = 2**28,
 ) -> torch.Tensor:
     """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path).
 
     Picks n_select points, the first being `start`; or, to grow a bank, n_select more points
-    after the `existing` centers. On CUDA, `block` iterations are captured once as a CUDA graph
-    and replayed, so the per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
+    after the `existing` centers. Each update runs over row blocks whose N x D temporary stays
+    under `block_bytes` (full-width features of a large category would need gigabytes at once).
+    On CUDA, `block` iterations are captured once as a CUDA graph and replayed, so the
+    per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
     """
-    first, min_dist, _ = _greedy_start(points, start, existing)  # squared distance to the nearest selected point
+    rows = max(1, block_bytes // (4 * points.shape[1]))
+    first, min_dist, _ = _greedy_start(points, start, existing, rows)  # squared distance to the nearest selected point
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
     selected[: len(first)] = torch.tensor(first, dtype=torch.long)
     position = torch.full((1,), len(first), dtype=torch.long, device=points.device)  # where the next index goes
@@ -82,28 +101,29 @@ def k_center_greedy_dense(
     def step() -> None:
         farthest = torch.argmax(min_dist).view(1)  # first index among ties
         selected.index_copy_(0, position, farthest)
-        torch.minimum(min_dist, squared_distances(points, points[farthest]), out=min_dist)
+        closer_(min_dist, points, points[farthest], rows)
         position.add_(1)
 
     remaining = n_select - len(first)
     progress = tqdm(total=remaining, desc="coreset", unit="pt", mininterval=1.0)
     if points.device.type == "cuda" and remaining >= 2 * block:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
-            for _ in range(block):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        remaining -= block
-        progress.update(block)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not run
-            for _ in range(block):
-                step()
-        while remaining >= block:
-            graph.replay()
+        with torch.cuda.device(points.device):  # streams and graphs belong to the current device: make it the points' (cuda:N)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
+                for _ in range(block):
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
             remaining -= block
             progress.update(block)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # recorded, not run
+                for _ in range(block):
+                    step()
+            while remaining >= block:
+                graph.replay()
+                remaining -= block
+                progress.update(block)
     for _ in range(remaining):
         step()
         progress.update(1)

@@ -30,7 +30,7 @@ from dataset import Preprocess
 from maps import gaussian_blur
 from official import check_official_layers, official_patches
 from search import FaissSearch, TorchSearch, make_search, resolve_search
-from system import default_feature_memory_gb, resolve_device
+from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 from thresholds import calibrate
 
 PROTOCOLS = ("paper", "official")
@@ -228,13 +228,18 @@ class PatchCore:
     search: 'faiss' (IndexFlatL2 on the GPU when faiss has GPUs); 'torch' (TorchSearch: fp32
     candidates re-ranked exactly); 'fast' (the same with candidates from a low-precision
     product: int8 on a CPU with VNNI, fp16 on a GPU); or 'auto': fast on such a CPU, else faiss
-    where it runs on the device, else torch. Fields given beside a config replace its values;
+    where it runs on the device, else torch. tf32: let a GPU run fp32 convolutions and products in TF32
+    (faster, about 1e-3 relative error; process-wide). Fields given beside a config replace its values;
     protocol-dependent defaults (the coreset ratio) resolve when a config is built, not then.
     """
 
-    def __init__(self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", **fields) -> None:
+    def __init__(
+        self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", tf32: bool = False, **fields
+    ) -> None:
         config = PatchCoreConfig(**fields) if config is None else dataclasses.replace(config, **fields)
         self.device = resolve_device(device)
+        # fp32 convolutions and products on a GPU: exact ('ieee') unless tf32 is asked for; a CPU has no TF32
+        self.fp32_precision = set_cuda_fp32_precision(tf32) if self.device.type == "cuda" else "ieee"
         self.search, self.low_precision = resolve_search(search, self.device)
         self.backbone = Backbone(config.backbone, config.layers, config.weights, config.seed, self.device, config.amp)
         self.config = dataclasses.replace(config, weights=self.backbone.weights_spec)  # 'auto' resolved: the bank records what was used
@@ -477,7 +482,9 @@ class PatchCore:
         save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
-    def from_bank(cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto") -> PatchCore:
+    def from_bank(
+        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto", tf32: bool = False
+    ) -> PatchCore:
         """The model a memory bank was built with, holding that bank; its header is `bank_header`.
 
         `weights` only says where the same weights are now (a moved file); a bank whose backbone
@@ -488,7 +495,7 @@ class PatchCore:
             config = PatchCoreConfig(**header["config"])
         except (KeyError, TypeError, ValueError) as err:
             raise BankError(f"{path} holds a config this code cannot use ({err}); rerun train.py for this category") from err
-        model = cls(config, device=device, search=search, **({"weights": weights} if weights else {}))
+        model = cls(config, device=device, search=search, tf32=tf32, **({"weights": weights} if weights else {}))
         built = header["model"]
         if model.backbone_sha256 != built["backbone_sha256"]:
             raise BankError(

@@ -9,7 +9,10 @@ resolve_search decides which one runs for a device.
 
 from __future__ import annotations
 
+import functools
+
 import faiss
+import faiss.contrib.torch_utils  # noqa: F401  (a GPU index then takes and returns torch tensors on its device)
 import numpy as np
 import torch
 
@@ -110,9 +113,16 @@ class TorchSearch(torch.nn.Module):
         return f"torch, {self.precision} candidates ({self.candidates} per patch) re-ranked exactly in fp32"
 
 
+@functools.cache
+def gpu_resources(device_index: int) -> faiss.StandardGpuResources:
+    """faiss's scratch memory and streams on one GPU: made once per process and GPU, shared by every index."""
+    return faiss.StandardGpuResources()
+
+
 class FaissSearch(torch.nn.Module):
-    """faiss's exhaustive IndexFlatL2 over the bank, on the bank's GPU where faiss has GPUs. Queries go
-    to numpy and back: this search cannot be part of an exported torch graph."""
+    """faiss's exhaustive IndexFlatL2 over the bank (||q||^2 - 2 q.m + ||m||^2 in fp32, no re-rank). On a GPU
+    the index lives on the bank's GPU and takes torch tensors there; on a CPU queries go to numpy and
+    back. Either way this search cannot be part of an exported torch graph."""
 
     def __init__(self, bank: torch.Tensor) -> None:
         super().__init__()
@@ -121,16 +131,19 @@ class FaissSearch(torch.nn.Module):
         index = faiss.IndexFlatL2(bank.shape[1])
         index.add(self.bank.cpu().numpy())
         if bank.device.type == "cuda":
-            self.resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self.resources, bank.device.index or 0, index)
+            index = faiss.index_cpu_to_gpu(gpu_resources(bank.device.index or 0), bank.device.index or 0, index)
         self.index = index
 
     def forward(self, queries: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (squared ones if asked) and bank indices, each [M, k]."""
+        if self.bank.device.type == "cuda":  # on the GPU: no copy to the host and back
+            distances, indices = self.index.search(queries.detach().float().contiguous(), k)  # faiss returns squared L2
+            distances = distances.clamp_min(0)
+            return (distances if squared else distances.sqrt()), indices
         host = np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32)
         distances, indices = self.index.search(host, k)  # faiss returns squared L2
         distances = np.maximum(distances, 0) if squared else np.sqrt(np.maximum(distances, 0))
         return torch.from_numpy(distances).to(self.bank.device), torch.from_numpy(indices).to(self.bank.device)
 
     def describe(self) -> str:
-        return f"faiss {type(self.index).__name__}, exact fp32"
+        return f"faiss {type(self.index).__name__}, fp32 distance expansion without re-rank"

@@ -37,6 +37,11 @@ FORMAT = "patchcore-memory-bank"
 FORMAT_VERSION = 2  # 1: before the config object; its banks must be rebuilt
 
 
+def bank_path(output_dir: str | Path, category: str) -> Path:
+    """Where train.py writes a category's memory bank and evaluate.py reads it: OUTPUT_DIR/<category>/memory_bank.npz."""
+    return Path(output_dir) / category / BANK_FILE
+
+
 class BankError(Exception):
     """A memory-bank file is missing, damaged, of another format, or does not fit the model."""
 

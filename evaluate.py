@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bank import BANK_FILE, TRAIN_LOG, BankError, environment
+from bank import TRAIN_LOG, BankError, bank_path, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
 from files import NpzWriter, staging, write_json
@@ -79,8 +79,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace, category: str) -> PatchCore:
-    bank = Path(args.output_dir) / category / BANK_FILE
-    return PatchCore.from_bank(bank, device=args.device, weights=args.weights, search=args.search)
+    return PatchCore.from_bank(bank_path(args.output_dir, category), device=args.device, weights=args.weights, search=args.search)
 
 
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
@@ -158,7 +157,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "ms_per_image": round(1000 * seconds / n, 1),
             "device": str(model.device),
             "weights": model.weights,
-            "memory_bank": {"path": str(out_dir / BANK_FILE), **model.bank_header["train"], "config": config.to_dict()},
+            "memory_bank": {"path": str(bank_path(args.output_dir, category)), **model.bank_header["train"], "config": config.to_dict()},
             "environment": environment(),
             "created": now(),
         }
@@ -265,7 +264,7 @@ def main() -> None:
         score_new_images(args)
         return
     categories = resolve_categories(Path(args.data_path), args.category)
-    untrained = [c for c in categories if not (Path(args.output_dir) / c / BANK_FILE).is_file()]
+    untrained = [c for c in categories if not bank_path(args.output_dir, c).is_file()]
     if untrained:  # before any work, so that 'all' does not stop halfway
         raise BankError(
             f"no memory bank for {', '.join(untrained)} in {args.output_dir}: run `python train.py --data_path {args.data_path} "

@@ -31,10 +31,15 @@ from maps import gaussian_blur
 from official import check_official_layers, official_patches
 from search import FaissSearch, TorchSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
-from thresholds import calibrate
+from thresholds import calibrate, holdout_images
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
+
+
+def setting(default: object, help: str, **shown: str) -> dataclasses.Field:
+    """A config field with its command-line help (cli.add_config_args turns each into a train.py option)."""
+    return field(default=default, metadata={"help": help, **shown})
 
 
 @dataclass(frozen=True)
@@ -46,52 +51,34 @@ class PatchCoreConfig:
     their help texts. How a run is executed (device, batch size, search) is not part of it.
     """
 
-    protocol: str = field(
-        default="paper",
-        metadata={
-            "help": "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released code "
-            "(1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md"
-        },
+    protocol: str = setting(
+        "paper",
+        "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released code "
+        "(1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md",
     )
-    backbone: str = field(default="wide_resnet50_2", metadata={"help": "torchvision classification network"})
-    layers: tuple[str, ...] = field(
-        default=("layer2", "layer3"), metadata={"help": "backbone layers the patch features come from, comma list", "metavar": "LAYERS"}
+    backbone: str = setting("wide_resnet50_2", "torchvision classification network")
+    layers: tuple[str, ...] = setting(("layer2", "layer3"), "backbone layers the patch features come from, comma list", metavar="LAYERS")
+    weights: str = setting(
+        "imagenet", "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) or PATH to a state_dict"
     )
-    weights: str = field(
-        default="imagenet",
-        metadata={
-            "help": "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) or PATH to a state_dict"
-        },
+    resize: int = setting(256, "shorter image side before the center crop")
+    image_size: int = setting(224, "center-crop size, the model's input")
+    crop: str = setting("center", "center: the paper's resize, then center crop; none: the whole image resized to image_size, borders kept")
+    shots: int = setting(0, "few-shot: build the bank from this many training images, drawn with --seed; 0 = all")
+    coreset_ratio: float | None = setting(
+        None, "fraction of the training patches kept in the memory bank", default_text="0.25 for paper, 0.1 for official"
     )
-    resize: int = field(default=256, metadata={"help": "shorter image side before the center crop"})
-    image_size: int = field(default=224, metadata={"help": "center-crop size, the model's input"})
-    crop: str = field(
-        default="center",
-        metadata={"help": "center: the paper's resize, then center crop; none: the whole image resized to image_size, borders kept"},
+    coreset_proj_dim: int = setting(128, "random-projection dims for the coreset distances, 0 = none")
+    seed: int = setting(
+        0, "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, random-init weights"
     )
-    shots: int = field(default=0, metadata={"help": "few-shot: build the bank from this many training images, drawn with --seed; 0 = all"})
-    coreset_ratio: float | None = field(
-        default=None,
-        metadata={"help": "fraction of the training patches kept in the memory bank", "default_text": "0.25 for paper, 0.1 for official"},
+    amp: str = setting("none", "backbone autocast precision: none (fp32), bf16 or fp16")
+    reweight_b: int = setting(0, "image score: 0 = max patch score; b >= 2 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)")
+    blur_sigma: float = setting(4.0, "Gaussian sigma for smoothing anomaly maps, 0 = none")
+    calibration_holdout: float = setting(
+        0.2, "fraction of train/good held out (drawn with --seed) to set thresholds on good images only; 0 = none"
     )
-    coreset_proj_dim: int = field(default=128, metadata={"help": "random-projection dims for the coreset distances, 0 = none"})
-    seed: int = field(
-        default=0,
-        metadata={
-            "help": "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, random-init weights"
-        },
-    )
-    amp: str = field(default="none", metadata={"help": "backbone autocast precision: none (fp32), bf16 or fp16"})
-    reweight_b: int = field(
-        default=0,
-        metadata={"help": "image score: 0 = max patch score; b >= 2 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)"},
-    )
-    blur_sigma: float = field(default=4.0, metadata={"help": "Gaussian sigma for smoothing anomaly maps, 0 = none"})
-    calibration_holdout: float = field(
-        default=0.2,
-        metadata={"help": "fraction of train/good held out (drawn with --seed) to set thresholds on good images only; 0 = none"},
-    )
-    target_fpr: float = field(default=0.05, metadata={"help": "false-alarm rate the thresholds aim at on good parts"})
+    target_fpr: float = setting(0.05, "false-alarm rate the thresholds aim at on good parts")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON
@@ -281,7 +268,7 @@ class PatchCore:
             raise ValueError("fit() got no training images")
         per_image = self.patches_per_image
         self._check_reweight_b(self.bank_size(n_images * per_image))
-        held_out = self.holdout_images(n_images)
+        held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
         if held_out:  # the calibration bank is the smaller one
             self._check_reweight_b(self.bank_size((n_images - len(held_out)) * per_image))
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
@@ -367,14 +354,6 @@ class PatchCore:
         if chunks is not None:
             return (chunks.pop(0) for _ in range(len(chunks)))
         return (self.features(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
-
-    def holdout_images(self, n_images: int) -> list[int]:
-        """The training images held out for calibration: round(calibration_holdout * n), drawn with the
-        seed (a stream apart from the few-shot draw); none when that leaves no image on either side."""
-        k = round(self.config.calibration_holdout * n_images)
-        if k < 1 or k >= n_images:
-            return []
-        return sorted(np.random.default_rng([self.config.seed, 1]).choice(n_images, k, replace=False).tolist())
 
     @torch.no_grad()
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:

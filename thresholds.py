@@ -21,6 +21,15 @@ def _conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, floa
     return float(np.sort(scores)[k - 1]), (n + 1 - k) / (n + 1)
 
 
+def holdout_images(n_images: int, share: float, seed: int) -> list[int]:
+    """The training images held out for calibration: round(share * n_images), drawn with the seed (a stream
+    apart from the few-shot draw); none when that leaves no image on either side."""
+    k = round(share * n_images)
+    if k < 1 or k >= n_images:
+        return []
+    return sorted(np.random.default_rng([seed, 1]).choice(n_images, k, replace=False).tolist())
+
+
 def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_fpr: float) -> dict:
     """Thresholds from good images only: the image scores [n] of held-out good images, each one's
     anomaly-map maximum [n], and the smallest map value of them all.

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bank import BANK_FILE, TRAIN_LOG
+from bank import TRAIN_LOG, bank_path
 from cli import (
     ArgumentParser,
     add_config_args,
@@ -87,7 +87,7 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
         if config.shots:
             facts["images"] = [dataset.relative_path(i) for i in range(len(dataset))]
         seconds = time.perf_counter() - start
-        path = Path(args.output_dir) / category / BANK_FILE
+        path = bank_path(args.output_dir, category)
         model.save(path, category=category, train=facts)  # nothing run-specific: same data and seed, same bytes
         write_json(path.parent / TRAIN_LOG, {"seconds": round(seconds, 2), "device": str(model.device), "created": now()})
         say_calibration(category, model.calibration)
@@ -99,7 +99,7 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
 
 def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--add: the category's bank grows; a memory-bank setting given here must be the bank's."""
-    path = Path(args.output_dir) / args.category / BANK_FILE
+    path = bank_path(args.output_dir, args.category)
     given = given_config_args(args, PatchCoreConfig)
     model = PatchCore.from_bank(path, device=args.device, weights=given.pop("weights", None))  # --weights: where they are now
     stored = model.config.to_dict()

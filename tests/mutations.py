@@ -91,7 +91,7 @@ MUTATIONS = [
     ("official_no_batchnorm_update", "patchcore.py",
      "            self.backbone.official_batchnorm_update(self.config.image_size)\n",
      "            pass\n"),
-    ("official_centre_counted_once", "patchcore.py",
+    ("official_centre_counted_once", "official.py",
      "(F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) + layer2) / 10",
      "F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) / 9"),
     ("official_masks_at_half_range", "dataset.py",

@@ -16,7 +16,7 @@ from maps import gaussian_blur
 from patchcore import PatchCore
 from search import TorchSearch
 from system import resolve_device
-from thresholds import calibrate
+from thresholds import calibrate, holdout_images
 
 
 def test_patch_features_have_the_papers_shapes(model):
@@ -445,7 +445,7 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     settings = {"weights": "none", "device": "cpu", "image_size": 64, "target_fpr": 0.25}
     model = PatchCore(calibration_holdout=0.5, **settings)
     model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
-    held = model.holdout_images(6)
+    held = holdout_images(6, model.config.calibration_holdout, model.config.seed)
     kept = [i for i in range(6) if i not in held]
     assert len(held) == 3 and model.calibration["n_held_out"] == 3
     # the reference: a bank of the kept images only, and the held-out images scored against it

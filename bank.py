@@ -11,12 +11,13 @@ loading it can never run code. It holds two arrays:
         model                     weights description, sha256 of the backbone weights, feature dimension
         calibration               thresholds set on held-out good images and how, or the reason there are none
         category                  the category's name
-        train                     image and patch counts, bank size, which fit path ran, the held-out
-                                  images, the few-shot images (--shots), the images added later (--add)
+        train                     image and patch counts, bank size, the held-out images, the few-shot
+                                  images (--shots), the images added later (--add)
         environment               library versions
 
-Nothing run-specific (time, seconds, device) is stored, so that the same data and seed give a
-byte-identical file; train.py writes those facts to train.json beside it.
+Nothing run-specific (time, seconds, device, GPU, which fit path the free RAM allowed) is stored, so
+that the same data, seed and library versions give a byte-identical file on the same machine at the
+same thread count; train.py writes those facts to train.json beside it.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def load_bank(path: Path) -> tuple[np.ndarray, dict]:
 
 
 def environment() -> dict:
-    """Library versions and GPU, recorded in every output."""
+    """The library versions that compute a bank's numbers, recorded in the bank and every output."""
     import faiss
     import torch
     import torchvision
@@ -103,5 +104,4 @@ def environment() -> dict:
         "torchvision": torchvision.__version__,
         "faiss": faiss.__version__,
         "numpy": np.__version__,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

@@ -83,56 +83,75 @@ def k_center_greedy_dense(
     existing: torch.Tensor | None = None,
     block: int = 64,
     block_bytes: int = 2**28,
+    first_from: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Alg. 1 as one vectorised update per iteration: O(N x D) work each, no host sync (the GPU path).
 
     Picks n_select points, the first being `start`; or, to grow a bank, n_select more points
-    after the `existing` centers. Each update runs over row blocks whose N x D temporary stays
-    under `block_bytes` (full-width features of a large category would need gigabytes at once).
-    On CUDA, `block` iterations are captured once as a CUDA graph and replayed, so the
-    per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
+    after the `existing` centers. first_from = (rows, count): the first `count` picks are taken
+    among `rows` only (greedy_coreset explains why). Each update runs over row blocks whose
+    N x D temporary stays under `block_bytes` (full-width features of a large category would
+    need gigabytes at once). On CUDA, `block` iterations are captured once as a CUDA graph and
+    replayed, so the per-iteration kernel-launch overhead goes; elsewhere the same step runs eagerly.
     """
     rows = max(1, block_bytes // (4 * points.shape[1]))
     first, min_dist, _ = _greedy_start(points, start, existing, rows)  # squared distance to the nearest selected point
     selected = torch.empty(n_select, dtype=torch.long, device=points.device)
     selected[: len(first)] = torch.tensor(first, dtype=torch.long)
     position = torch.full((1,), len(first), dtype=torch.long, device=points.device)  # where the next index goes
+    penalty = torch.zeros_like(min_dist)  # -inf on the rows that may not be picked yet, read by every step (and graph replay)
+    restricted = 0
+    if first_from is not None:
+        penalty.fill_(-torch.inf).index_fill_(0, first_from[0].to(points.device), 0.0)
+        restricted = first_from[1] - len(first)
 
     def step() -> None:
-        farthest = torch.argmax(min_dist).view(1)  # first index among ties
+        farthest = torch.argmax(min_dist + penalty).view(1)  # first index among ties
         selected.index_copy_(0, position, farthest)
         closer_(min_dist, points, points[farthest], rows)
         position.add_(1)
 
-    remaining = n_select - len(first)
-    progress = tqdm(total=remaining, desc="coreset", unit="pt", mininterval=1.0)
-    if points.device.type == "cuda" and remaining >= 2 * block:
-        with torch.cuda.device(points.device):  # streams and graphs belong to the current device: make it the points' (cuda:N)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
-                for _ in range(block):
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            remaining -= block
-            progress.update(block)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run
-                for _ in range(block):
-                    step()
-            while remaining >= block:
-                graph.replay()
-                remaining -= block
+    graph = None
+    progress = tqdm(total=n_select - len(first), desc="coreset", unit="pt", mininterval=1.0)
+
+    def run(count: int) -> None:  # `count` steps: replays of the captured graph for whole blocks, eager steps for the rest
+        nonlocal graph
+        if points.device.type == "cuda" and graph is None and count >= 2 * block:
+            with torch.cuda.device(points.device):  # streams and graphs belong to the current device: make it the points' (cuda:N)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up before capture; these are real iterations
+                    for _ in range(block):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                count -= block
                 progress.update(block)
-    for _ in range(remaining):
-        step()
-        progress.update(1)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # recorded, not run
+                    for _ in range(block):
+                        step()
+        while graph is not None and count >= block:
+            graph.replay()
+            count -= block
+            progress.update(block)
+        for _ in range(count):
+            step()
+            progress.update(1)
+
+    run(restricted)
+    penalty.zero_()  # every row may be picked from now on
+    run(n_select - len(first) - restricted)
     progress.close()
     return selected
 
 
 def k_center_greedy_pruned(
-    points: torch.Tensor, n_select: int, start: int | None = None, existing: torch.Tensor | None = None, n_pivots: int = 16
+    points: torch.Tensor,
+    n_select: int,
+    start: int | None = None,
+    existing: torch.Tensor | None = None,
+    n_pivots: int = 16,
+    first_from: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Alg. 1, exactly, touching only the points a new center can get closer to (the CPU path).
 
@@ -142,8 +161,8 @@ def k_center_greedy_pruned(
     itself is first bounded from below through pivot centers, |d(k, j) - d(k, c)| <= d(j, c):
     4 pivots for every center, the other 12 for those that pass, so that most centers are
     ruled out without a full distance. A slack of 1e-4 of the data's scale on the bounds
-    covers float32 rounding. Same selection as k_center_greedy_dense, with the same `start`
-    or `existing` centers; returns the n_select picks.
+    covers float32 rounding. Same selection as k_center_greedy_dense, with the same `start`,
+    `existing` centers or `first_from`; returns the n_select picks.
     """
     n, dim = points.shape
     x = points.numpy()
@@ -171,8 +190,13 @@ def k_center_greedy_pruned(
     scratch = np.empty((4, size), np.float32)
     selected = np.empty(n_select, np.int64)
     selected[: len(first)] = first
+    eligible, restricted_until = None, 0  # while restricted: the rows that may be picked, and their distances (-1 elsewhere)
+    if first_from is not None:
+        eligible = np.zeros(n, bool)
+        eligible[first_from[0].numpy()] = True
+        eligible_dist, restricted_until = np.where(eligible, min_dist, -1.0).astype(np.float32), k0 + first_from[1] - len(first)
     for i in tqdm(range(k0, size), desc="coreset", unit="pt", mininterval=1.0):
-        farthest = int(np.argmax(min_dist))  # first index among ties
+        farthest = int(np.argmax(eligible_dist if i < restricted_until else min_dist))  # first index among ties
         c = x[farthest]
         selected[i - k0 + len(first)], centers[i] = farthest, c
         if len(pivot_of) < n_pivots:  # the new center becomes a pivot
@@ -195,6 +219,9 @@ def k_center_greedy_pruned(
             dist = squared_distances_blocked(points, points[farthest], touched)
         closer = dist < min_dist[touched]
         min_dist[touched[closer]] = dist[closer]
+        if i + 1 < restricted_until:
+            moved = touched[closer][eligible[touched[closer]]]
+            eligible_dist[moved] = min_dist[moved]
         members[i] = touched[closer]
         # the touched groups keep the points that stayed; their radii are recomputed from those
         stay = ~closer
@@ -232,15 +259,35 @@ def image_rows(images: list[int], per_image: int) -> torch.Tensor:
 
 
 def greedy_coreset(
-    points: torch.Tensor, n_select: int, seed: int, device: torch.device, existing: torch.Tensor | None = None
+    points: torch.Tensor,
+    n_select: int,
+    seed: int,
+    device: torch.device,
+    existing: torch.Tensor | None = None,
+    first_from: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Alg. 1: indices of n_select of the (projected) `points`, on `device`: the pruned exact loop on a CPU,
     the dense CUDA-graph loop on a GPU. A fresh selection starts at a seeded random point, the first index
-    returned; with `existing` centers (a bank being grown), every point starts at its distance to the nearest."""
+    returned; with `existing` centers (a bank being grown), every point starts at its distance to the nearest.
+
+    first_from = (rows, count): the start and the first `count` picks are drawn among `rows` only, then
+    the loop goes on over every point. Those first picks are then exactly Alg. 1 over `rows` alone (a
+    point's distance depends only on the picks, all among `rows`), and the selection holds them: the
+    calibration bank of PatchCore.fit, a subset of the saved bank.
+    """
     n = points.shape[0]
+    if first_from is not None and n_select >= n:  # every point kept: the restricted rows first
+        rows = first_from[0]
+        return torch.cat([rows, torch.from_numpy(np.setdiff1d(np.arange(n), rows.numpy()))])
     if n_select >= n:
         return torch.arange(n)
-    start = None if existing is not None else int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+    generator = torch.Generator().manual_seed(seed)
+    if existing is not None:
+        start = None
+    elif first_from is not None:
+        start = int(first_from[0][int(torch.randint(len(first_from[0]), (1,), generator=generator))])
+    else:
+        start = int(torch.randint(n, (1,), generator=generator))
     if device.type == "cpu":
-        return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start, existing)
-    return k_center_greedy_dense(points.to(device, torch.float32), n_select, start, existing).cpu()
+        return k_center_greedy_pruned(points.cpu().float().contiguous(), n_select, start, existing, first_from=first_from)
+    return k_center_greedy_dense(points.to(device, torch.float32), n_select, start, existing, first_from=first_from).cpu()

@@ -31,6 +31,7 @@ from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig
 from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 from search import SEARCHES
+from system import device_name
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,7 +80,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_model(args: argparse.Namespace, category: str) -> PatchCore:
-    return PatchCore.from_bank(bank_path(args.output_dir, category), device=args.device, weights=args.weights, search=args.search)
+    path = bank_path(args.output_dir, category)
+    return PatchCore.from_bank(path, device=args.device, weights=args.weights, search=args.search, tf32=args.tf32)
 
 
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
@@ -95,7 +97,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         )
     dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
     calibration = model.calibration
-    calibrated = calibration.get("image_threshold") is not None
+    calibrated = calibration.calibrated
     no_masks = None
     if dataset.unmasked_defects:
         no_masks = (
@@ -150,14 +152,16 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
-            "heatmap_scale": calibration.get("heatmap_scale") or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
+            "heatmap_scale": calibration.heatmap_scale or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
             "heatmap_region": "at the calibrated pixel threshold" if calibrated else "at the labelled pixel F1 threshold",
-            "calibration": calibration,
+            "calibration": calibration.to_dict(),
             "seconds": round(seconds, 2),
             "ms_per_image": round(1000 * seconds / n, 1),
             "device": str(model.device),
+            "gpu": device_name(model.device),
+            "fp32_precision": model.fp32_precision,
             "weights": model.weights,
-            "memory_bank": {"path": str(bank_path(args.output_dir, category)), **model.bank_header["train"], "config": config.to_dict()},
+            "memory_bank": {"path": str(bank_path(args.output_dir, category)), **model.train_facts, "config": config.to_dict()},
             "environment": environment(),
             "created": now(),
         }
@@ -167,7 +171,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         # heatmaps, now that the colour scale and threshold are known: the images are read again, a batch at a
         # time, or one by one at their own resolution for a bank that sees the whole image
         vmin, vmax = metrics["heatmap_scale"]
-        threshold = calibration["pixel_threshold"] if calibrated else metrics["pixel_f1_threshold"]
+        threshold = calibration.pixel_threshold if calibrated else metrics["pixel_f1_threshold"]
         names = [Path(d) / (Path(p).stem + ".png") for p, d in zip(paths, defects)]
         if whole:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
@@ -187,7 +191,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
         if calibrated:  # 1.0 or more: defective at the threshold calibrated on good images
             for record in records:
-                record["normalized_score"] = record["score"] / calibration["image_threshold"]
+                record["normalized_score"] = record["score"] / calibration.image_threshold
         write_json(stage / "scores.json", records)
         write_json(stage / "metrics.json", metrics)
     return metrics
@@ -201,11 +205,11 @@ def decision_thresholds(args: argparse.Namespace, model: PatchCore, known: dict)
             raise ValueError(f"--threshold f1: no labelled F1 threshold for {args.category} yet: run evaluate.py on its test split first")
         return known["image_f1_threshold"], known.get("pixel_f1_threshold"), "labelled F1-optimal thresholds (metrics.json)"
     if args.threshold is not None:
-        return args.threshold, calibration.get("pixel_threshold"), "--threshold (image); pixel: calibrated"
-    if calibration.get("image_threshold") is not None:
-        how = f"calibrated on {calibration['n_held_out']} held-out good images for {calibration['target_fpr']:.0%} false alarms"
-        return calibration["image_threshold"], calibration["pixel_threshold"], how
-    return None, None, f"none: {calibration['reason']}"
+        return args.threshold, calibration.pixel_threshold, "--threshold (image); pixel: calibrated"
+    if calibration.calibrated:
+        how = f"calibrated on {calibration.n_held_out} held-out good images for {calibration.target_fpr:.0%} false alarms"
+        return calibration.image_threshold, calibration.pixel_threshold, how
+    return None, None, f"none: {calibration.reason}"
 
 
 def score_new_images(args: argparse.Namespace) -> None:
@@ -216,7 +220,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     model = load_model(args, category)
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     threshold, pixel_threshold, source = decision_thresholds(args, model, known)
-    scale = model.calibration.get("heatmap_scale") or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own
+    scale = model.calibration.heatmap_scale or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own
     dataset = ImageFiles(paths, model.config.preprocess())
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
     records = []

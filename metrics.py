@@ -6,9 +6,14 @@ never as NaN.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+if TYPE_CHECKING:
+    from thresholds import Calibration
 
 
 def _one_class(labels: np.ndarray, what: str) -> str | None:
@@ -119,7 +124,7 @@ def compute_metrics(
     maps,
     defect_types: list[str],
     no_masks: str | None = None,
-    calibration: dict | None = None,
+    calibration: Calibration | None = None,
 ) -> dict:
     """Every metric of a category's test split; pixel metrics over all pixels of all test images.
 
@@ -146,12 +151,12 @@ def compute_metrics(
         if reason:
             reasons[f"{level}_f1_max"] = reason
     metrics["per_defect"] = per_defect_auroc(labels, scores, defect_types)
-    if calibration and calibration.get("image_threshold") is not None:
-        at = {"image_threshold": calibration["image_threshold"], "pixel_threshold": calibration["pixel_threshold"],
-              "target_fpr": calibration["target_fpr"], "expected_fpr": calibration["expected_fpr"]}  # fmt: skip
-        at["image_fpr"], at["image_recall"] = rates_at(labels, scores, calibration["image_threshold"])
+    if calibration is not None and calibration.calibrated:
+        at = {"image_threshold": calibration.image_threshold, "pixel_threshold": calibration.pixel_threshold,
+              "target_fpr": calibration.target_fpr, "expected_fpr": calibration.expected_fpr}  # fmt: skip
+        at["image_fpr"], at["image_recall"] = rates_at(labels, scores, calibration.image_threshold)
         at["pixel_fpr"], at["pixel_recall"] = (
-            (None, None) if no_masks else rates_at(pixel_labels, pixel_scores, calibration["pixel_threshold"])
+            (None, None) if no_masks else rates_at(pixel_labels, pixel_scores, calibration.pixel_threshold)
         )
         at["f1_image_threshold"], at["f1_pixel_threshold"] = metrics["image_f1_threshold"], metrics["pixel_f1_threshold"]
         metrics["at_calibrated_thresholds"] = at

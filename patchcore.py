@@ -31,7 +31,7 @@ from maps import gaussian_blur
 from official import check_official_layers, official_patches
 from search import FaissSearch, TorchSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
-from thresholds import calibrate, holdout_images
+from thresholds import Calibration, calibrate, holdout_images
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
@@ -241,7 +241,8 @@ class PatchCore:
         self.patches_per_image = self.grid[0] * self.grid[1]
         self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.scorer: AnomalyScorer | None = None  # built around the memory bank by set_memory_bank
-        self.calibration: dict = {"reason": "no memory bank yet"}  # thresholds set on held-out good images (calibrate)
+        self.calibration = Calibration(reason="no memory bank yet")  # thresholds set on held-out good images (calibrate)
+        self.train_facts: dict = {}  # what the bank was built from: counts, held-out images (fit, add, from_bank)
 
     # ------------------------------------------------------------------ patch features (Sec. 3.1)
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -260,8 +261,10 @@ class PatchCore:
         Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit;
         the selected rows are then taken from the kept chunks, or from a second pass. Both ways
         give the same memory bank. With calibration_holdout > 0, a seeded part of the images is
-        also left out of a second coreset; their scores against it set `self.calibration`'s
-        thresholds (calibrate); the saved bank holds every image, as the paper's does.
+        held out of the coreset's first bank_size(kept patches) picks: that prefix is Alg. 1 over
+        the other images (the calibration bank), and the held-out images' scores against it set
+        `self.calibration` (calibrate). Alg. 1 then goes on over every patch to the full bank, which
+        holds every image and contains the calibration bank, so its scores are never higher.
         """
         n_images = len(dataloader.dataset)
         if n_images == 0:
@@ -269,49 +272,43 @@ class PatchCore:
         per_image = self.patches_per_image
         self._check_reweight_b(self.bank_size(n_images * per_image))
         held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
-        if held_out:  # the calibration bank is the smaller one
-            self._check_reweight_b(self.bank_size((n_images - len(held_out)) * per_image))
-        projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
-        wanted = {"bank": self._coreset(projected)}  # Alg. 1
-        if held_out:
+        first_from = None
+        if held_out:  # the calibration bank: the first picks, all from the kept images
             kept = image_rows(sorted(set(range(n_images)) - set(held_out)), per_image)
-            wanted["calibration bank"] = kept[self._coreset(projected[kept])]
-            if chunks is not None:
-                wanted["held out"] = image_rows(held_out, per_image)
+            first_from = (kept, self.bank_size(len(kept)))
+            self._check_reweight_b(first_from[1])
+        projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
+        picked = self._coreset(projected, first_from=first_from)  # Alg. 1
         del projected
-        rows = gather_rows(self._full_features(chunks, dataloader), wanted)
-        self._calibrate(rows, held_out, dataloader)
-        self.set_memory_bank(rows["bank"])
-        facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(rows["bank"]), "fit": path}
-        return {**facts, "held_out": held_out}
+        bank = gather_rows(self._full_features(chunks, dataloader), {"bank": picked})["bank"]
+        self.calibration = self._calibrate(bank, held_out, first_from, dataloader)
+        self.set_memory_bank(bank)
+        facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
+        self.train_facts = {**facts, "held_out": held_out}
+        return {**self.train_facts, "fit": path}
 
-    def _calibrate(self, rows: dict[str, torch.Tensor], held_out: list[int], dataloader) -> None:
-        """self.calibration: the held-out images scored against the calibration bank (from their kept
-        features, or by running them again), then thresholds.calibrate; or why there are no thresholds."""
+    def _calibrate(self, bank: torch.Tensor, held_out: list[int], first_from, dataloader) -> Calibration:
+        """The held-out images run again, in batches of their own, and scored against the calibration bank
+        (the bank's first picks), then thresholds.calibrate; or why there are no thresholds. Running them
+        again rather than keeping their features makes the thresholds the same whichever fit path ran."""
         share = self.config.calibration_holdout
         if share == 0:
-            self.calibration = {"reason": "calibration off (--calibration_holdout 0): no thresholds"}
-            return
+            return Calibration(reason="calibration off (--calibration_holdout 0): no thresholds")
         if not held_out:
-            self.calibration = {
-                "reason": f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
+            return Calibration(
+                reason=f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
                 "for calibration: no thresholds stored; decide with evaluate.py --threshold"
-            }
-            return
-        self.set_memory_bank(rows.pop("calibration bank"))
-        if "held out" in rows:
-            patches = rows.pop("held out").view(len(held_out), self.patches_per_image, -1)
-            size = (self.config.image_size,) * 2
-            scored = (self.scorer.score(part.to(self.device), self.grid, size) for part in patches.split(16))
-            scored = ((s.cpu().numpy(), m.cpu().numpy()) for s, m in scored)
-        else:  # the full features were not kept: run the held-out images again
-            subset = torch.utils.data.Subset(dataloader.dataset, held_out)
-            loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
-            scored = (self.predict(batch[0]) for batch in tqdm(loader, desc="calibration", unit="batch"))
+            )
+        self.set_memory_bank(bank[: first_from[1]])
+        subset = torch.utils.data.Subset(dataloader.dataset, held_out)
+        loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
         # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
-        summary = [(scores, maps.reshape(len(maps), -1).max(1), maps.min()) for scores, maps in scored]
+        summary = []
+        for batch in tqdm(loader, desc="calibration", unit="batch"):
+            scores, maps = self.predict(batch[0])
+            summary.append((scores, maps.reshape(len(maps), -1).max(1), maps.min()))
         scores, peaks, lows = zip(*summary)
-        self.calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        return calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
 
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
         """Pass 1 over the images: every patch's projected feature for the coreset ([N, coreset_proj_dim]),
@@ -359,8 +356,8 @@ class PatchCore:
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Grow the memory bank with newly confirmed good images: Alg. 1 goes on with the bank as the
         already-selected set. Each new patch starts at its distance to the nearest bank patch (in the
-        coreset's projection), and bank_size(new patches) greedy picks are added. The thresholds stay:
-        more good patches can only lower scores, so they become conservative."""
+        coreset's projection), and bank_size(new patches) greedy picks are added. The thresholds stay;
+        the old bank is a subset of the new one, so no patch's distance can rise (note_on_growth)."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to grow: fit() or from_bank() first")
         n_images = len(dataloader.dataset)
@@ -374,12 +371,19 @@ class PatchCore:
         new_rows = gather_rows(self._full_features(chunks, dataloader), {"new": picked})["new"]
         old = len(self.memory_bank)
         self.set_memory_bank(torch.cat([self.memory_bank.cpu(), new_rows]))
-        if self.calibration.get("image_threshold") is not None:
-            self.calibration["note"] = (
-                f"kept after adding {n_images} good images: more good patches can only lower scores, so these thresholds are conservative"
-            )
+        if self.calibration.calibrated:
+            self.calibration.note = self.note_on_growth(n_images)
         return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
                 "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
+
+    def note_on_growth(self, n_images: int) -> str:
+        """What kept thresholds mean for a grown bank: a superset of the old one, so every patch's k nearest
+        distances can only fall, and with them the max (or mean) image score and every map pixel; Eq. 7's
+        weight can move either way."""
+        if self.config.reweight_b:
+            return (f"kept after adding {n_images} good images; with Eq. 7 scores a larger bank can score an image "
+                    "higher as well as lower, so recalibrate (train anew) to keep the false-alarm target")  # fmt: skip
+        return f"kept after adding {n_images} good images: a larger bank can only lower scores, so these thresholds are conservative"
 
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
@@ -399,8 +403,8 @@ class PatchCore:
         projection = self.coreset_projection(x.shape[1])
         return self._coreset(x if projection is None else x @ projection)
 
-    def _coreset(self, projected: torch.Tensor, existing: torch.Tensor | None = None) -> torch.Tensor:
-        return greedy_coreset(projected, self.bank_size(len(projected)), self.config.seed, self.device, existing)
+    def _coreset(self, projected: torch.Tensor, existing: torch.Tensor | None = None, first_from=None) -> torch.Tensor:
+        return greedy_coreset(projected, self.bank_size(len(projected)), self.config.seed, self.device, existing, first_from)
 
     def bank_size(self, n_patches: int) -> int:
         """floor(coreset_ratio * N), at least 1."""
@@ -446,15 +450,16 @@ class PatchCore:
 
     # ------------------------------------------------------------------ the bank file
     def save(self, path: Path, **sections: object) -> None:
-        """Write the memory bank with its config and the model's provenance (bank.py has the format);
-        `sections` (train facts, calibration) are stored beside them."""
+        """Write the memory bank with its config, calibration, train facts and the model's provenance (bank.py
+        has the format); `sections` (the category; `train`, to store other train facts) are stored beside them."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to save: call fit() first")
         model = {"weights": self.weights, "backbone_sha256": self.backbone_sha256, "feature_dim": self.feature_dim}
         header = {
             "config": self.config.to_dict(),
             "model": model,
-            "calibration": self.calibration,
+            "calibration": self.calibration.to_dict(),
+            "train": self.train_facts,
             **sections,
             "environment": environment(),
         }
@@ -464,7 +469,7 @@ class PatchCore:
     def from_bank(
         cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto", tf32: bool = False
     ) -> PatchCore:
-        """The model a memory bank was built with, holding that bank; its header is `bank_header`.
+        """The model a memory bank was built with, holding that bank, its calibration and train facts.
 
         `weights` only says where the same weights are now (a moved file); a bank whose backbone
         weights or feature width differ from the rebuilt model's is refused.
@@ -487,5 +492,5 @@ class PatchCore:
                 f"{model.feature_dim}-d ones: rerun train.py with these settings"
             )
         model.set_memory_bank(torch.from_numpy(memory_bank))
-        model.calibration, model.bank_header = header["calibration"], header
+        model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
         return model

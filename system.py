@@ -79,6 +79,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def device_name(device: torch.device) -> str:
+    """'cpu', or the GPU's name, for the run facts (train.json, metrics.json)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def set_cuda_fp32_precision(tf32: bool) -> str:
     """cuDNN convolutions and CUDA matrix products on fp32 tensors: exact fp32 ('ieee', the default here),
     or TF32 (10-bit mantissa, faster on Ampere and newer; about 1e-3 relative error in the features).

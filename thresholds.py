@@ -1,15 +1,51 @@
 """Decision thresholds from good images only: split-conformal calibration on held-out good training images.
 
-PatchCore.fit holds a seeded share of the good training images out of a second coreset, scores
-them against it, and calibrate() turns their scores into the image and pixel thresholds that a
-production line decides with (docs/architecture.md, "Decisions on unlabelled parts").
+PatchCore.fit holds a seeded share of the good training images out of the first picks of its
+coreset (the calibration bank, a subset of the saved bank), scores them against it, and calibrate()
+turns their scores into the image and pixel thresholds that a production line decides with
+(docs/architecture.md, "Decisions on unlabelled parts").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass
+class Calibration:
+    """The decision thresholds a bank carries (saved in its header as to_dict()), or the reason it has none.
+
+    image_threshold: an image scoring at or above it is defective; pixel_threshold: the same for a map's
+    pixels. Both are set so that a new good part is flagged with probability at most target_fpr
+    (split conformal, calibrate()); expected_fpr is what n_held_out images can give.
+    """
+
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    target_fpr: float | None = None
+    expected_fpr: float | None = None
+    n_held_out: int | None = None
+    method: str | None = None
+    heatmap_scale: list[float] | None = None  # [low, high] of the colour bar, the pixel threshold in its middle
+    held_out_image_scores: dict | None = None  # statistics of the held-out scores
+    held_out_map_maxima: dict | None = None
+    reason: str | None = None  # why there are no thresholds
+    note: str | None = None  # what happened to them since (a grown bank)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.image_threshold is not None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> Calibration:
+        return cls(**saved)
 
 
 def _conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float]:
@@ -30,7 +66,7 @@ def holdout_images(n_images: int, share: float, seed: int) -> list[int]:
     return sorted(np.random.default_rng([seed, 1]).choice(n_images, k, replace=False).tolist())
 
 
-def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_fpr: float) -> dict:
+def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_fpr: float) -> Calibration:
     """Thresholds from good images only: the image scores [n] of held-out good images, each one's
     anomaly-map maximum [n], and the smallest map value of them all.
 
@@ -48,14 +84,14 @@ def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_
         return {"min": float(values.min()), "mean": float(values.mean()), "std": float(values.std()), "median": float(q[0]),
                 "q90": float(q[1]), "q95": float(q[2]), "q99": float(q[3]), "max": float(values.max())}  # fmt: skip
 
-    return {
-        "method": "split conformal on held-out good images (k-th smallest score, k = ceil((n + 1)(1 - target_fpr)))",
-        "target_fpr": target_fpr,
-        "expected_fpr": image_rate,
-        "n_held_out": len(scores),
-        "image_threshold": image,
-        "pixel_threshold": pixel,
-        "heatmap_scale": [float(map_low), 2 * pixel - float(map_low)],  # the pixel threshold in the middle of the colour bar
-        "held_out_image_scores": stats(scores),
-        "held_out_map_maxima": stats(map_peaks),
-    }
+    return Calibration(
+        image_threshold=image,
+        pixel_threshold=pixel,
+        target_fpr=target_fpr,
+        expected_fpr=image_rate,
+        n_held_out=len(scores),
+        method="split conformal on held-out good images (k-th smallest score, k = ceil((n + 1)(1 - target_fpr)))",
+        heatmap_scale=[float(map_low), 2 * pixel - float(map_low)],
+        held_out_image_scores=stats(scores),
+        held_out_map_maxima=stats(map_peaks),
+    )

@@ -33,6 +33,8 @@ from cli import (
 from dataset import CategoryDataset, ImageFiles, find_images, resolve_categories
 from files import write_json
 from patchcore import PatchCore, PatchCoreConfig
+from system import device_name
+from thresholds import Calibration
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -59,14 +61,14 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     return parser, args
 
 
-def say_calibration(category: str, calibration: dict) -> None:
-    if calibration.get("image_threshold") is None:
-        print(f"{category}: {calibration['reason']}")
+def say_calibration(category: str, calibration: Calibration) -> None:
+    if not calibration.calibrated:
+        print(f"{category}: {calibration.reason}")
         return
     print(
-        f"{category}: thresholds from {calibration['n_held_out']} held-out good images, aiming at {calibration['target_fpr']:.0%} "
-        f"false alarms (expected {calibration['expected_fpr']:.1%}): image {calibration['image_threshold']:.4g}, "
-        f"pixel {calibration['pixel_threshold']:.4g}"
+        f"{category}: thresholds from {calibration.n_held_out} held-out good images, aiming at {calibration.target_fpr:.0%} "
+        f"false alarms (expected {calibration.expected_fpr:.1%}): image {calibration.image_threshold:.4g}, "
+        f"pixel {calibration.pixel_threshold:.4g}"
     )
 
 
@@ -75,7 +77,7 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
     datasets = {c: CategoryDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
     if config.shots:
         datasets = {c: d.few_shot(config.shots, config.seed) for c, d in datasets.items()}
-    model = PatchCore(config, device=args.device)
+    model = PatchCore(config, device=args.device, tf32=args.tf32)
     print(f"backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():
         start = time.perf_counter()
@@ -83,13 +85,15 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
             chosen = ", ".join(s.image.name for s in dataset.samples)
             print(f"{category}: few-shot, {config.shots} training images drawn with seed {config.seed}: {chosen}")
         facts = model.fit(make_loader(dataset, args, model.device), args.feature_memory_gb)
+        fit_path = facts.pop("fit")  # a run fact: which path the free RAM allowed
         facts["held_out"] = [dataset.relative_path(i) for i in facts["held_out"]]
         if config.shots:
             facts["images"] = [dataset.relative_path(i) for i in range(len(dataset))]
         seconds = time.perf_counter() - start
         path = bank_path(args.output_dir, category)
-        model.save(path, category=category, train=facts)  # nothing run-specific: same data and seed, same bytes
-        write_json(path.parent / TRAIN_LOG, {"seconds": round(seconds, 2), "device": str(model.device), "created": now()})
+        model.save(path, category=category, train=facts)  # nothing run-specific: same data, seed and libraries, same bytes
+        run = {"seconds": round(seconds, 2), "device": str(model.device), "gpu": device_name(model.device), "fit": fit_path}
+        write_json(path.parent / TRAIN_LOG, {**run, "fp32_precision": model.fp32_precision, "created": now()})
         say_calibration(category, model.calibration)
         print(
             f"{category}: {facts['n_images']} images -> {facts['n_patches']} patches -> memory bank "
@@ -101,7 +105,8 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--add: the category's bank grows; a memory-bank setting given here must be the bank's."""
     path = bank_path(args.output_dir, args.category)
     given = given_config_args(args, PatchCoreConfig)
-    model = PatchCore.from_bank(path, device=args.device, weights=given.pop("weights", None))  # --weights: where they are now
+    weights = given.pop("weights", None)  # --weights: where the bank's weights are now
+    model = PatchCore.from_bank(path, device=args.device, weights=weights, tf32=args.tf32)
     stored = model.config.to_dict()
     for name, value in given.items():
         value = list(value) if isinstance(value, tuple) else value
@@ -110,7 +115,7 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     paths = find_images(args.add)
     start = time.perf_counter()
     facts = model.add(make_loader(ImageFiles(paths, model.config.preprocess()), args, model.device), args.feature_memory_gb)
-    train = model.bank_header["train"]
+    train = model.train_facts
     added = {"images": [str(p) for p in paths], "patches": facts["n_patches"], "picked": facts["added"]}
     train = {**train, "n_images": train["n_images"] + len(paths), "n_patches": train["n_patches"] + facts["n_patches"],
              "memory_bank_size": facts["memory_bank_size"], "added": [*train.get("added", []), added]}  # fmt: skip
@@ -121,8 +126,8 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         f"{facts['previous_size']} -> {facts['memory_bank_size']} in {seconds:.1f}s, saved to {path}"
     )
     say_calibration(args.category, model.calibration)
-    if model.calibration.get("note"):
-        print(f"{args.category}: thresholds {model.calibration['note']}")
+    if model.calibration.note:
+        print(f"{args.category}: thresholds {model.calibration.note}")
 
 
 def main() -> None:

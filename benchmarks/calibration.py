@@ -81,11 +81,11 @@ def main() -> None:
         for bank, scorer in (("every training image (saved)", model), ("without the held-out images", subset)):
             labels, scores = scores_of(scorer, test)
             _, f1_threshold, _ = f1_max(labels, scores)
-            for threshold_name, threshold in (("calibrated", calibration["image_threshold"]), ("F1-optimal (labelled)", f1_threshold)):
+            for threshold_name, threshold in (("calibrated", calibration.image_threshold), ("F1-optimal (labelled)", f1_threshold)):
                 fpr, recall = rates_at(labels, scores, threshold)
                 row = {"seed": seed, "bank": bank, "threshold": threshold_name, "false_alarms": round(fpr, 4), "recall": round(recall, 4),
-                       "image_auroc": round(auroc(labels, scores)[0], 4), "expected_fpr": calibration["expected_fpr"],
-                       "n_held_out": calibration["n_held_out"]}  # fmt: skip
+                       "image_auroc": round(auroc(labels, scores)[0], 4), "expected_fpr": calibration.expected_fpr,
+                       "n_held_out": calibration.n_held_out}  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         rows.append({"seed": seed, "fit_seconds_with_calibration": round(seconds, 1), "fit_seconds_without": round(plain_seconds, 1)})

@@ -14,6 +14,7 @@ from backbone import WeightsError
 from coreset import k_center_greedy_dense, k_center_greedy_pruned
 from maps import gaussian_blur
 from patchcore import PatchCore
+from references import naive_greedy
 from search import TorchSearch
 from system import resolve_device
 from thresholds import calibrate, holdout_images
@@ -96,16 +97,6 @@ def test_aggregation_matches_a_numpy_reference(model):
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
 
 
-def _naive_greedy(points, n_select, start):
-    """Alg. 1 written plainly: each step recomputes every point's distance to every chosen center."""
-    points = points.astype(np.float64)
-    selected = [start]
-    while len(selected) < n_select:
-        d = np.min([((points - points[c]) ** 2).sum(1) for c in selected], axis=0)
-        selected.append(int(np.argmax(d)))
-    return selected
-
-
 def _seeded_start(n, seed):
     """The coreset's documented start: the first draw of torch.randint(n) from a generator seeded with `seed`."""
     return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
@@ -123,23 +114,39 @@ def test_greedy_coreset_equals_naive_loop_from_the_seeded_start(proj_dim, seed):
     if proj_dim:  # the same seeded projection: a Gaussian matrix scaled by 1/sqrt(dims), drawn here without the code under test
         generator = torch.Generator().manual_seed(seed)
         points = points @ (torch.randn(20, proj_dim, generator=generator) / np.sqrt(proj_dim)).numpy()
-    assert selected == _naive_greedy(points, 30, start)
+    assert selected == naive_greedy(points, 30, start)
 
 
 @pytest.mark.parametrize("n, dim, n_select", [(50, 2, 20), (400, 3, 100), (1000, 16, 250), (2000, 128, 60)])
 def test_pruned_and_dense_greedy_equal_the_naive_loop(n, dim, n_select):
     points = np.random.default_rng(n).normal(size=(n, dim)).astype(np.float32)
     points[: n // 10] *= 0.01  # a dense cluster next to the spread-out rest
-    expected = _naive_greedy(points, n_select, start=7)
+    expected = naive_greedy(points, n_select, start=7)
     assert k_center_greedy_pruned(torch.from_numpy(points), n_select, start=7).tolist() == expected
     assert k_center_greedy_dense(torch.from_numpy(points), n_select, start=7).tolist() == expected
+    # the dense update over row blocks (a bound on its temporaries) picks the same
+    assert k_center_greedy_dense(torch.from_numpy(points), n_select, start=7, block_bytes=4 * dim * 33).tolist() == expected
+
+
+@pytest.mark.parametrize("n, n_first", [(400, 30), (1000, 120)])
+def test_greedy_with_first_picks_from_some_rows_equals_the_naive_loop(n, n_first):
+    points = np.random.default_rng(n).normal(size=(n, 6)).astype(np.float32)
+    points[: n // 5] *= 3  # the rows that may not be picked first include the spread-out ones
+    rows = torch.arange(n // 5, n, 2)  # every other row of the rest
+    expected = naive_greedy(points, 150, start=int(rows[3]), first_from=(rows.numpy(), n_first))
+    assert set(expected[:n_first]) <= set(rows.tolist()) and not set(expected[n_first:]) <= set(rows.tolist())
+    for greedy in (k_center_greedy_pruned, k_center_greedy_dense):
+        assert greedy(torch.from_numpy(points), 150, start=int(rows[3]), first_from=(rows, n_first)).tolist() == expected
+    # and those first picks are Alg. 1 over the rows alone
+    alone = naive_greedy(points[rows.numpy()], n_first, start=3)
+    assert expected[:n_first] == rows[alone].tolist()
 
 
 def test_greedy_ties_go_to_the_first_index():
     # integer grid points, each twice: many exactly equal distances, all exact in float32
     grid = np.stack(np.meshgrid(np.arange(6), np.arange(6)), -1).reshape(-1, 2).astype(np.float32)
     points = np.concatenate([grid, grid])
-    expected = _naive_greedy(points, 30, start=0)
+    expected = naive_greedy(points, 30, start=0)
     assert k_center_greedy_pruned(torch.from_numpy(points), 30, start=0).tolist() == expected
     assert k_center_greedy_dense(torch.from_numpy(points), 30, start=0).tolist() == expected
     assert max(expected) < 36  # a duplicate's later copy is never preferred
@@ -152,11 +159,16 @@ def test_one_pass_and_two_pass_fit_equal_a_reference_bank():
     two_pass = PatchCore(weights="none", device="cpu", coreset_ratio=0.1, seed=3, image_size=64)
     assert one_pass.fit(loader, feature_memory_gb=1)["fit"] == "one pass"
     assert two_pass.fit(loader, feature_memory_gb=0)["fit"] == "two passes"
-    # the reference: every patch's feature, the seeded projection and start, the naive greedy loop
+    # the reference: every patch's feature, the seeded projection and start, the naive greedy loop; the first
+    # picks (the calibration bank) come from the images not held out, the start drawn among their patches
     features = one_pass.aggregate_patches(one_pass.extract_features(images)).reshape(-1, 1536).numpy()
     projection = (torch.randn(1536, 128, generator=torch.Generator().manual_seed(3)) / np.sqrt(128)).numpy()
-    n = len(features)
-    expected = features[_naive_greedy(features @ projection, n // 10, _seeded_start(n, 3))]
+    n, per_image = len(features), len(features) // 6
+    held = holdout_images(6, 0.2, 3)
+    assert len(held) == 1
+    kept = np.concatenate([np.arange(i * per_image, (i + 1) * per_image) for i in range(6) if i not in held])
+    start = int(kept[_seeded_start(len(kept), 3)])
+    expected = features[naive_greedy(features @ projection, n // 10, start, first_from=(kept, len(kept) // 10))]
     np.testing.assert_allclose(one_pass.memory_bank.numpy(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(one_pass.memory_bank, two_pass.memory_bank)
 
@@ -433,8 +445,8 @@ def test_calibrated_threshold_gives_the_target_false_alarm_rate(n, target):
     for _ in range(400):
         held_out = rng.gamma(3.0, 2.0, n)
         calibration = calibrate(held_out, held_out, 0.0, target)
-        rates.append((fresh >= calibration["image_threshold"]).mean())
-        reported.add(calibration["expected_fpr"])
+        rates.append((fresh >= calibration.image_threshold).mean())
+        reported.add(calibration.expected_fpr)
     (expected,) = reported
     assert expected == (target if n >= 1 / target - 1 else 1 / (n + 1))
     assert abs(np.mean(rates) - expected) < 0.15 * expected  # the mean of 400 draws; its sampling error is about 5 %
@@ -447,19 +459,30 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
     held = holdout_images(6, model.config.calibration_holdout, model.config.seed)
     kept = [i for i in range(6) if i not in held]
-    assert len(held) == 3 and model.calibration["n_held_out"] == 3
-    # the reference: a bank of the kept images only, and the held-out images scored against it
+    assert len(held) == 3 and model.calibration.n_held_out == 3
+    # the reference: a bank of the kept images only (Alg. 1 over them), and the held-out images scored against it
     reference = PatchCore(calibration_holdout=0, **settings)
     reference.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[kept]), batch_size=3))
     scores, maps = reference.predict(images[held])
-    expected = calibrate(scores, maps.reshape(3, -1).max(1), maps.min(), 0.25)
-    for key in ("image_threshold", "pixel_threshold"):
-        assert model.calibration[key] == pytest.approx(expected[key], rel=1e-4)
-    assert model.calibration["held_out_image_scores"] == pytest.approx(expected["held_out_image_scores"], rel=1e-4)
-    # and the saved bank is every image's, as without calibration
-    every = PatchCore(calibration_holdout=0, **settings)
-    every.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
-    assert torch.equal(model.memory_bank, every.memory_bank)
+    peaks = np.sort(maps.reshape(3, -1).max(1))
+    # the thresholds, computed here: the k-th smallest held-out value, k = ceil((n + 1)(1 - 0.25)) = 3 of n = 3
+    assert model.calibration.image_threshold == pytest.approx(np.sort(scores)[2], rel=1e-4)
+    assert model.calibration.pixel_threshold == pytest.approx(peaks[2], rel=1e-4)
+    assert model.calibration.held_out_image_scores["mean"] == pytest.approx(scores.mean(), rel=1e-4)
+    # the saved bank holds every image and begins with that calibration bank, so it can only score lower
+    assert torch.equal(model.memory_bank[: len(reference.memory_bank)], reference.memory_bank)
+    assert len(model.memory_bank) == model.bank_size(6 * model.patches_per_image) > len(reference.memory_bank)
+    assert (model.predict(images[held])[0] <= scores + 1e-6).all()
+
+
+def test_pixel_threshold_is_the_conformal_rank_of_the_map_maxima_at_the_target():
+    rng = np.random.default_rng(5)
+    scores, peaks = rng.normal(size=19), rng.normal(size=19) + 3
+    for target in (0.05, 0.1, 0.3):
+        k = int(np.ceil((19 + 1) * (1 - target)))  # 19, 18, 14
+        calibration = calibrate(scores, peaks, 0.0, target)
+        assert calibration.image_threshold == np.sort(scores)[k - 1]
+        assert calibration.pixel_threshold == np.sort(peaks)[k - 1]
 
 
 @pytest.mark.parametrize("n_existing", [3, 40])  # fewer and more existing centers than the 16 pivots

@@ -12,6 +12,8 @@ import dataclasses
 import os
 import sys
 import traceback
+import types
+import typing
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,20 +52,39 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def _parse_field(field: dataclasses.Field) -> Callable[[str], object]:
-    if field.type in ("tuple[str, ...]",):
-        return lambda text: tuple(part.strip() for part in text.split(",") if part.strip())
-    return {"int": int, "float": float, "str": str, "float | None": float}[str(field.type)]
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "yes", "no", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "yes", "1")
+
+
+def parser_for(annotation: object) -> Callable[[str], object]:
+    """How a command-line string becomes a value of a config field's type: int, float, str, bool, X | None
+    (as X), and tuple[X, ...] (a comma list of X). Another type is a TypeError when the options are built."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if len(args) == 1:
+            return parser_for(args[0])
+    elif typing.get_origin(annotation) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        item = parser_for(args[0])
+        return lambda text: tuple(item(part.strip()) for part in text.split(",") if part.strip())
+    elif annotation is bool:
+        return _parse_bool
+    elif annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"no command-line parser for a config field of type {annotation}")
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_type: type) -> None:
-    """One option per config field, --<field name>, with the field's help and default. An option
-    not given stays out of the namespace: the dataclass fills in its own default."""
+    """One option per config field, --<field name>, with the field's help and default, parsed by its type
+    (parser_for). An option not given stays out of the namespace: the dataclass fills in its own default."""
     group = parser.add_argument_group("memory-bank settings (stored in the bank; evaluate.py follows them)")
+    hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):
-        shown = field.metadata.get("default_text") or (",".join(field.default) if isinstance(field.default, tuple) else field.default)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        shown = field.metadata.get("default_text") or (",".join(map(str, default)) if isinstance(default, tuple) else default)
         group.add_argument(
-            f"--{field.name}", type=_parse_field(field), default=argparse.SUPPRESS, metavar=field.metadata.get("metavar"),
+            f"--{field.name}", type=parser_for(hints[field.name]), default=argparse.SUPPRESS, metavar=field.metadata.get("metavar"),
             help=f"{field.metadata['help']} (default: {shown})",
         )  # fmt: skip
 

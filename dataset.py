@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import glob
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,15 @@ class Preprocess:
             return (self._official_mask(mask)[:1] >= 1).float()
         defective = Image.fromarray(_half_range_mask(mask, image_size))  # mode '1', kept 0/1 by the nearest-neighbour geometry
         return torch.from_numpy(np.array(self._nearest(defective))).float()[None]
+
+    def original_mask(self, mask: Image.Image, image_size: tuple[int, int]) -> np.ndarray:
+        """bool [h, w] at the image's own size (w, h), by the protocol's rule without its geometry: paper, at half
+        range or more; official, at exactly 1.0 after ToTensor (a mask of another size is resized nearest first)."""
+        if self.protocol == "official":
+            if mask.size != image_size:
+                mask = mask.resize(image_size, Image.Resampling.NEAREST)
+            return (transforms.functional.to_tensor(mask)[0] >= 1).numpy()
+        return _half_range_mask(mask, image_size)
 
 
 def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
@@ -135,7 +145,14 @@ def find_layout(root: Path) -> str:
 
 
 def _visa_rows(root: Path) -> list[dict]:
-    """VisA's split_csv/1cls.csv: object, split, label (normal/anomaly), image, mask; paths relative to root."""
+    """VisA's split_csv/1cls.csv: object, split, label (normal/anomaly), image, mask; paths relative to root.
+    Read and checked once per version of the file (its size and modification time), not per category and split."""
+    stat = (root / VISA_CSV).stat()
+    return _read_visa_csv(Path(root).resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_visa_csv(root: Path, mtime_ns: int, size: int) -> list[dict]:
     path = root / VISA_CSV
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -271,11 +288,12 @@ class CategoryDataset(torch.utils.data.Dataset):
             return image.size
 
     def original_mask(self, idx: int) -> np.ndarray:
-        """bool [h, w] at the image's own size: defective at half range or more (VisA: non-zero); all False without a mask."""
+        """bool [h, w] at the image's own size, by the protocol's rule (Preprocess.original_mask; VisA: non-zero
+        marks a defect); all False without a mask."""
         sample, size = self.samples[idx], self.original_size(idx)
         if sample.mask is None:
             return np.zeros(size[::-1], bool)
-        return _half_range_mask(self._mask_image(sample), size)
+        return self.transform.original_mask(self._mask_image(sample), size)
 
     def original(self, idx: int) -> tuple[Image.Image, np.ndarray | None]:
         """The image at its own resolution, and its mask there, if it has one."""

@@ -146,7 +146,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "n_good": int((labels == 0).sum()),
             "n_defective": int((labels == 1).sum()),
             "computed_on": f"image metrics: all {n} test images; pixel metrics: every pixel of every test image, "
-            f"at {where}, with the {config.protocol} protocol's masks",
+            f"at {where}, with the {config.protocol} protocol's masks"
+            + (" (its rule at the image's own resolution, no resize or crop)" if at_original else ""),
             "pixel_metrics_at": args.pixel_metrics_at,
             "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
             "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",

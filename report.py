@@ -160,7 +160,8 @@ def plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshold
 # ---------------------------------------------------------------------- summary
 def summary_rows(results: list[dict]) -> list[dict]:
     """One row per category and a mean row: ours, the published number for the run's protocol, and
-    the difference, in percent. A category without a published number gets None there."""
+    the difference, in percent. A category without a published number gets None there; when only some
+    have one, the mean row leaves published and diff empty and a second mean row compares those alone."""
 
     def pct(value):
         return None if value is None else round(100 * value, 2)
@@ -174,15 +175,26 @@ def summary_rows(results: list[dict]) -> list[dict]:
             "published_image_auroc": pct(image), "pixel_auroc": pct(m["pixel_auroc"]), "published_pixel_auroc": pct(pixel),
             "aupro": pct(m["aupro"]), "image_fpr": pct(at.get("image_fpr")), "image_recall": pct(at.get("image_recall")),
         })  # fmt: skip
-    mean = {
-        "category": "mean",
-        "protocol": "/".join(sorted({r["protocol"] for r in rows})),
-        "shots": "/".join(sorted({str(r["shots"]) for r in rows})),
-    }
-    for key in ("image_auroc", "published_image_auroc", "pixel_auroc", "published_pixel_auroc", "aupro", "image_fpr", "image_recall"):
-        values = [r[key] for r in rows if r[key] is not None]
-        mean[key] = round(float(np.mean(values)), 2) if values else None
-    rows.append(mean)
+    def mean_row(name: str, members: list[dict], compare: bool) -> dict:
+        row = {"category": name, "protocol": "/".join(sorted({r["protocol"] for r in members})),
+               "shots": "/".join(sorted({str(r["shots"]) for r in members}))}  # fmt: skip
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_fpr", "image_recall"):
+            values = [r[key] for r in members if r[key] is not None]
+            row[key] = round(float(np.mean(values)), 2) if values else None
+        for level in ("image", "pixel"):  # published and diff: over the same categories as ours, or not at all
+            both = [r for r in members if r[f"{level}_auroc"] is not None and r[f"published_{level}_auroc"] is not None]
+            with_ours = [r for r in members if r[f"{level}_auroc"] is not None]
+            if compare and both and len(both) == len(with_ours):
+                row[f"published_{level}_auroc"] = round(float(np.mean([r[f"published_{level}_auroc"] for r in both])), 2)
+            else:
+                row[f"published_{level}_auroc"] = None
+        return row
+
+    compared = [r for r in rows if r["published_image_auroc"] is not None]
+    means = [mean_row("mean", rows, compare=len(compared) == len(rows))]
+    if compared and len(compared) < len(rows):  # the published means cover fewer categories: compare over those alone
+        means.append(mean_row(f"mean of the {len(compared)} published", compared, compare=True))
+    rows += means
     for row in rows:
         for level in ("image", "pixel"):
             ours, theirs = row[f"{level}_auroc"], row[f"published_{level}_auroc"]
@@ -209,7 +221,7 @@ def write_summary(output_dir: Path, results: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         text = [cell(c, row[c]) for c in COLUMNS]
-        lines.append("| " + " | ".join(f"**{t}**" if row["category"] == "mean" else t for t in text) + " |")
+        lines.append("| " + " | ".join(f"**{t}**" if row["category"].startswith("mean") else t for t in text) + " |")
     table = "\n".join(lines)
     protocols = sorted({m["protocol"] for m in results})
     keys = sorted({key for m in results if (key := published(m["protocol"], m["category"])[2])})

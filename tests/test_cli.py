@@ -590,3 +590,31 @@ def test_whole_image_maps_land_on_the_original_image(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "w" / "metrics.json").read_text())
     assert metrics["pixel_metrics_at"] == "original" and "each image's own resolution (the whole image)" in metrics["computed_on"]
+
+
+def test_config_options_are_parsed_by_each_fields_real_type():
+    import dataclasses
+
+    from cli import ArgumentParser, add_config_args
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        count: int = dataclasses.field(default=1, metadata={"help": "h"})
+        ratio: float | None = dataclasses.field(default=None, metadata={"help": "h"})
+        name: str = dataclasses.field(default="a", metadata={"help": "h"})
+        flag: bool = dataclasses.field(default=False, metadata={"help": "h"})
+        sizes: tuple[int, ...] = dataclasses.field(default=(1,), metadata={"help": "h"})
+        names: tuple[str, ...] = dataclasses.field(default=("x",), metadata={"help": "h"})
+
+    parser = ArgumentParser()
+    add_config_args(parser, Config)
+    args = vars(parser.parse_args(["--count", "3", "--ratio", "0.5", "--name", "b", "--flag", "yes", "--sizes", "3, 5", "--names", "p,q"]))
+    assert args == {"count": 3, "ratio": 0.5, "name": "b", "flag": True, "sizes": (3, 5), "names": ("p", "q")}
+    assert vars(parser.parse_args([])) == {}  # not given: the dataclass's default applies
+
+    @dataclasses.dataclass(frozen=True)
+    class Unknown:
+        table: dict = dataclasses.field(default_factory=dict, metadata={"help": "h"})
+
+    with pytest.raises(TypeError, match="no command-line parser"):
+        add_config_args(ArgumentParser(), Unknown)

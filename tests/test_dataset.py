@@ -162,6 +162,16 @@ def test_mask_values_are_binarised_at_half_range(tmp_path):
     assert _category_with_mask(tmp_path / "b", Image.fromarray(sixteen))[0][2].all()
 
 
+@pytest.mark.parametrize("protocol, defective_from", [("paper", 128), ("official", 255)])
+def test_masks_at_the_original_resolution_follow_the_protocols_rule(tmp_path, protocol, defective_from):
+    values = np.tile(np.array([0, 1, 127, 128, 200, 254, 255, 255], np.uint8).repeat(8), (64, 1))  # 8 columns per value
+    test = _category_with_mask(tmp_path, Image.fromarray(values))
+    test.transform = Preprocess(64, 64, protocol)
+    mask = test.original_mask(0)
+    np.testing.assert_array_equal(mask, values >= defective_from)  # paper: half range; official: exactly 1.0 after ToTensor
+    assert np.array_equal(mask, test[0][2][0].numpy() > 0.5)  # at 64 px with no resize, the model-grid mask is the same
+
+
 def test_float_masks_on_a_0_to_1_scale_keep_their_defects(tmp_path):
     test = _category_with_mask(tmp_path, Image.new("L", (64, 64)))
     for top in (1.0, 255.0):  # a 0..1 float mask, and one on the 8-bit scale
@@ -255,3 +265,23 @@ def test_without_the_crop_image_size_may_exceed_resize():
         PatchCoreConfig(crop="center", image_size=320)
     with pytest.raises(ValueError, match="must be positive"):
         PatchCoreConfig(crop="none", image_size=0)
+
+
+def test_visa_csv_is_read_once_for_every_category_and_split(tmp_path, monkeypatch):
+    import csv
+
+    import dataset
+
+    for name, seed in (("candle", 1), ("pcb1", 2)):
+        make_synthetic_category(tmp_path, name, n_train=3, n_test_good=2, n_per_defect=1, size=(90, 60), seed=seed, layout="visa")
+    reads, reader = [], csv.DictReader
+    monkeypatch.setattr(dataset.csv, "DictReader", lambda *a, **k: reads.append(1) or reader(*a, **k))
+    categories = resolve_categories(tmp_path, "all")
+    sizes = {(c, s): len(CategoryDataset(tmp_path, c, s, Preprocess(64, 64))) for c in categories for s in ("train", "test")}
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    lines = csv_path.read_text().splitlines()
+    assert len(reads) == 1 and sizes == {key: sum(line.startswith(",".join(key) + ",") for line in lines) for key in sizes}
+    csv_path.write_text("\n".join(line for line in lines if not line.startswith("candle,train")) + "\n")  # a changed file is read anew
+    with pytest.raises(dataset.DataError, match="lists no train images of 'candle'"):
+        CategoryDataset(tmp_path, "candle", "train", Preprocess(64, 64))
+    assert len(reads) == 2

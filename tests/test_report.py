@@ -22,14 +22,19 @@ def _result(category, image, pixel, pro, protocol="paper", shots=0):
 
 def test_summary_rows_compare_with_the_paper():
     rows = summary_rows([_result("bottle", 0.99, 0.97, 0.9), _result("pill", 0.95, None, None), _result("mine", 0.8, 0.9, 0.7)])
-    bottle, pill, mine, mean = rows
+    bottle, pill, mine, mean, compared = rows
     assert bottle["published_image_auroc"] == 100.0 and bottle["image_diff"] == pytest.approx(-1.0)
     assert bottle["published_pixel_auroc"] == 98.6 and bottle["pixel_diff"] == pytest.approx(-1.6)
     assert pill["pixel_auroc"] is None and pill["pixel_diff"] is None  # undefined stays undefined
     assert mine["published_image_auroc"] is None and mine["image_diff"] is None  # no target for own categories
     assert mean["image_auroc"] == pytest.approx((99 + 95 + 80) / 3, abs=0.01)
-    assert mean["published_image_auroc"] == pytest.approx((100 + 96.6) / 2)
     assert mean["pixel_auroc"] == pytest.approx((97 + 90) / 2) and mean["aupro"] == pytest.approx(80.0)
+    assert mean["published_image_auroc"] is None and mean["image_diff"] is None  # 'mine' has no published number
+    # the comparison is over the same categories on both sides: bottle and pill (pill's pixel AUROC is undefined)
+    assert compared["category"] == "mean of the 2 published"
+    assert compared["image_auroc"] == pytest.approx((99 + 95) / 2) and compared["published_image_auroc"] == pytest.approx((100 + 96.6) / 2)
+    assert compared["image_diff"] == pytest.approx((99 + 95) / 2 - (100 + 96.6) / 2, abs=0.01)
+    assert compared["pixel_auroc"] == 97.0 and compared["published_pixel_auroc"] == 98.6 and compared["pixel_diff"] == pytest.approx(-1.6)
 
 
 def test_each_protocol_is_compared_with_its_own_published_numbers(tmp_path):

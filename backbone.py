@@ -11,6 +11,7 @@ so that evaluation can refuse other weights.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -70,44 +71,81 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
-class Backbone(torch.nn.Module):
-    """The network's children up to the deepest of `layers`, run in order; forward(images) -> the
-    maps of `layers` in float32, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px images.
+def _densenet_keys(state: dict) -> dict:
+    """torchvision's published DenseNet checkpoints name layers 'norm.1', not 'norm1': renamed as torchvision renames them."""
+    old = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+    return {(f"{m.group(1)}{m.group(2)}" if (m := old.match(k)) else k): v for k, v in state.items()}
 
-    Networks whose forward() runs their children in registration order (ResNets, WideResNets,
-    VGG, DenseNet, EfficientNet's `features`) are cut exactly so; the paper's is WideResNet-50.
-    The weights are frozen and the network is in eval mode: BatchNorm uses its running statistics.
+
+class Backbone(torch.nn.Module):
+    """The network cut after the deepest of `layers`, run in order; forward(images) -> the maps of
+    `layers` in float32, e.g. [B,512,28,28] and [B,1024,14,14] for 224 px images.
+
+    A layer is a child's name ('layer2') or a dotted path into an nn.Sequential child
+    ('features.denseblock3' of DenseNet). The network runs its children in registration order,
+    descending into the Sequential that holds a dotted layer, which is what ResNets, WideResNets,
+    ResNeXts, VGG and DenseNet's forward() do up to their pooling; everything after the deepest
+    used layer is dropped, weights and all. The weights are frozen and the network is in eval
+    mode: BatchNorm uses its running statistics.
     """
 
     def __init__(self, name: str, layers: tuple[str, ...], weights: str, seed: int, device: torch.device, amp: str = "none") -> None:
         super().__init__()
         network, self.weights_spec, self.weights = load_network(name, weights, seed)
-        children = [child for child, _ in network.named_children()]
-        unknown = [layer for layer in layers if layer not in children]
-        if unknown:
-            raise ValueError(f"{name} has no layer(s) {unknown}; it has {children}")
         self.name, self.layers = name, tuple(layers)
-        last = max(layers, key=children.index)
-        for child in children[: children.index(last) + 1]:
-            self.add_module(child, getattr(network, child))
+        every_key = set(network.state_dict())
+        self._cut(network, name)
+        for child, module in network.named_children():
+            self.add_module(child, module)
         if self.weights_spec not in WEIGHT_CHOICES:
-            self._load_state_dict_file(self.weights_spec, dropped=tuple(f"{c}." for c in children[children.index(last) + 1 :]))
+            self._load_state_dict_file(self.weights_spec, dropped=every_key - set(self.state_dict()))
         self.sha256 = self.fingerprint()
         self.eval().requires_grad_(False).to(device)
         self.device, self.amp = device, resolve_amp(amp, device)
         if device.type == "cuda":  # NHWC convolutions run faster on tensor cores
             self.to(memory_format=torch.channels_last)
 
-    def _load_state_dict_file(self, path: str, dropped: tuple[str, ...]) -> None:
-        """A torchvision checkpoint of this network; keys of the children after the last used layer are ignored."""
+    def _cut(self, network: torch.nn.Module, name: str) -> None:
+        """Drop every module after the deepest used layer, in place; self.runs: the paths of the modules that
+        run, in order (a Sequential holding a used layer is opened into its children)."""
+        runs = []  # (path, module) in the order they run
+
+        def walk(module: torch.nn.Module, prefix: str) -> None:
+            for child, sub in module.named_children():
+                path = prefix + child
+                if any(layer.startswith(path + ".") for layer in self.layers):
+                    if not isinstance(sub, torch.nn.Sequential):
+                        raise ValueError(f"{name}: the layers inside {path} do not run in order; use {path} itself")
+                    walk(sub, path + ".")
+                else:
+                    runs.append((path, sub))
+        walk(network, "")
+        names = [path for path, _ in runs]
+        unknown = [layer for layer in self.layers if layer not in names]
+        if unknown:
+            raise ValueError(f"{name} has no layer(s) {unknown}; it has {[n for n, _ in network.named_children()]} (a dotted path such "
+                             "as features.denseblock3 reaches inside one)")  # fmt: skip
+        last = max(names.index(layer) for layer in self.layers)
+        for path, _ in runs[last + 1 :]:  # everything after the deepest used layer goes
+            *parents, child = path.split(".")
+            holder = network.get_submodule(".".join(parents)) if parents else network
+            delattr(holder, child)
+        self.runs = [path for path, _ in runs[: last + 1]]
+
+    def _load_state_dict_file(self, path: str, dropped: set[str]) -> None:
+        """A torchvision checkpoint of this network; keys of the modules after the last used layer are ignored."""
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never runs pickled code
         except Exception as err:
             raise WeightsError(f"--weights {path}: not a readable state_dict file ({err})") from err
         if not isinstance(state, dict):
             raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict")
-        used = self.state_dict().keys()
-        state = {k: v for k, v in state.items() if k in used or not k.startswith(dropped)}
+        state = _densenet_keys(state) if self.name.startswith("densenet") else state
+        used = self.state_dict()
+        state = {k: v for k, v in state.items() if k not in dropped}
+        for key in used:  # older checkpoints (torchvision's published ones) predate BatchNorm's step counter: unused in eval
+            if key.endswith("num_batches_tracked") and key not in state:
+                state[key] = used[key]
         missing, unexpected = sorted(set(used) - set(state)), sorted(set(state) - set(used))
         if missing or unexpected:
             raise WeightsError(
@@ -139,10 +177,10 @@ class Backbone(torch.nn.Module):
 
     def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         maps = {}
-        for name, child in self.named_children():
-            x = child(x)
-            if name in self.layers:
-                maps[name] = x
+        for path in self.runs:
+            x = self.get_submodule(path)(x)
+            if path in self.layers:
+                maps[path] = x
         return maps
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """PatchCore against independent references: hand-made cases, a naive greedy loop, brute-force kNN, scipy."""
 
+import re
 import urllib.error
 
 import numpy as np
@@ -50,6 +51,34 @@ def test_backbone_maps_equal_torchvisions_own_forward(model):
     network.eval()(images)
     got = model.extract_features(images)
     assert torch.equal(got[0], seen["layer2"]) and torch.equal(got[1], seen["layer3"])
+
+
+@pytest.mark.parametrize(
+    "name, layers", [("wide_resnet101_2", ("layer2", "layer3")), ("densenet201", ("features.denseblock2", "features.denseblock3"))]
+)
+def test_other_backbones_and_nested_layers_equal_torchvisions_own_forward(name, layers, tmp_path):
+    """The published ensembles' backbones: a cut network (DenseNet's layers nested inside `features`) gives the maps
+    of torchvision's unchanged network, and a state_dict file of the whole network loads into it."""
+    from backbone import Backbone
+
+    network = torchvision.models.get_model(name)
+    torch.save(network.state_dict(), tmp_path / "weights.pth")
+    backbone = Backbone(name, layers, str(tmp_path / "weights.pth"), 0, torch.device("cpu"))
+    assert not any(key.startswith(("layer4", "fc", "features.denseblock4", "classifier")) for key in backbone.state_dict())
+    seen = {}
+    for layer in layers:
+        network.get_submodule(layer).register_forward_hook(lambda module, inputs, output, n=layer: seen.__setitem__(n, output))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        network.eval()(images)
+    for got, layer in zip(backbone(images), layers):
+        assert torch.equal(got, seen[layer])
+    if name.startswith("densenet"):  # torchvision's published DenseNet files name 'norm1' 'norm.1': they load too
+        old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in network.state_dict().items()
+               if not k.endswith("num_batches_tracked")}  # fmt: skip
+        assert any(".norm.1." in k for k in old)
+        torch.save(old, tmp_path / "published.pth")
+        assert Backbone(name, layers, str(tmp_path / "published.pth"), 0, torch.device("cpu")).sha256 == backbone.sha256
 
 
 def test_aggregation_hand_computed(model):

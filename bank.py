@@ -3,12 +3,14 @@
 OUTPUT_DIR/<category>/memory_bank.npz is a NumPy .npz read with allow_pickle=False, so that
 loading it can never run code. It holds two arrays:
 
-    memory_bank  float32 [M, C]   the coreset patch features
+    memory_bank  float32 [M, C]   the coreset patch features (an ensemble: memory_bank_0, memory_bank_1, ...,
+                                  one per network, in the config's order)
     header       uint8 [bytes]    UTF-8 JSON, with
         format, format_version    "patchcore-memory-bank", FORMAT_VERSION
         sha256                    of the features and of every other header field
         config                    PatchCoreConfig as a dict: rebuilds the model (PatchCore.from_bank)
         model                     weights description, sha256 of the backbone weights, feature dimension
+                                  (an ensemble: members, a list of each network's model, calibration, train)
         calibration               thresholds set on held-out good images and how, or the reason there are none
         category                  the category's name
         train                     image and patch counts, bank size, the held-out images, the few-shot
@@ -47,22 +49,34 @@ class BankError(Exception):
     """A memory-bank file is missing, damaged, of another format, or does not fit the model."""
 
 
-def _checksum(memory_bank: np.ndarray, header: dict) -> str:
-    """sha256 of the features and of every header field but the checksum itself."""
+def _checksum(banks: list[np.ndarray], header: dict) -> str:
+    """sha256 of every memory bank's features, in order, and of every header field but the checksum itself."""
     rest = {k: v for k, v in header.items() if k != "sha256"}
-    return hashlib.sha256(memory_bank.tobytes() + json.dumps(rest, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for bank in banks:
+        digest.update(bank.tobytes())
+    digest.update(json.dumps(rest, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
-def save_bank(path: Path, memory_bank: np.ndarray, header: dict) -> None:
-    """Write the bank atomically; `header` holds the sections listed above."""
-    memory_bank = np.ascontiguousarray(memory_bank, dtype=np.float32)
+def _names(count: int | None) -> list[str]:
+    """The arrays' names: memory_bank for one model, memory_bank_0 .. for an ensemble's `count` members."""
+    return ["memory_bank"] if count is None else [f"memory_bank_{i}" for i in range(count)]
+
+
+def save_bank(path: Path, memory_bank: np.ndarray | list[np.ndarray], header: dict) -> None:
+    """Write the bank atomically: one array, or an ensemble's list of them; `header` holds the sections listed above."""
+    ensemble = isinstance(memory_bank, list)
+    banks = [np.ascontiguousarray(b, dtype=np.float32) for b in (memory_bank if ensemble else [memory_bank])]
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **header}
-    header["sha256"] = _checksum(memory_bank, header)
-    save_npz(path, {"memory_bank": memory_bank, "header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)})
+    header["sha256"] = _checksum(banks, header)
+    arrays = dict(zip(_names(len(banks) if ensemble else None), banks))
+    save_npz(path, {**arrays, "header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)})
 
 
-def load_bank(path: Path) -> tuple[np.ndarray, dict]:
-    """Read and verify a memory-bank file; never unpickles. Raises BankError with what to do."""
+def load_bank(path: Path) -> tuple[np.ndarray | list[np.ndarray], dict]:
+    """Read and verify a memory-bank file: (its array, or an ensemble's list, header); never unpickles.
+    Raises BankError with what to do."""
     path = Path(path)
     rerun = "rerun train.py for this category"
     if not path.is_file():
@@ -73,7 +87,8 @@ def load_bank(path: Path) -> tuple[np.ndarray, dict]:
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(data["header"].tobytes().decode())
-            memory_bank = data["memory_bank"]
+            members = header.get("members") if isinstance(header, dict) else None
+            banks = [data[name] for name in _names(len(members) if isinstance(members, list) else None)]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise BankError(f"{path} is not a readable memory bank ({err}); {rerun}") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -85,11 +100,12 @@ def load_bank(path: Path) -> tuple[np.ndarray, dict]:
         )
     if version != FORMAT_VERSION:
         raise BankError(f"{path} has bank format {version}, this code reads {FORMAT_VERSION}; {rerun} with this code")
-    if memory_bank.dtype != np.float32 or memory_bank.ndim != 2:
-        raise BankError(f"{path} holds a {memory_bank.dtype} array of shape {memory_bank.shape}; {rerun}")
-    if _checksum(memory_bank, header) != header.get("sha256"):
+    for bank in banks:
+        if bank.dtype != np.float32 or bank.ndim != 2:
+            raise BankError(f"{path} holds a {bank.dtype} array of shape {bank.shape}; {rerun}")
+    if _checksum(banks, header) != header.get("sha256"):
         raise BankError(f"{path} fails its checksum: the file was changed or damaged; {rerun}")
-    return memory_bank, header
+    return (banks if members is not None else banks[0]), header
 
 
 def environment() -> dict:

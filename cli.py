@@ -111,9 +111,10 @@ def given_config_args(args: argparse.Namespace, config_type: type) -> dict:
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, config_type: type):
-    """The config the command line asks for; an invalid value is a usage error."""
+    """The config the command line asks for (config_type.from_options: a preset and the options beside it);
+    an invalid value is a usage error."""
     try:
-        return config_type(**given_config_args(args, config_type))
+        return config_type.from_options(**given_config_args(args, config_type))
     except ValueError as err:
         parser.error(str(err))
 

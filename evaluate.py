@@ -25,6 +25,7 @@ from tqdm import tqdm
 from bank import TRAIN_LOG, BankError, bank_path, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
+from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from files import NpzWriter, staging, write_json
 from maps import resize_map
 from metrics import compute_metrics
@@ -79,21 +80,41 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_model(args: argparse.Namespace, category: str) -> PatchCore:
+def load(args: argparse.Namespace, category: str) -> PatchCore | PatchCoreEnsemble:
     path = bank_path(args.output_dir, category)
-    return PatchCore.from_bank(path, device=args.device, weights=args.weights, search=args.search, tf32=args.tf32)
+    return load_model(path, device=args.device, weights=args.weights, search=args.search, tf32=args.tf32)
+
+
+def image_score_text(model: PatchCore | PatchCoreEnsemble, transductive: bool) -> str:
+    """How an image's score is made, for metrics.json."""
+    config = model.config
+    text = f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score"
+    if config.num_nn > 1:
+        text += f"; a patch's score: the mean distance to its {config.num_nn} nearest memory patches"
+    if isinstance(model, PatchCoreEnsemble):
+        how = ("each member's scores and maps min-max normalised over this test set, then averaged (the released code; "
+               "transductive); decisions at the calibrated thresholds: each member divided by its own thresholds, then averaged"
+               if transductive else "each member's score and map divided by its calibrated thresholds, then averaged")  # fmt: skip
+        text += f"; ensemble of {len(model.members)} networks: {how}"
+    return text
 
 
 def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     """Score the test split batch by batch; keep only scores, maps and masks for the metrics."""
     out_dir = Path(args.output_dir) / category
-    model = load_model(args, category)
+    model = load(args, category)
     config = model.config
     whole, at_original = config.crop == "none", args.pixel_metrics_at == "original"
+    transductive = isinstance(model, PatchCoreEnsemble) and config.protocol == "official"  # the released code's ensemble
     if at_original and not whole:
         raise ValueError(
             f"--pixel_metrics_at original needs a bank trained with --crop none ({category}'s has --crop {config.crop}): "
             "a center crop has no scores outside it"
+        )
+    if at_original and transductive:
+        raise ValueError(
+            f"--pixel_metrics_at original: {category}'s official-protocol ensemble combines its members' maps over the test "
+            "set at the model's resolution; drop --pixel_metrics_at"
         )
     dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
     calibration = model.calibration
@@ -110,30 +131,48 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         maps, masks = [], []
     else:
         maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
-    paths, defects = [], []
+    if transductive:  # every member's scores and maps, normalised once the whole test set is in
+        members = (np.empty((len(model.members), n)), np.empty((len(model.members), n, size, size), np.float32))
+    paths, defects, decided = [], [], None
     with staging(out_dir) as stage:
         start, i = time.perf_counter(), 0
         with NpzWriter(stage / "anomaly_maps.npz", compress=True) as raw:
+
+            def keep_raw(index: int, path: str, anomaly_map: np.ndarray) -> None:
+                if whole:  # back onto the original image
+                    anomaly_map = resize_map(anomaly_map, dataset.original_size(index))
+                raw.add(path, anomaly_map.astype(np.float16))
+                if at_original:
+                    maps.append(anomaly_map)
+                    masks.append(dataset.original_mask(index))
+
             for images, batch_labels, batch_masks, batch_paths, batch_defects in tqdm(
                 make_loader(dataset, args, model.device), desc=f"{category} test", unit="batch"
             ):
                 j = i + len(images)
-                scores[i:j], batch_maps = model.predict(images)
                 labels[i:j] = batch_labels.numpy()
-                for k, (path, anomaly_map) in enumerate(zip(batch_paths, batch_maps)):
-                    if whole:  # back onto the original image
-                        anomaly_map = resize_map(anomaly_map, dataset.original_size(i + k))
-                    raw.add(path, anomaly_map.astype(np.float16))
-                    if at_original:
-                        maps.append(anomaly_map)
-                        masks.append(dataset.original_mask(i + k))
+                if transductive:
+                    members[0][:, i:j], members[1][:, i:j] = model.predict_members(images)
+                else:
+                    scores[i:j], batch_maps = model.predict(images)
+                    for k, (path, anomaly_map) in enumerate(zip(batch_paths, batch_maps)):
+                        keep_raw(i + k, path, anomaly_map)
+                    if not at_original:
+                        maps[i:j] = batch_maps
                 if not at_original:
-                    maps[i:j], masks[i:j] = batch_maps, batch_masks[:, 0].numpy() > 0.5
+                    masks[i:j] = batch_masks[:, 0].numpy() > 0.5
                 paths += batch_paths
                 defects += batch_defects
                 i = j
+            if transductive:
+                decided = model.combine(*members) if model.calibration.calibrated else None  # what the thresholds decide on
+                scores[:], maps[:] = normalise_over_test_set(*members)
+                del members
+                for k, path in enumerate(paths):
+                    keep_raw(k, path, maps[k])
         seconds = time.perf_counter() - start
 
+        on_calibrated_scale = calibrated and not transductive  # the maps are on the scale the thresholds were set on
         where = "each image's own resolution" if at_original else f"the model's input resolution {size}x{size}"
         where += " (the whole image)" if whole else " (center crop)"
         metrics = {
@@ -141,7 +180,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "protocol": config.protocol,
             "layout": dataset.layout,
             "shots": config.shots,
-            **compute_metrics(labels, scores, masks, maps, defects, no_masks, model.calibration),
+            "preset": config.preset,
+            **compute_metrics(labels, scores, masks, maps, defects, no_masks, model.calibration, decided),
             "n_images": n,
             "n_good": int((labels == 0).sum()),
             "n_defective": int((labels == 1).sum()),
@@ -149,12 +189,13 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             f"at {where}, with the {config.protocol} protocol's masks"
             + (" (its rule at the image's own resolution, no resize or crop)" if at_original else ""),
             "pixel_metrics_at": args.pixel_metrics_at,
-            "image_score": f"Eq. 7 reweighting, b={config.reweight_b}" if config.reweight_b else "max patch score",
+            "image_score": image_score_text(model, transductive),
             "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
-            "heatmap_scale": calibration.heatmap_scale or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
-            "heatmap_region": "at the calibrated pixel threshold" if calibrated else "at the labelled pixel F1 threshold",
+            "heatmap_scale": (calibration.heatmap_scale if on_calibrated_scale else None)
+            or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
+            "heatmap_region": "at the calibrated pixel threshold" if on_calibrated_scale else "at the labelled pixel F1 threshold",
             "calibration": calibration.to_dict(),
             "seconds": round(seconds, 2),
             "ms_per_image": round(1000 * seconds / n, 1),
@@ -172,7 +213,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         # heatmaps, now that the colour scale and threshold are known: the images are read again, a batch at a
         # time, or one by one at their own resolution for a bank that sees the whole image
         vmin, vmax = metrics["heatmap_scale"]
-        threshold = calibration.pixel_threshold if calibrated else metrics["pixel_f1_threshold"]
+        threshold = calibration.pixel_threshold if on_calibrated_scale else metrics["pixel_f1_threshold"]
         names = [Path(d) / (Path(p).stem + ".png") for p, d in zip(paths, defects)]
         if whole:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
@@ -191,14 +232,16 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
         records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
         if calibrated:  # 1.0 or more: defective at the threshold calibrated on good images
-            for record in records:
-                record["normalized_score"] = record["score"] / calibration.image_threshold
+            for record, decided_score in zip(records, scores if decided is None else decided[0]):
+                record["normalized_score"] = float(decided_score) / calibration.image_threshold
         write_json(stage / "scores.json", records)
         write_json(stage / "metrics.json", metrics)
     return metrics
 
 
-def decision_thresholds(args: argparse.Namespace, model: PatchCore, known: dict) -> tuple[float | None, float | None, str]:
+def decision_thresholds(
+    args: argparse.Namespace, model: PatchCore | PatchCoreEnsemble, known: dict
+) -> tuple[float | None, float | None, str]:
     """(image threshold, pixel threshold, where they come from) for --images."""
     calibration = model.calibration
     if args.threshold == "f1":
@@ -218,7 +261,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     category = args.category
     out_dir = Path(args.output_dir) / category
     paths = find_images(args.images)
-    model = load_model(args, category)
+    model = load(args, category)
     known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
     threshold, pixel_threshold, source = decision_thresholds(args, model, known)
     scale = model.calibration.heatmap_scale or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own

@@ -47,7 +47,9 @@ def f1_max(labels: np.ndarray, scores: np.ndarray, what: str = "sample") -> tupl
 
 def _pixels(arrays) -> np.ndarray:
     """Every pixel of a stack of maps, or of a list of maps of different sizes, in one flat array."""
-    return np.concatenate([np.asarray(a).ravel() for a in arrays]) if isinstance(arrays, list) else np.asarray(arrays).ravel()
+    if isinstance(arrays, list):
+        return np.concatenate([np.asarray(a).ravel() for a in arrays]) if arrays else np.empty(0)
+    return np.asarray(arrays).ravel()
 
 
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
@@ -125,21 +127,28 @@ def compute_metrics(
     defect_types: list[str],
     no_masks: str | None = None,
     calibration: Calibration | None = None,
+    decided: tuple[np.ndarray, object] | None = None,
 ) -> dict:
-    """Every metric of a category's test split; pixel metrics over all pixels of all test images.
+    """Every metric of a category's test split; pixel metrics over all pixels of all test images, and, as the
+    released code reports them too, over the defective images alone (pixel_auroc_defective, aupro_defective).
 
     masks and maps: [N, H, W] arrays or lists of per-image arrays. `no_masks`: why there is no
     pixel ground truth (masks is then ignored, and every pixel metric is None with that reason).
     `calibration` (thresholds set on good images, thresholds.calibrate): the false-positive rate
-    and recall it gives at image and pixel level, beside the F1-optimal thresholds.
+    and recall it gives at image and pixel level, beside the F1-optimal thresholds, on `decided`
+    (scores, maps) where the thresholds apply to other scores than the metrics' (an official ensemble's).
     """
     metrics: dict = {}
     reasons: dict = {}
     pixel_labels, pixel_scores = (None, None) if no_masks else (_pixels(masks) > 0.5, _pixels(maps))
+    defective = [] if no_masks else [i for i, mask in enumerate(masks) if (np.asarray(mask) > 0.5).any()]
     for name, compute in {
         "image_auroc": lambda: auroc(labels, scores, "test image"),
         "pixel_auroc": lambda: auroc(pixel_labels, pixel_scores, "test pixel"),
         "aupro": lambda: aupro(masks, maps),
+        "pixel_auroc_defective": lambda: auroc(_pixels([masks[i] for i in defective]) > 0.5, _pixels([maps[i] for i in defective]),
+                                               "pixel of the defective test images"),  # fmt: skip
+        "aupro_defective": lambda: aupro([masks[i] for i in defective], [maps[i] for i in defective]),
     }.items():
         value, reason = (None, no_masks) if no_masks and name != "image_auroc" else compute()
         metrics[name] = value
@@ -154,9 +163,10 @@ def compute_metrics(
     if calibration is not None and calibration.calibrated:
         at = {"image_threshold": calibration.image_threshold, "pixel_threshold": calibration.pixel_threshold,
               "target_fpr": calibration.target_fpr, "expected_fpr": calibration.expected_fpr}  # fmt: skip
-        at["image_fpr"], at["image_recall"] = rates_at(labels, scores, calibration.image_threshold)
+        decided_scores, decided_pixels = (scores, pixel_scores) if decided is None else (decided[0], _pixels(decided[1]))
+        at["image_fpr"], at["image_recall"] = rates_at(labels, decided_scores, calibration.image_threshold)
         at["pixel_fpr"], at["pixel_recall"] = (
-            (None, None) if no_masks else rates_at(pixel_labels, pixel_scores, calibration.pixel_threshold)
+            (None, None) if no_masks else rates_at(pixel_labels, decided_pixels, calibration.pixel_threshold)
         )
         at["f1_image_threshold"], at["f1_pixel_threshold"] = metrics["image_f1_threshold"], metrics["pixel_f1_threshold"]
         metrics["at_calibrated_thresholds"] = at

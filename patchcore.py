@@ -28,7 +28,8 @@ from bank import BankError, environment, load_bank, save_bank
 from coreset import gather_rows, greedy_coreset, image_rows, random_projection
 from dataset import Preprocess
 from maps import gaussian_blur
-from official import check_official_layers, official_patches
+from official import official_patches
+from published import PRESETS
 from search import FaissSearch, TorchSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 from thresholds import Calibration, calibrate, holdout_images
@@ -56,8 +57,18 @@ class PatchCoreConfig:
         "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released code "
         "(1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md",
     )
-    backbone: str = setting("wide_resnet50_2", "torchvision classification network")
-    layers: tuple[str, ...] = setting(("layer2", "layer3"), "backbone layers the patch features come from, comma list", metavar="LAYERS")
+    preset: str = setting(
+        "none", "a published run of the released code to reproduce, every setting as its script has it: " + ", ".join(PRESETS)
+    )
+    backbone: str = setting(
+        "wide_resnet50_2", "torchvision classification network; a comma list builds an ensemble, one memory bank per network"
+    )
+    layers: tuple[str, ...] = setting(
+        ("layer2", "layer3"),
+        "backbone layers the patch features come from, comma list; a dotted path reaches inside a block (features.denseblock3); "
+        "in an ensemble each starts with its network's index (0.layer2,1.features.denseblock2)",
+        metavar="LAYERS",
+    )
     weights: str = setting(
         "imagenet", "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) or PATH to a state_dict"
     )
@@ -69,6 +80,14 @@ class PatchCoreConfig:
         None, "fraction of the training patches kept in the memory bank", default_text="0.25 for paper, 0.1 for official"
     )
     coreset_proj_dim: int = setting(128, "random-projection dims for the coreset distances, 0 = none")
+    patch_size: int = setting(3, "neighbourhood size p of the local aggregation (Eq. 1), odd")
+    num_nn: int = setting(1, "k: a patch's score is the mean distance to its k nearest memory patches (1: Eq. 6)")
+    pretrain_dim: int | None = setting(
+        None, "official: each layer's patch vector pooled to this many dims", default_text="1024 for official; paper keeps every channel"
+    )
+    target_dim: int | None = setting(
+        None, "official: the layers' pooled vectors pooled again to this many dims", default_text="1024 for official; paper: none"
+    )
     seed: int = setting(
         0, "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, random-init weights"
     )
@@ -80,15 +99,49 @@ class PatchCoreConfig:
     )
     target_fpr: float = setting(0.05, "false-alarm rate the thresholds aim at on good parts")
 
+    @classmethod
+    def from_options(cls, **given: object) -> PatchCoreConfig:
+        """The config a command line asks for: a --preset's settings, and the options given beside it, which must agree."""
+        preset = PRESETS.get(str(given.get("preset", "none")), {})
+        clash = [f"--{k} {given[k]} (the preset has {v})" for k, v in preset.items() if k in given and given[k] != v]
+        if clash:
+            raise ValueError(f"--preset {given['preset']} sets these otherwise: {', '.join(clash)}; drop them, or drop --preset")
+        return cls(**{**preset, **given})
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))  # a list when read back from JSON
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"--protocol must be paper or official, got {self.protocol!r}")
+        official = self.protocol == "official"
         if self.coreset_ratio is None:
             object.__setattr__(self, "coreset_ratio", DEFAULT_CORESET_RATIO[self.protocol])
-        official = self.protocol == "official"
+        if official:  # the released code's dimensions unless set
+            object.__setattr__(self, "pretrain_dim", self.pretrain_dim or 1024)
+            object.__setattr__(self, "target_dim", self.target_dim or 1024)
+        members = self.backbones
+        indexed = [layer.split(".", 1) for layer in self.layers]
         checks = [  # (holds, what to say when it does not)
+            (self.preset in ("none", *PRESETS), f"--preset must be none or one of {', '.join(PRESETS)}, got {self.preset!r}"),
             (bool(self.layers), "--layers must name at least one layer"),
+            (  # an ensemble's layers each name their network by its index
+                len(members) == 1 or all(len(p) == 2 and p[0].isdigit() and int(p[0]) < len(members) for p in indexed),
+                f"--layers of an ensemble of {len(members)} networks start with the network's index, e.g. 0.layer2,1.layer2; "
+                f"got {','.join(self.layers)}",
+            ),
+            (
+                len(members) == 1 or {int(p[0]) for p in indexed if p[0].isdigit()} == set(range(len(members))),
+                "--layers: every network of an ensemble needs at least one layer",
+            ),
+            (len(members) == 1 or official or self.calibration_holdout > 0,
+             "an ensemble under --protocol paper combines its members by their thresholds on held-out good images: "
+             "keep --calibration_holdout above 0"),  # fmt: skip
+            (self.patch_size >= 1 and self.patch_size % 2 == 1, f"--patch_size must be odd and positive, got {self.patch_size}"),
+            (self.num_nn >= 1, f"--num_nn must be 1 or more, got {self.num_nn}"),
+            (self.reweight_b == 0 or self.num_nn == 1, "--reweight_b: Eq. 7 reweights the nearest distance; use it with --num_nn 1"),
+            (official or (self.pretrain_dim is None and self.target_dim is None),
+             "--pretrain_dim and --target_dim are the released code's pooling (--protocol official); the paper protocol keeps "
+             "every channel"),  # fmt: skip
+            (not official or (self.pretrain_dim > 0 and self.target_dim > 0), "--pretrain_dim and --target_dim must be positive"),
             (  # --crop none resizes the whole image to image_size: resize plays no part then
                 self.image_size > 0 and (self.crop == "none" or self.image_size <= self.resize),
                 f"--image_size must be positive and at most --resize ({self.resize}), got {self.image_size}",
@@ -108,6 +161,29 @@ class PatchCoreConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        stray = [f"--{k} {getattr(self, k)}" for k, v in PRESETS.get(self.preset, {}).items() if getattr(self, k) != v]
+        if stray:
+            raise ValueError(f"--preset {self.preset} is not this run: {', '.join(stray)} differ from it")
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        """The networks: one, or an ensemble's members in order."""
+        return tuple(name.strip() for name in self.backbone.split(","))
+
+    def members(self) -> list[PatchCoreConfig]:
+        """An ensemble's members, each a single network with its own layers and every other setting shared."""
+        if len(self.backbones) == 1:
+            return [self]
+        layers = [layer.split(".", 1) for layer in self.layers]
+        weights = self.weights.split(",") if "," in self.weights else [self.weights] * len(self.backbones)
+        if len(weights) != len(self.backbones):
+            raise ValueError(f"--weights: one for each of the {len(self.backbones)} networks, or one for all; got {self.weights}")
+        return [
+            dataclasses.replace(
+                self, preset="none", backbone=name, weights=weights[i], layers=tuple(rest for index, rest in layers if int(index) == i)
+            )
+            for i, name in enumerate(self.backbones)
+        ]
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
@@ -117,37 +193,39 @@ class PatchCoreConfig:
         return Preprocess(self.resize, self.image_size, self.protocol, self.crop)
 
 
-def largest_grid(features: list[torch.Tensor]) -> tuple[int, int]:
-    """(h, w) of the largest feature map: the patch grid (28 x 28 for layer2 at 224 px)."""
-    return max((tuple(int(v) for v in f.shape[-2:]) for f in features), key=lambda hw: hw[0] * hw[1])
+def patch_grid(features: list[torch.Tensor], protocol: str) -> tuple[int, int]:
+    """(h, w) of the patch grid: the largest map's (28 x 28 for layer2 at 224 px); the released code takes the first layer's."""
+    sizes = [tuple(int(v) for v in f.shape[-2:]) for f in features]
+    return sizes[0] if protocol == "official" else max(sizes, key=lambda hw: hw[0] * hw[1])
 
 
 class PatchFeatures(torch.nn.Module):
     """Locally aware patch features (Sec. 3.1): images [B, 3, S, S] -> ([B, N, C] patch features, their grid (h, w))."""
 
-    def __init__(self, backbone: Backbone, protocol: str) -> None:
+    def __init__(self, backbone: Backbone, config: PatchCoreConfig) -> None:
         super().__init__()
-        self.backbone, self.official = backbone, protocol == "official"
+        self.backbone, self.config = backbone, config
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         features = self.backbone(images)
-        return self.aggregate(features), largest_grid(features)
+        return self.aggregate(features), patch_grid(features, self.config.protocol)
 
     @torch.no_grad()
     def aggregate(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Eq. 1-2 on the used layers' maps: [B, N, C], N = H*W of the largest map.
 
-        1. each layer: average over the 3x3 neighbourhood of every position (stride 1,
-           border positions average over their in-image neighbours only);
+        1. each layer: average over the p x p neighbourhood N_p of every position (p = patch_size,
+           3 in the paper; stride 1; border positions average over their in-image neighbours only);
         2. deeper maps upsampled bilinearly to the largest map's grid (28x28 for 224 px);
         3. channels concatenated (512 + 1024 = 1536 for layer2 + layer3).
         """
-        if self.official:  # the released code's features (official.py)
-            return official_patches(features)
-        grid = largest_grid(features)
+        config = self.config
+        if config.protocol == "official":  # the released code's features (official.py)
+            return official_patches(features, config.patch_size, config.pretrain_dim, config.target_dim)
+        grid, p = patch_grid(features, config.protocol), config.patch_size
         maps = []
         for f in features:
-            f = F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            f = F.avg_pool2d(f, kernel_size=p, stride=1, padding=p // 2, count_include_pad=False)
             if f.shape[-2:] != grid:
                 f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             maps.append(f)
@@ -161,6 +239,8 @@ class AnomalyScorer(torch.nn.Module):
     TorchSearch every step is a torch operation, the exact search and Eq. 7 included.
     paper: L2 distances (Eq. 6), maps blurred with mirror padding; official: squared L2
     distances, as faiss returns them to the released code, blurred as scipy's default ('reflect').
+    With num_nn = k > 1 a patch's score is the mean of its k nearest distances, in the image score
+    and the map alike (the released code's --anomaly_scorer_num_nn).
     """
 
     def __init__(self, features: PatchFeatures, index: TorchSearch | FaissSearch, config: PatchCoreConfig) -> None:
@@ -181,8 +261,8 @@ class AnomalyScorer(torch.nn.Module):
         """forward() from the patch features [B, N, C] of images of `size`."""
         official = self.config.protocol == "official"
         b, n, c = patches.shape
-        distances, nearest = self.index(patches.reshape(-1, c), k=1, squared=official)
-        patch_scores = distances[:, 0].reshape(b, n)  # Eq. 6: distance to the nearest memory patch
+        distances, nearest = self.index(patches.reshape(-1, c), k=self.config.num_nn, squared=official)
+        patch_scores = distances.mean(dim=1).reshape(b, n)  # Eq. 6: distance to the nearest memory patch (k = 1)
         if self.config.reweight_b:
             scores = self.reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
         else:
@@ -224,6 +304,8 @@ class PatchCore:
         self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", tf32: bool = False, **fields
     ) -> None:
         config = PatchCoreConfig(**fields) if config is None else dataclasses.replace(config, **fields)
+        if len(config.backbones) > 1:
+            raise ValueError(f"{config.backbone} is an ensemble: build it with ensemble.build_model(config)")
         self.device = resolve_device(device)
         # fp32 convolutions and products on a GPU: exact ('ieee') unless tf32 is asked for; a CPU has no TF32
         self.fp32_precision = set_cuda_fp32_precision(tf32) if self.device.type == "cuda" else "ieee"
@@ -231,13 +313,12 @@ class PatchCore:
         self.backbone = Backbone(config.backbone, config.layers, config.weights, config.seed, self.device, config.amp)
         self.config = dataclasses.replace(config, weights=self.backbone.weights_spec)  # 'auto' resolved: the bank records what was used
         self.amp, self.weights, self.backbone_sha256 = self.backbone.amp, self.backbone.weights, self.backbone.sha256
-        self.features = PatchFeatures(self.backbone, self.config.protocol)
+        self.features = PatchFeatures(self.backbone, self.config)
 
         probe = self.extract_features(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
         if self.config.protocol == "official":
-            check_official_layers(probe, self.config.backbone, self.config.layers)
             self.backbone.official_batchnorm_update(self.config.image_size)
-        self.grid = largest_grid(probe)
+        self.grid = patch_grid(probe, self.config.protocol)
         self.patches_per_image = self.grid[0] * self.grid[1]
         self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.scorer: AnomalyScorer | None = None  # built around the memory bank by set_memory_bank
@@ -270,13 +351,13 @@ class PatchCore:
         if n_images == 0:
             raise ValueError("fit() got no training images")
         per_image = self.patches_per_image
-        self._check_reweight_b(self.bank_size(n_images * per_image))
+        self._check_bank_size(self.bank_size(n_images * per_image))
         held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
         first_from = None
         if held_out:  # the calibration bank: the first picks, all from the kept images
             kept = image_rows(sorted(set(range(n_images)) - set(held_out)), per_image)
             first_from = (kept, self.bank_size(len(kept)))
-            self._check_reweight_b(first_from[1])
+            self._check_bank_size(first_from[1])
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
         picked = self._coreset(projected, first_from=first_from)  # Alg. 1
         del projected
@@ -284,6 +365,8 @@ class PatchCore:
         self.calibration = self._calibrate(bank, held_out, first_from, dataloader)
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
+        if held_out:  # the bank's first rows are the calibration bank
+            facts["calibration_bank_size"] = first_from[1]
         self.train_facts = {**facts, "held_out": held_out}
         return {**self.train_facts, "fit": path}
 
@@ -299,16 +382,20 @@ class PatchCore:
                 reason=f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
                 "for calibration: no thresholds stored; decide with evaluate.py --threshold"
             )
-        self.set_memory_bank(bank[: first_from[1]])
-        subset = torch.utils.data.Subset(dataloader.dataset, held_out)
-        loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
-        # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
-        summary = []
-        for batch in tqdm(loader, desc="calibration", unit="batch"):
-            scores, maps = self.predict(batch[0])
+        summary = []  # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
+        for scores, maps in self.score_held_out(bank[: first_from[1]], dataloader, held_out):
             summary.append((scores, maps.reshape(len(maps), -1).max(1), maps.min()))
         scores, peaks, lows = zip(*summary)
         return calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+
+    def score_held_out(self, calibration_bank: torch.Tensor, dataloader, held_out: list[int]):
+        """(image scores, maps) of the held-out training images, a batch at a time, against the calibration bank."""
+        scorer = self.scorer_for(calibration_bank)
+        subset = torch.utils.data.Subset(dataloader.dataset, held_out)
+        loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
+        for batch in tqdm(loader, desc="calibration", unit="batch"):
+            scores, maps = scorer(batch[0])
+            yield scores.cpu().numpy(), maps.cpu().numpy()
 
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
         """Pass 1 over the images: every patch's projected feature for the coreset ([N, coreset_proj_dim]),
@@ -371,6 +458,9 @@ class PatchCore:
         new_rows = gather_rows(self._full_features(chunks, dataloader), {"new": picked})["new"]
         old = len(self.memory_bank)
         self.set_memory_bank(torch.cat([self.memory_bank.cpu(), new_rows]))
+        facts = self.train_facts
+        self.train_facts = {**facts, "n_images": facts.get("n_images", 0) + n_images, "memory_bank_size": len(self.memory_bank),
+                            "n_patches": facts.get("n_patches", 0) + n_images * self.patches_per_image}  # fmt: skip
         if self.calibration.calibrated:
             self.calibration.note = self.note_on_growth(n_images)
         return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
@@ -410,18 +500,24 @@ class PatchCore:
         """floor(coreset_ratio * N), at least 1."""
         return max(1, int(n_patches * self.config.coreset_ratio))
 
-    def _check_reweight_b(self, bank_size: int) -> None:
-        if self.config.reweight_b > bank_size:
-            raise ValueError(
-                f"--reweight_b {self.config.reweight_b} is larger than the memory bank ({bank_size} patches): "
-                "use a smaller --reweight_b or a larger --coreset_ratio"
-            )
+    def _check_bank_size(self, bank_size: int) -> None:
+        """Eq. 7 and the k-nearest mean need that many memory patches."""
+        for option, needed in (("--reweight_b", self.config.reweight_b), ("--num_nn", self.config.num_nn)):
+            if needed > bank_size:
+                raise ValueError(
+                    f"{option} {needed} is larger than the memory bank ({bank_size} patches): "
+                    f"use a smaller {option} or a larger --coreset_ratio"
+                )
+
+    def scorer_for(self, memory_bank: torch.Tensor) -> AnomalyScorer:
+        """The scoring module over a memory bank, indexed for the search that runs."""
+        self._check_bank_size(len(memory_bank))
+        bank = memory_bank.to(self.device, torch.float32).contiguous()
+        return AnomalyScorer(self.features, make_search(bank, self.search, self.low_precision), self.config)
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
-        """Keep the memory bank, indexed for the search that runs, inside the scoring module."""
-        self._check_reweight_b(len(memory_bank))
-        bank = memory_bank.to(self.device, torch.float32).contiguous()
-        self.scorer = AnomalyScorer(self.features, make_search(bank, self.search, self.low_precision), self.config)
+        """Keep the memory bank inside the scoring module that predict() runs."""
+        self.scorer = self.scorer_for(memory_bank)
 
     @property
     def memory_bank(self) -> torch.Tensor | None:
@@ -449,15 +545,18 @@ class PatchCore:
         return scores.cpu().numpy(), maps.cpu().numpy()
 
     # ------------------------------------------------------------------ the bank file
+    def provenance(self) -> dict:
+        """What the bank records of the model that built it: the weights, their checksum, the feature width."""
+        return {"weights": self.weights, "backbone_sha256": self.backbone_sha256, "feature_dim": self.feature_dim}
+
     def save(self, path: Path, **sections: object) -> None:
         """Write the memory bank with its config, calibration, train facts and the model's provenance (bank.py
         has the format); `sections` (the category; `train`, to store other train facts) are stored beside them."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to save: call fit() first")
-        model = {"weights": self.weights, "backbone_sha256": self.backbone_sha256, "feature_dim": self.feature_dim}
         header = {
             "config": self.config.to_dict(),
-            "model": model,
+            "model": self.provenance(),
             "calibration": self.calibration.to_dict(),
             "train": self.train_facts,
             **sections,
@@ -475,22 +574,36 @@ class PatchCore:
         weights or feature width differ from the rebuilt model's is refused.
         """
         memory_bank, header = load_bank(Path(path))
-        try:
-            config = PatchCoreConfig(**header["config"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise BankError(f"{path} holds a config this code cannot use ({err}); rerun train.py for this category") from err
-        model = cls(config, device=device, search=search, tf32=tf32, **({"weights": weights} if weights else {}))
-        built = header["model"]
-        if model.backbone_sha256 != built["backbone_sha256"]:
-            raise BankError(
-                f"{path} was built with backbone weights '{built['weights']}', but evaluation has '{model.weights}' "
-                "(their checksums differ): evaluate with the training weights, or retrain"
-            )
-        if memory_bank.shape[1] != model.feature_dim:
-            raise BankError(
-                f"{path} holds {memory_bank.shape[1]}-d features, but {config.backbone} {list(config.layers)} makes "
-                f"{model.feature_dim}-d ones: rerun train.py with these settings"
-            )
-        model.set_memory_bank(torch.from_numpy(memory_bank))
+        return cls.from_header(memory_bank, header, Path(path), device=device, weights=weights, search=search, tf32=tf32)
+
+    @classmethod
+    def from_header(cls, memory_bank: np.ndarray, header: dict, path: Path, *, weights: str | None = None, **runtime) -> PatchCore:
+        """from_bank of a bank file already read (bank.load_bank); runtime: device, search, tf32."""
+        if "members" in header:
+            raise BankError(f"{path} holds an ensemble of {len(header['members'])} models: load it with ensemble.load_model")
+        model = cls(config_from_header(header, path), **runtime, **({"weights": weights} if weights else {}))
+        model.restore(memory_bank, header["model"], path)
         model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
         return model
+
+    def restore(self, memory_bank: np.ndarray, built: dict, path: Path) -> None:
+        """Hold a saved memory bank; one whose backbone weights or feature width differ from this model's is refused."""
+        if self.backbone_sha256 != built["backbone_sha256"]:
+            raise BankError(
+                f"{path} was built with backbone weights '{built['weights']}', but evaluation has '{self.weights}' "
+                "(their checksums differ): evaluate with the training weights, or retrain"
+            )
+        if memory_bank.shape[1] != self.feature_dim:
+            raise BankError(
+                f"{path} holds {memory_bank.shape[1]}-d features, but {self.config.backbone} {list(self.config.layers)} makes "
+                f"{self.feature_dim}-d ones: rerun train.py with these settings"
+            )
+        self.set_memory_bank(torch.from_numpy(memory_bank))
+
+
+def config_from_header(header: dict, path: Path) -> PatchCoreConfig:
+    """The config a bank's header stores, or a BankError that says what to do."""
+    try:
+        return PatchCoreConfig(**header["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise BankError(f"{path} holds a config this code cannot use ({err}); rerun train.py for this category") from err

@@ -1,5 +1,5 @@
-"""What a person looks at: heatmap panels with a colour bar, ROC and histogram plots, the
-summary table of all categories, and the published numbers it is compared with.
+"""What a person looks at: heatmap panels with a colour bar, ROC and histogram plots, and the
+summary table of all categories beside the published numbers (published.py).
 """
 
 from __future__ import annotations
@@ -18,62 +18,7 @@ from sklearn.metrics import roc_curve
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from files import atomic_write, write_bytes, write_text
-
-# Published full-shot numbers the summary compares with: {category: (image AUROC, pixel AUROC)}, and their sources.
-MVTEC_PAPER = {
-    "bottle": (1.000, 0.986),
-    "cable": (0.995, 0.984),
-    "capsule": (0.981, 0.988),
-    "hazelnut": (1.000, 0.987),
-    "metal_nut": (1.000, 0.984),
-    "pill": (0.966, 0.974),
-    "screw": (0.981, 0.994),
-    "toothbrush": (1.000, 0.987),
-    "transistor": (1.000, 0.963),
-    "zipper": (0.994, 0.988),
-    "carpet": (0.987, 0.990),
-    "grid": (0.982, 0.987),
-    "leather": (1.000, 0.993),
-    "tile": (0.987, 0.956),
-    "wood": (0.992, 0.950),
-}
-MVTEC_OFFICIAL = {
-    "bottle": (1.0000, 0.9848),
-    "cable": (0.9968, 0.9841),
-    "capsule": (0.9793, 0.9895),
-    "hazelnut": (1.0000, 0.9868),
-    "metal_nut": (0.9990, 0.9834),
-    "pill": (0.9667, 0.9780),
-    "screw": (0.9877, 0.9952),
-    "toothbrush": (1.0000, 0.9857),
-    "transistor": (0.9987, 0.9610),
-    "zipper": (0.9950, 0.9887),
-    "carpet": (0.9860, 0.9905),
-    "grid": (0.9791, 0.9880),
-    "leather": (1.0000, 0.9929),
-    "tile": (0.9949, 0.9571),
-    "wood": (0.9912, 0.9508),
-}
-VISA_IM_IAD = {
-    "candle": (0.986, 0.995), "capsules": (0.816, 0.995), "cashew": (0.973, 0.989), "chewinggum": (0.991, 0.991),
-    "fryum": (0.962, 0.938), "macaroni1": (0.975, 0.998), "macaroni2": (0.781, 0.991), "pcb1": (0.985, 0.999),
-    "pcb2": (0.973, 0.990), "pcb3": (0.979, 0.992), "pcb4": (0.996, 0.986), "pipe_fryum": (0.998, 0.991),
-}  # fmt: skip
-SOURCES = {
-    "mvtec paper": "MVTec AD: the paper's table as the design document lists it (Roth et al., CVPR 2022; 25 % coreset)",
-    "mvtec official": "MVTec AD: the released code's IM224 WR50 baseline, amazon-science/patchcore-inspection @ fcaa92f, "
-    "models/IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1/results.csv (instance_auroc, full_pixel_auroc; 10 % coreset)",
-    "visa": "VisA: the IM-IAD benchmark (M-3LAB/IM-IAD README @ be00a93, 'vanilla setting on VisA'): the released code "
-    "at resize 256 and crop 256, for both protocols (no published paper-protocol numbers per object; see docs/architecture.md)",
-}
-
-
-def published(protocol: str, category: str) -> tuple[float | None, float | None, str | None]:
-    """(image AUROC, pixel AUROC, source key) published for a category under a protocol; Nones where there is none."""
-    if category in VISA_IM_IAD:
-        return (*VISA_IM_IAD[category], "visa")
-    table = MVTEC_OFFICIAL if protocol == "official" else MVTEC_PAPER
-    return (*table[category], f"mvtec {protocol}") if category in table else (None, None, None)
+from published import published, source_text
 
 
 # ---------------------------------------------------------------------- heatmaps
@@ -158,8 +103,12 @@ def plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshold
 
 
 # ---------------------------------------------------------------------- summary
+# (ours, published) pairs of the summary, in percent; the defective-image pair only where a released-code run is compared
+COMPARED = ("image_auroc", "pixel_auroc", "pixel_auroc_defective", "aupro_defective")
+
+
 def summary_rows(results: list[dict]) -> list[dict]:
-    """One row per category and a mean row: ours, the published number for the run's protocol, and
+    """One row per category and a mean row: ours, the published number for the run (published.py), and
     the difference, in percent. A category without a published number gets None there; when only some
     have one, the mean row leaves published and diff empty and a second mean row compares those alone."""
 
@@ -168,26 +117,27 @@ def summary_rows(results: list[dict]) -> list[dict]:
 
     rows = []
     for m in results:
-        image, pixel, _ = published(m["protocol"], m["category"])
+        theirs = published(m["protocol"], m["category"], m.get("preset", "none")) or {}
         at = m.get("at_calibrated_thresholds") or {}
-        rows.append({
-            "category": m["category"], "protocol": m["protocol"], "shots": m["shots"] or "all", "image_auroc": pct(m["image_auroc"]),
-            "published_image_auroc": pct(image), "pixel_auroc": pct(m["pixel_auroc"]), "published_pixel_auroc": pct(pixel),
-            "aupro": pct(m["aupro"]), "image_fpr": pct(at.get("image_fpr")), "image_recall": pct(at.get("image_recall")),
-        })  # fmt: skip
+        row = {"category": m["category"], "protocol": m["protocol"], "shots": m["shots"] or "all", "aupro": pct(m["aupro"]),
+               "image_fpr": pct(at.get("image_fpr")), "image_recall": pct(at.get("image_recall"))}  # fmt: skip
+        for key in COMPARED:
+            row[key], row[f"published_{key}"] = pct(m.get(key)), pct(theirs.get(key))
+        rows.append(row)
+
     def mean_row(name: str, members: list[dict], compare: bool) -> dict:
         row = {"category": name, "protocol": "/".join(sorted({r["protocol"] for r in members})),
                "shots": "/".join(sorted({str(r["shots"]) for r in members}))}  # fmt: skip
-        for key in ("image_auroc", "pixel_auroc", "aupro", "image_fpr", "image_recall"):
+        for key in ("aupro", "image_fpr", "image_recall", *COMPARED):
             values = [r[key] for r in members if r[key] is not None]
             row[key] = round(float(np.mean(values)), 2) if values else None
-        for level in ("image", "pixel"):  # published and diff: over the same categories as ours, or not at all
-            both = [r for r in members if r[f"{level}_auroc"] is not None and r[f"published_{level}_auroc"] is not None]
-            with_ours = [r for r in members if r[f"{level}_auroc"] is not None]
+        for key in COMPARED:  # published and diff: over the same categories as ours, or not at all
+            both = [r for r in members if r[key] is not None and r[f"published_{key}"] is not None]
+            with_ours = [r for r in members if r[key] is not None]
             if compare and both and len(both) == len(with_ours):
-                row[f"published_{level}_auroc"] = round(float(np.mean([r[f"published_{level}_auroc"] for r in both])), 2)
+                row[f"published_{key}"] = round(float(np.mean([r[f"published_{key}"] for r in both])), 2)
             else:
-                row[f"published_{level}_auroc"] = None
+                row[f"published_{key}"] = None
         return row
 
     compared = [r for r in rows if r["published_image_auroc"] is not None]
@@ -196,40 +146,49 @@ def summary_rows(results: list[dict]) -> list[dict]:
         means.append(mean_row(f"mean of the {len(compared)} published", compared, compare=True))
     rows += means
     for row in rows:
-        for level in ("image", "pixel"):
-            ours, theirs = row[f"{level}_auroc"], row[f"published_{level}_auroc"]
-            row[f"{level}_diff"] = None if ours is None or theirs is None else round(ours - theirs, 2)
+        for key in COMPARED:
+            ours, theirs = row[key], row[f"published_{key}"]
+            row[f"{key}_diff"] = None if ours is None or theirs is None else round(ours - theirs, 2)
     return rows
 
 
-COLUMNS = {  # summary column: title
-    "category": "category", "shots": "shots", "image_auroc": "image AUROC", "published_image_auroc": "published", "image_diff": "diff",
-    "pixel_auroc": "pixel AUROC", "published_pixel_auroc": "published", "pixel_diff": "diff", "aupro": "AUPRO@0.3",
-    "image_fpr": "false alarms", "image_recall": "recall",
-}  # fmt: skip
+def summary_columns(rows: list[dict]) -> dict[str, str]:
+    """The summary's columns: title; the defective-image ones only where some row has a published number for them."""
+    columns = {"category": "category", "shots": "shots"}
+    titles = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pixel_auroc_defective": "pixel AUROC, defective images",
+              "aupro_defective": "AUPRO@0.3, defective images"}  # fmt: skip
+    for key in COMPARED:
+        if key in ("image_auroc", "pixel_auroc") or any(r[f"published_{key}"] is not None for r in rows):
+            columns.update({key: titles[key], f"published_{key}": "published", f"{key}_diff": "diff"})
+        if key == "pixel_auroc":
+            columns["aupro"] = "AUPRO@0.3"
+    return {**columns, "image_fpr": "false alarms", "image_recall": "recall"}
 
 
 def write_summary(output_dir: Path, results: list[dict]) -> str:
     """summary.md and summary.csv for all categories of a run; returns summary.md's text (protocol, sources, table)."""
     rows = summary_rows(results)
+    columns = summary_columns(rows)
 
     def cell(column, value):
         if value is None or isinstance(value, str) or column == "shots":
             return "n/a" if value is None else str(value)
         return f"{value:+.2f}" if column.endswith("_diff") else f"{value:.2f}"
 
-    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        text = [cell(c, row[c]) for c in COLUMNS]
+        text = [cell(c, row[c]) for c in columns]
         lines.append("| " + " | ".join(f"**{t}**" if row["category"].startswith("mean") else t for t in text) + " |")
     table = "\n".join(lines)
     protocols = sorted({m["protocol"] for m in results})
-    keys = sorted({key for m in results if (key := published(m["protocol"], m["category"])[2])})
-    sources = "\n".join(f"- published, full-shot: {SOURCES[key]}" for key in keys) or "- no published numbers for these categories"
+    presets = sorted({m.get("preset", "none") for m in results} - {"none"})
+    keys = sorted({theirs["source"] for m in results if (theirs := published(m["protocol"], m["category"], m.get("preset", "none")))})
+    sources = "\n".join(f"- published, full-shot: {source_text(key)}" for key in keys) or "- no published numbers for these categories"
     weights = ", ".join(sorted({m["weights"] for m in results}))
+    run = f"; preset: {', '.join(presets)}" if presets else ""
     markdown = (
         f"# PatchCore on {len(results)} categor{'y' if len(results) == 1 else 'ies'} (percent)\n\n"
-        f"protocol: {', '.join(protocols)}; weights: {weights}\n\n{sources}\n"
+        f"protocol: {', '.join(protocols)}{run}; weights: {weights}\n\n{sources}\n"
         "- false alarms, recall: on the test split's good and defective images, at the image threshold calibrated on "
         "held-out good training images (n/a without one)\n\n"
         f"{table}\n"
@@ -237,9 +196,9 @@ def write_summary(output_dir: Path, results: list[dict]) -> str:
     write_text(output_dir / "summary.md", markdown)
 
     def write_csv(f):
-        writer = csv.DictWriter(f, fieldnames=["protocol", *COLUMNS], lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=["protocol", *columns], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({c: ("" if row[c] is None else row[c]) for c in ["protocol", *COLUMNS]} for row in rows)
+        writer.writerows({c: ("" if row[c] is None else row[c]) for c in ["protocol", *columns]} for row in rows)
 
     atomic_write(output_dir / "summary.csv", write_csv, mode="w")
     return markdown

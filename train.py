@@ -31,8 +31,9 @@ from cli import (
     run_main,
 )
 from dataset import CategoryDataset, ImageFiles, find_images, resolve_categories
+from ensemble import PatchCoreEnsemble, build_model, load_model
 from files import write_json
-from patchcore import PatchCore, PatchCoreConfig
+from patchcore import PatchCoreConfig
 from system import device_name
 from thresholds import Calibration
 
@@ -77,8 +78,9 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
     datasets = {c: CategoryDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
     if config.shots:
         datasets = {c: d.few_shot(config.shots, config.seed) for c, d in datasets.items()}
-    model = PatchCore(config, device=args.device, tf32=args.tf32)
-    print(f"backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
+    model = build_model(config, device=args.device, tf32=args.tf32)
+    run = f"preset {config.preset} ({config.protocol} protocol, seed {config.seed}); " if config.preset != "none" else ""
+    print(f"{run}backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():
         start = time.perf_counter()
         if config.shots:
@@ -95,9 +97,11 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
         run = {"seconds": round(seconds, 2), "device": str(model.device), "gpu": device_name(model.device), "fit": fit_path}
         write_json(path.parent / TRAIN_LOG, {**run, "fp32_precision": model.fp32_precision, "created": now()})
         say_calibration(category, model.calibration)
+        banks = model.memory_bank if isinstance(model, PatchCoreEnsemble) else [model.memory_bank]
+        shapes = ", ".join(str(tuple(bank.shape)) for bank in banks)
         print(
-            f"{category}: {facts['n_images']} images -> {facts['n_patches']} patches -> memory bank "
-            f"{tuple(model.memory_bank.shape)} in {seconds:.1f}s, saved to {path}"
+            f"{category}: {facts['n_images']} images -> {facts['n_patches']} patches -> memory bank{'s' * (len(banks) > 1)} "
+            f"{shapes} in {seconds:.1f}s, saved to {path}"
         )
 
 
@@ -106,7 +110,7 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     path = bank_path(args.output_dir, args.category)
     given = given_config_args(args, PatchCoreConfig)
     weights = given.pop("weights", None)  # --weights: where the bank's weights are now
-    model = PatchCore.from_bank(path, device=args.device, weights=weights, tf32=args.tf32)
+    model = load_model(path, device=args.device, weights=weights, tf32=args.tf32)
     stored = model.config.to_dict()
     for name, value in given.items():
         value = list(value) if isinstance(value, tuple) else value
@@ -115,11 +119,8 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     paths = find_images(args.add)
     start = time.perf_counter()
     facts = model.add(make_loader(ImageFiles(paths, model.config.preprocess()), args, model.device), args.feature_memory_gb)
-    train = model.train_facts
     added = {"images": [str(p) for p in paths], "patches": facts["n_patches"], "picked": facts["added"]}
-    train = {**train, "n_images": train["n_images"] + len(paths), "n_patches": train["n_patches"] + facts["n_patches"],
-             "memory_bank_size": facts["memory_bank_size"], "added": [*train.get("added", []), added]}  # fmt: skip
-    model.save(path, category=args.category, train=train)
+    model.save(path, category=args.category, train={**model.train_facts, "added": [*model.train_facts.get("added", []), added]})
     seconds = time.perf_counter() - start
     print(
         f"{args.category}: {len(paths)} good images added -> {facts['n_patches']} patches -> {facts['added']} picked; memory bank "

@@ -1,4 +1,5 @@
-"""Step-by-step reference of what the authors' released PatchCore code computes (IM224 WR50 baseline).
+"""Step-by-step reference of what the authors' released PatchCore code computes (IM224 WR50 baseline,
+and, in the section "Every published run", the general chain of their six sample runs).
 
 This module re-states, in plain torch / numpy / scipy / PIL, the computations of
 amazon-science/patchcore-inspection (commit fcaa92f, ``src/patchcore``) for the configuration of
@@ -112,6 +113,10 @@ EMBED_DIM = 1024  # pretrain_embed_dimension == target_embed_dimension == 1024 i
 SMOOTHING_SIGMA = 4
 
 __all__ = [
+    "official_layer_embeddings",
+    "official_network_features",
+    "official_image_scores_and_maps_k",
+    "official_ensemble",
     "official_backbone_side_effect",
     "official_backbone_features",
     "official_embeddings",
@@ -192,6 +197,10 @@ def _mean_map(patches: torch.Tensor, dim: int) -> torch.Tensor:
 def official_embeddings(
     layer2: torch.Tensor, layer3: torch.Tensor, pretrain_dim: int = EMBED_DIM, target_dim: int = EMBED_DIM
 ) -> torch.Tensor:
+    return official_layer_embeddings([layer2, layer3], PATCHSIZE, pretrain_dim, target_dim)
+
+
+def official_layer_embeddings(features: list, patchsize: int, pretrain_dim: int, target_dim: int) -> torch.Tensor:
     """Patch embeddings exactly as ``PatchCore._embed`` builds them from the two feature maps.
 
     Mirrors ``PatchMaker.patchify`` (3x3 unfold, zero padding 1, stride 1) on both layers, the
@@ -200,18 +209,17 @@ def official_embeddings(
     the stack to ``[N, 2, pretrain_dim]`` and ``Aggregator`` (``adaptive_avg_pool1d`` to
     ``target_dim``).
 
-    Args: ``layer2`` ``[B, 512, H, W]``, ``layer3`` ``[B, 1024, h, w]`` (float32).
+    Args: the layers' maps in their order (``[B, C_i, h_i, w_i]``, float32), e.g. layer2 ``[B, 512, H, W]`` and
+    layer3 ``[B, 1024, h, w]``; the first layer's patch grid is every layer's.
     Returns: float32 tensor ``[B * H * W, target_dim]`` in their order: image-major, then patch
-    positions row-major over layer2's H x W grid (index ``b * H * W + y * W + x``).
+    positions row-major over the first layer's H x W grid (index ``b * H * W + y * W + x``).
     """
-    layer2 = layer2.to(torch.float32)
-    layer3 = layer3.to(torch.float32)
     with torch.no_grad():
-        p2, grid2 = _patchify(layer2)
-        p3, grid3 = _patchify(layer3)
-        p3 = _resample_patches(p3, grid3, grid2)
-        per_layer = [p.reshape(-1, *p.shape[-3:]) for p in (p2, p3)]  # [B*H*W, C, p, p] each
-        stacked = torch.stack([_mean_map(p, pretrain_dim) for p in per_layer], dim=1)  # [N, 2, pretrain_dim]
+        unfolded = [_patchify(f.to(torch.float32), patchsize) for f in features]
+        first, grid = unfolded[0]
+        patches = [first] + [_resample_patches(p, g, grid) for p, g in unfolded[1:]]  # every layer on the first one's grid
+        per_layer = [p.reshape(-1, *p.shape[-3:]) for p in patches]  # [B*H*W, C, p, p] each
+        stacked = torch.stack([_mean_map(p, pretrain_dim) for p in per_layer], dim=1)  # [N, layers, pretrain_dim]
         pooled = F.adaptive_avg_pool1d(stacked.reshape(len(stacked), 1, -1), target_dim)
         return pooled.reshape(len(pooled), -1)
 
@@ -219,11 +227,12 @@ def official_embeddings(
 # --------------------------------------------------------------------------------------------
 # Scoring (NearestNeighbourScorer/FaissNN, PatchMaker.score, RescaleSegmentor)
 # --------------------------------------------------------------------------------------------
-def official_patch_scores(embeddings, bank, backend: str = "faiss", chunk: int = 4096) -> np.ndarray:
-    """What ``NearestNeighbourScorer.predict(..)[0]`` returns for ``anomaly_scorer_num_nn=1``.
+def official_patch_scores(embeddings, bank, backend: str = "faiss", chunk: int = 4096, n_nearest: int = 1) -> np.ndarray:
+    """What ``NearestNeighbourScorer.predict(..)[0]`` returns for ``anomaly_scorer_num_nn=n_nearest``.
 
-    Their ``FaissNN`` uses ``faiss.IndexFlatL2``, which returns SQUARED L2 distances; with one
-    neighbour the "mean over neighbours" is that distance. No square root anywhere.
+    Their ``FaissNN`` uses ``faiss.IndexFlatL2``, which returns SQUARED L2 distances; the patch score
+    is their mean over the n_nearest neighbours (``np.mean(query_distances, axis=-1)``), and the same
+    patch scores make the image score and the map. No square root anywhere.
 
     Args: ``embeddings`` ``[M, D]``, ``bank`` ``[K, D]`` (tensor or ndarray).
     ``backend="faiss"`` (default): literally their CPU ``IndexFlatL2`` search on float32 (returns
@@ -240,7 +249,7 @@ def official_patch_scores(embeddings, bank, backend: str = "faiss", chunk: int =
         b = np.ascontiguousarray(_as_numpy(bank), dtype=np.float32)
         index = faiss.IndexFlatL2(b.shape[-1])
         index.add(b)
-        dist, _ = index.search(q, 1)
+        dist, _ = index.search(q, n_nearest)
         return np.mean(dist, axis=-1)
     if backend != "torch":
         raise ValueError(f"unknown backend {backend!r}")
@@ -251,7 +260,7 @@ def official_patch_scores(embeddings, bank, backend: str = "faiss", chunk: int =
     for start in range(0, len(q), chunk):
         qc = q[start : start + chunk]
         d = (qc * qc).sum(1, keepdim=True) - 2.0 * qc @ b.T + b_sq[None]
-        out.append(d.min(dim=1).values.clamp_min(0.0))
+        out.append(d.topk(n_nearest, dim=1, largest=False).values.clamp_min(0.0).mean(dim=1))
     return torch.cat(out).numpy()
 
 
@@ -389,6 +398,75 @@ def official_approx_greedy_coreset(
             picked.append(idx)
             score = torch.minimum(score, _pairwise_dist(reduced, reduced[idx : idx + 1]))
     return np.array(picked, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Every published run: any backbone and layers (NetworkFeatureAggregator), and ensembles (run_patchcore.py)
+# --------------------------------------------------------------------------------------------
+class _Reached(Exception):
+    pass
+
+
+def _hooked(backbone: torch.nn.Module, layers: list[str], outputs: dict) -> list:
+    """``NetworkFeatureAggregator.__init__``: a forward hook per layer, found as they find it (``a.b`` is
+    ``_modules[a]._modules[b]``, an index when numeric); on the last Bottleneck of a Sequential; the hook of
+    the last layer in their list raises, which stops the forward pass there."""
+    handles = []
+    for layer in layers:
+        if "." in layer:
+            block, index = layer.split(".")
+            module = backbone.__dict__["_modules"][block]
+            module = module[int(index)] if index.isnumeric() else module.__dict__["_modules"][index]
+        else:
+            module = backbone.__dict__["_modules"][layer]
+        if isinstance(module, torch.nn.Sequential):
+            module = module[-1]
+
+        def hook(mod, inputs, output, name=layer, last=layer == layers[-1]):
+            outputs[name] = output
+            if last:
+                raise _Reached
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def official_network_features(backbone: torch.nn.Module, layers: list[str], images: torch.Tensor, train: bool = False) -> list:
+    """The layers' outputs as their NetworkFeatureAggregator returns them, in their list's order: the network's own
+    forward(), stopped at the last layer. ``train=True`` is their build-time probe (``feature_dimensions``: one
+    all-ones image in train mode, so BatchNorm statistics update once); else eval mode, as ``_embed`` runs."""
+    outputs: dict = {}
+    handles = _hooked(backbone, layers, outputs)
+    backbone.train(train)
+    try:
+        with torch.no_grad():
+            backbone(images.to(torch.float32))
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [outputs[layer] for layer in layers]
+
+
+def official_image_scores_and_maps_k(embeddings, bank, n_nearest: int, grid, image_size) -> tuple[np.ndarray, np.ndarray]:
+    """``PatchCore._predict`` with ``anomaly_scorer_num_nn = n_nearest``: the mean of the n nearest squared
+    distances per patch (faiss), its max per image, and the maps from the same patch scores."""
+    patch_scores = official_patch_scores(embeddings, bank, n_nearest=n_nearest)
+    return official_image_scores_and_maps(patch_scores, grid, image_size)
+
+
+def official_ensemble(scores: list, maps: list) -> tuple[np.ndarray, np.ndarray]:
+    """``bin/run_patchcore.py`` after every member's predict on the whole test set: each member's image scores
+    min-max normalised over the test set, its maps with one min and max over all of its maps, then the
+    members' mean. Returns (scores [N], maps [N, H, W])."""
+    scores = np.array(scores)
+    low, high = scores.min(axis=-1).reshape(-1, 1), scores.max(axis=-1).reshape(-1, 1)
+    scores = np.mean((scores - low) / (high - low), axis=0)
+    maps = np.array(maps)
+    low = maps.reshape(len(maps), -1).min(axis=-1).reshape(-1, 1, 1, 1)
+    high = maps.reshape(len(maps), -1).max(axis=-1).reshape(-1, 1, 1, 1)
+    return scores, np.mean((maps - low) / (high - low), axis=0)
 
 
 def _as_numpy(x):

@@ -123,8 +123,8 @@ def test_official_config_defaults_and_refusals():
     assert PatchCoreConfig(protocol="official").coreset_ratio == 0.1 and PatchCoreConfig().coreset_ratio == 0.25
     with pytest.raises(ValueError, match="Eq. 7 is --protocol paper only"):
         PatchCoreConfig(protocol="official", reweight_b=9)
-    with pytest.raises(ValueError, match="512 and 1024 channels"):
-        PatchCore(protocol="official", weights="none", device="cpu", layers=("layer1", "layer2"), image_size=SIZE)
+    other = PatchCore(protocol="official", weights="none", device="cpu", layers=("layer1", "layer2"), image_size=SIZE, target_dim=384)
+    assert other.feature_dim == 384 and other.grid == (SIZE // 4, SIZE // 4)  # any layers: the first one's grid
 
 
 def test_official_protocol_end_to_end(synthetic_root, tmp_path):

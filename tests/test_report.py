@@ -23,18 +23,19 @@ def _result(category, image, pixel, pro, protocol="paper", shots=0):
 def test_summary_rows_compare_with_the_paper():
     rows = summary_rows([_result("bottle", 0.99, 0.97, 0.9), _result("pill", 0.95, None, None), _result("mine", 0.8, 0.9, 0.7)])
     bottle, pill, mine, mean, compared = rows
-    assert bottle["published_image_auroc"] == 100.0 and bottle["image_diff"] == pytest.approx(-1.0)
-    assert bottle["published_pixel_auroc"] == 98.6 and bottle["pixel_diff"] == pytest.approx(-1.6)
-    assert pill["pixel_auroc"] is None and pill["pixel_diff"] is None  # undefined stays undefined
-    assert mine["published_image_auroc"] is None and mine["image_diff"] is None  # no target for own categories
+    assert bottle["published_image_auroc"] == 100.0 and bottle["image_auroc_diff"] == pytest.approx(-1.0)
+    assert bottle["published_pixel_auroc"] == 98.6 and bottle["pixel_auroc_diff"] == pytest.approx(-1.6)
+    assert pill["pixel_auroc"] is None and pill["pixel_auroc_diff"] is None  # undefined stays undefined
+    assert mine["published_image_auroc"] is None and mine["image_auroc_diff"] is None  # no target for own categories
     assert mean["image_auroc"] == pytest.approx((99 + 95 + 80) / 3, abs=0.01)
     assert mean["pixel_auroc"] == pytest.approx((97 + 90) / 2) and mean["aupro"] == pytest.approx(80.0)
-    assert mean["published_image_auroc"] is None and mean["image_diff"] is None  # 'mine' has no published number
+    assert mean["published_image_auroc"] is None and mean["image_auroc_diff"] is None  # 'mine' has no published number
     # the comparison is over the same categories on both sides: bottle and pill (pill's pixel AUROC is undefined)
     assert compared["category"] == "mean of the 2 published"
     assert compared["image_auroc"] == pytest.approx((99 + 95) / 2) and compared["published_image_auroc"] == pytest.approx((100 + 96.6) / 2)
-    assert compared["image_diff"] == pytest.approx((99 + 95) / 2 - (100 + 96.6) / 2, abs=0.01)
-    assert compared["pixel_auroc"] == 97.0 and compared["published_pixel_auroc"] == 98.6 and compared["pixel_diff"] == pytest.approx(-1.6)
+    assert compared["image_auroc_diff"] == pytest.approx((99 + 95) / 2 - (100 + 96.6) / 2, abs=0.01)
+    assert compared["pixel_auroc"] == 97.0 and compared["published_pixel_auroc"] == 98.6
+    assert compared["pixel_auroc_diff"] == pytest.approx(-1.6)
 
 
 def test_each_protocol_is_compared_with_its_own_published_numbers(tmp_path):
@@ -65,7 +66,25 @@ def test_write_summary_files(tmp_path):
     assert "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.60 | -1.60 | 90.00 | n/a | n/a |" in table
     assert table in (tmp_path / "summary.md").read_text()
     rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
-    assert rows[0]["image_diff"] == "-1.0" and rows[0]["protocol"] == "paper" and rows[1]["category"] == "mean"
+    assert rows[0]["image_auroc_diff"] == "-1.0" and rows[0]["protocol"] == "paper" and rows[1]["category"] == "mean"
+    assert "AUROC, defective images" not in table  # the paper's table has no defective-image figures: no such columns
+
+
+def test_a_preset_run_is_compared_with_that_runs_results_like_with_like(tmp_path):
+    """The released code's results.csv: instance_auroc, full_pixel_auroc, and on the defective images alone
+    anomaly_pixel_auroc and anomaly_pro, each beside the metric of ours computed on the same images."""
+    result = {**_result("bottle", 0.99, 0.97, 0.9, "official"), "preset": "official-im320-ensemble",
+              "pixel_auroc_defective": 0.96, "aupro_defective": 0.95}  # fmt: skip
+    row, _ = summary_rows([result])
+    # models/IM320_Ensemble_L2-3_P001_D1024-384_PS-3_AN-1/results.csv, mvtec_bottle @ fcaa92f
+    assert (row["published_image_auroc"], row["published_pixel_auroc"]) == (100.0, 98.68)
+    assert (row["published_pixel_auroc_defective"], row["published_aupro_defective"]) == (98.23, 97.01)
+    assert row["aupro_defective_diff"] == pytest.approx(95 - 97.01)
+    table = write_summary(tmp_path, [result])
+    assert "pixel AUROC, defective images | published | diff | AUPRO@0.3, defective images | published | diff" in table
+    cells = "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.68 | -1.68 | 90.00 | 96.00 | 98.23 | -2.23 | 95.00 | 97.01 | -2.01 | n/a |"
+    assert cells in table
+    assert "IM320_Ensemble_L2-3_P001_D1024-384_PS-3_AN-1/results.csv" in table and "preset: official-im320-ensemble" in table
 
 
 def test_heatmap_panel_layout_outline_and_region():

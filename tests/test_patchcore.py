@@ -94,12 +94,13 @@ def test_aggregation_hand_computed(model):
     assert torch.allclose(patches[0, :, 1], torch.full((16,), 6.0))
 
 
-def _neighbourhood_mean(x):
-    out = np.zeros_like(x)
+def _neighbourhood_mean(x, p=3):
+    """The mean over each position's p x p neighbourhood N_p, counting only positions inside the map (Eq. 1)."""
+    out, r = np.zeros_like(x), p // 2
     h, w = x.shape[-2:]
     for i in range(h):
         for j in range(w):
-            out[..., i, j] = x[..., max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean(axis=(-1, -2))
+            out[..., i, j] = x[..., max(i - r, 0) : i + r + 1, max(j - r, 0) : j + r + 1].mean(axis=(-1, -2))
     return out
 
 
@@ -117,10 +118,12 @@ def _bilinear(x, size):
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
 
 
-def test_aggregation_matches_a_numpy_reference(model):
+@pytest.mark.parametrize("p", [3, 5, 1])
+def test_aggregation_matches_a_numpy_reference(p):
+    model = PatchCore(weights="none", device="cpu", image_size=64, patch_size=p)
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 3, 6, 6)), rng.normal(size=(2, 5, 3, 3))
-    expected = np.concatenate([_neighbourhood_mean(a), _bilinear(_neighbourhood_mean(b), (6, 6))], axis=1)
+    expected = np.concatenate([_neighbourhood_mean(a, p), _bilinear(_neighbourhood_mean(b, p), (6, 6))], axis=1)
     expected = expected.reshape(2, 8, 36).transpose(0, 2, 1)
     got = model.aggregate_patches([torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)])
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
@@ -314,14 +317,14 @@ def test_gaussian_blur_matches_scipy_at_any_size(mode, size):
     np.testing.assert_allclose(got[:, 0], expected, atol=1e-6)  # measured: 2.7e-7
 
 
-def _paper_reference(model, images, b=0):
-    """Sec. 3.3 from scratch in float64: Eq. 6 patch scores by brute force, the max (or Eq. 7 with
-    its own neighbour search), bilinear upsampling, scipy's Gaussian (sigma 4, mirror)."""
+def _paper_reference(model, images, b=0, k=1):
+    """Sec. 3.3 from scratch in float64: Eq. 6 patch scores by brute force (with k > 1, the mean of the k nearest
+    distances), the max (or Eq. 7 with its own neighbour search), bilinear upsampling, scipy's Gaussian (sigma 4, mirror)."""
     patches = model.aggregate_patches(model.extract_features(images)).numpy().astype(np.float64)  # [B, N, C]
     bank = model.memory_bank.numpy().astype(np.float64)
     n_images, n = patches.shape[:2]
     d = np.sqrt(((patches[:, :, None, :] - bank[None, None]) ** 2).sum(-1))  # [B, N, M]
-    patch_scores, nearest = d.min(-1), d.argmin(-1)
+    patch_scores, nearest = np.sort(d, axis=-1)[..., :k].mean(-1), d.argmin(-1)
     scores = patch_scores.max(1)
     if b:
         for i in range(n_images):
@@ -357,6 +360,19 @@ def test_predict_equals_the_papers_definition(scored, search, low_precision_cpu)
     assert scores.shape == (3,) and maps.shape == (3, 64, 64)
     # measured relative error of float32 search against float64: 5e-5 (scores), 7e-5 (maps)
     np.testing.assert_allclose(scores, expected_scores, rtol=2.5e-4)
+    np.testing.assert_allclose(maps, expected_maps, rtol=2.5e-4, atol=2.5e-4 * expected_maps.max())
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_predict_with_k_nearest_neighbours_equals_their_mean_distance(scored, k):
+    same, images = scored
+    model = PatchCore(weights="none", device="cpu", seed=0, num_nn=k, search="torch")  # the same weights, and the same bank
+    model.set_memory_bank(same.memory_bank)
+    scores, maps = model.predict(images)
+    expected_scores, expected_maps = _paper_reference(model, images, k=k)
+    nearest_only, _ = _paper_reference(model, images)
+    assert (np.abs(expected_scores - nearest_only) > 5e-3 * nearest_only).all()  # k matters here, at 20x the tolerance
+    np.testing.assert_allclose(scores, expected_scores, rtol=2.5e-4)  # measured: 5e-5 at k = 1
     np.testing.assert_allclose(maps, expected_maps, rtol=2.5e-4, atol=2.5e-4 * expected_maps.max())
 
 

@@ -31,8 +31,9 @@
     const digits = Math.max(0, -Math.floor(Math.log10((hi - lo) / 1000)));  // slider positions: span/1000 or finer
 
     state.heatmap = (i) => base + "anomaly_maps/" + encodePath(data.names[i]);
+    state.isFlagged = (i) => data.score[i] >= state.threshold;  // as metrics.rates_at: score >= threshold is defective
     state.outcome = (i) => {
-      const flagged = data.score[i] >= state.threshold;
+      const flagged = state.isFlagged(i);
       if (!data.labelled) return flagged ? "flagged" : "passed";
       if (data.label[i] === 0) return flagged ? "false-alarm" : "correct";
       return flagged ? "correct" : "missed";
@@ -135,11 +136,10 @@
     const field = (selector) => find(selector);
     const perDefect = [...section.querySelectorAll(".per-defect")];
     function update() {
-      const t = state.threshold;
       let flaggedAll = 0, good = 0, goodFlagged = 0, bad = 0, badFlagged = 0;
       const byDefect = data.labelled ? data.defects.map(() => [0, 0]) : [];
       for (let i = 0; i < n; i++) {
-        const flagged = data.score[i] >= t;
+        const flagged = state.isFlagged(i);
         if (flagged) flaggedAll++;
         if (data.labelled) {
           if (data.label[i] === 0) { good++; if (flagged) goodFlagged++; } else { bad++; if (flagged) badFlagged++; }
@@ -176,7 +176,7 @@
           rocPoint.node.setAttribute("cy", rocPoint.ry(recall));
         }
       }
-      const x = Math.min(x1, Math.max(x0, xOf(t)));
+      const x = Math.min(x1, Math.max(x0, xOf(state.threshold)));
       current.setAttribute("x1", x);
       current.setAttribute("x2", x);
       applyFilters();
@@ -201,10 +201,10 @@
     }
     function applySort() {
       const key = sortBy.value;
-      const order = [...Array(n).keys()];
-      if (key === "score-desc") order.sort((a, b) => data.score[b] - data.score[a] || a - b);
-      else if (key === "score-asc") order.sort((a, b) => data.score[a] - data.score[b] || a - b);
-      else order.sort((a, b) => (data.names[a] < data.names[b] ? -1 : data.names[a] > data.names[b] ? 1 : a - b));
+      const order = [...Array(n).keys()];  // Array.sort is stable: equal scores keep the files' order
+      if (key === "score-desc") order.sort((a, b) => data.score[b] - data.score[a]);
+      else if (key === "score-asc") order.sort((a, b) => data.score[a] - data.score[b]);
+      else order.sort((a, b) => (data.names[a] < data.names[b] ? -1 : data.names[a] > data.names[b] ? 1 : 0));
       state.order = order;
       gallery.append(...order.map((i) => state.items[i]));
     }

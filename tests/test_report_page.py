@@ -92,3 +92,20 @@ def test_evaluate_writes_a_thumbnail_per_heatmap(evaluated):
     assert f"review in a browser: {out / 'report.html'}" in stdout
     page = (out / "report.html").read_text()
     assert not re.search(r"(src|href)=\"?https?:|@import|<link", page)  # nothing from the network
+
+
+def test_without_calibration_the_slider_starts_at_the_f1_threshold(tmp_path):
+    from report_page import write_report_page
+
+    (tmp_path / "w").mkdir()
+    images = [("good", 1.0), ("good", 2.5), ("dent", 2.0), ("dent", 4.0)]
+    records = [{"path": f"w/test/{d}/{i}.png", "defect_type": d, "label": int(d != "good"), "score": s,
+                "heatmap": f"anomaly_maps/{d}/{i}.png"} for i, (d, s) in enumerate(images)]  # fmt: skip
+    (tmp_path / "w" / "scores.json").write_text(json.dumps(records))
+    metrics = {"category": "w", "image_auroc": 0.75, "image_f1_threshold": 2.0, "per_defect": {"dent": {"image_auroc": 0.75}}}
+    page = write_report_page(tmp_path, [metrics]).read_text()
+    slider = re.search(r'<input type="range" class="slider" min="([^"]+)" max="([^"]+)" step="any" value="([^"]+)"', page)
+    low, high, start = map(float, slider.groups())
+    assert start == 2.0 and low < 1.0 and high > 4.0  # every score reachable, and beyond: nothing flagged
+    assert re.findall(r'<button type="button" class="mark" data-value="([^"]+)">([^<]+)</button>', page) == [("2.0", "F1 2")]
+    assert "<td>dent</td><td>2</td><td>75.00</td>" in page and "<td>good</td><td>2</td>" in page

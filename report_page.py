@@ -112,6 +112,12 @@ def _slider_range(scores: list[float], marks: list[float]) -> tuple[float, float
     return lo - spare, hi + spare
 
 
+def _start(thresholds: list[float | None], scores: list[float]) -> float:
+    """Where the slider starts: the first threshold given, else the median score."""
+    chosen = [t for t in thresholds if t is not None] or [sorted(scores)[len(scores) // 2] if scores else 0.0]
+    return float(chosen[0])
+
+
 def _threshold(index: int, start: float, marks: list[tuple[str, float]], span: tuple[float, float]) -> str:
     """The threshold: a number box (exact), the slider with its marks, and a button per mark (exact)."""
     options = "".join(f'<option value="{_attr(value)}" label="{_text(name)}"></option>' for name, value in marks)
@@ -223,7 +229,7 @@ def _category(folder: Path, metrics: dict) -> dict:
         "label": [int(r["label"]) for r in records],
         "score": scores,
         "marks": marks,
-        "start": calibrated if calibrated is not None else f1 if f1 is not None else (sorted(scores)[len(scores) // 2] if scores else 0.0),
+        "start": _start([calibrated, f1], scores),
         "range": _slider_range(scores, [v for _, v in marks]),
     }
 
@@ -282,7 +288,6 @@ def write_images_page(folder: Path, category: str, scored: dict, calibrated: flo
     used = scored.get("threshold")
     if used is not None and used not in (calibrated, f1):
         marks.append(("this run's", float(used)))
-    start = used if used is not None else marks[0][1] if marks else (sorted(scores)[len(scores) // 2] if scores else 0.0)
     data = {
         "category": category,
         "labelled": False,
@@ -290,7 +295,7 @@ def write_images_page(folder: Path, category: str, scored: dict, calibrated: flo
         "names": [r["heatmap"].removeprefix("anomaly_maps/") for r in records],
         "score": scores,
         "marks": marks,
-        "start": start,
+        "start": _start([used, calibrated, f1], scores),
         "range": _slider_range(scores, [v for _, v in marks]),
     }
     intro = (

@@ -1,4 +1,4 @@
-# make demo : set up .venv, write a synthetic category, train, evaluate, print metrics and heatmap path
+# make demo : set up .venv, write a synthetic category, train, evaluate, print metrics, heatmap path and review page
 # make test : set up .venv, lint, run the test suite
 # make mutations : check that the suite catches deliberate errors in the method (slow; not part of make test)
 # make notebook : install Jupyter into .venv and open visualization.ipynb
@@ -23,7 +23,7 @@ demo: $(VENV)/.runtime
 	$(PY) synthetic.py $(DEMO_DATA) --category synthetic
 	$(PY) train.py --data_path $(DEMO_DATA) --category synthetic --output_dir $(DEMO_OUT) --weights auto
 	$(PY) evaluate.py --data_path $(DEMO_DATA) --category synthetic --output_dir $(DEMO_OUT)
-	@echo "heatmaps: $(DEMO_OUT)/synthetic/anomaly_maps/   metrics: $(DEMO_OUT)/synthetic/metrics.json"
+	@echo "heatmaps: $(DEMO_OUT)/synthetic/anomaly_maps/   metrics: $(DEMO_OUT)/synthetic/metrics.json   in a browser: $(DEMO_OUT)/report.html"
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -6,9 +6,10 @@
 
 Reads OUTPUT_DIR/<category>/memory_bank.npz (made by train.py) and rebuilds the model from the
 config stored in it. Per category it writes scores.json, metrics.json, anomaly_maps/ (one PNG
-per image), anomaly_maps.npz (raw maps), roc.png and score_hist.png; then OUTPUT_DIR/summary.md
-and summary.csv for all categories evaluated. With --images it scores unlabelled images into
-OUTPUT_DIR/<category>/inference/, holding only one batch in memory at a time.
+per image), thumbnails/ (small JPEGs of them), anomaly_maps.npz (raw maps), roc.png and
+score_hist.png; then OUTPUT_DIR/summary.md, summary.csv and report.html (the review page,
+report_page.py) for all categories evaluated. With --images it scores unlabelled images into
+OUTPUT_DIR/<category>/inference/ (report.html included), holding only one batch in memory at a time.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from maps import resize_map
 from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig
 from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 from search import SEARCHES
 from system import device_name
 
@@ -196,6 +198,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "heatmap_scale": (calibration.heatmap_scale if on_calibrated_scale else None)
             or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
             "heatmap_region": "at the calibrated pixel threshold" if on_calibrated_scale else "at the labelled pixel F1 threshold",
+            "thresholds_on_scores": not transductive,  # else they apply to the inductive combination, normalized_score x threshold
             "calibration": calibration.to_dict(),
             "seconds": round(seconds, 2),
             "ms_per_image": round(1000 * seconds / n, 1),
@@ -219,18 +222,23 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
                 rgb, mask = dataset.original(i)
                 anomaly_map = maps[i] if at_original else resize_map(maps[i], rgb.size)
-                save_heatmap(
-                    stage / "anomaly_maps" / names[i], heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, mask, vmin, vmax, threshold)
-                )
+                panel = heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, mask, vmin, vmax, threshold)
+                save_heatmap(stage / "anomaly_maps" / names[i], panel)
+                save_thumbnail(stage / thumbnail_name(names[i]), panel, rgb.size[0])
         else:
             i = 0
             for images, *_ in tqdm(make_loader(dataset, args, model.device), desc=f"{category} heatmaps", unit="batch"):
                 for image in images:
-                    save_heatmap(stage / "anomaly_maps" / names[i], heatmap_panel(to_rgb(image), maps[i], masks[i], vmin, vmax, threshold))
+                    panel = heatmap_panel(to_rgb(image), maps[i], masks[i], vmin, vmax, threshold)
+                    save_heatmap(stage / "anomaly_maps" / names[i], panel)
+                    save_thumbnail(stage / thumbnail_name(names[i]), panel, image.shape[-1])
                     i += 1
         plot_roc(stage / "roc.png", labels, scores, metrics["image_auroc"], category)
         plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
-        records = [{"path": p, "defect_type": d, "label": int(y), "score": float(s)} for p, d, y, s in zip(paths, defects, labels, scores)]
+        records = [
+            {"path": p, "defect_type": d, "label": int(y), "score": float(s), "heatmap": f"anomaly_maps/{name.as_posix()}"}
+            for p, d, y, s, name in zip(paths, defects, labels, scores, names)
+        ]
         if calibrated:  # 1.0 or more: defective at the threshold calibrated on good images
             for record, decided_score in zip(records, scores if decided is None else decided[0]):
                 record["normalized_score"] = float(decided_score) / calibration.image_threshold
@@ -281,7 +289,9 @@ def score_new_images(args: argparse.Namespace) -> None:
                 else:
                     rgb = to_rgb(image)
                 vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
-                save_heatmap(stage / "anomaly_maps" / name, heatmap_panel(rgb, anomaly_map, None, vmin, vmax, pixel_threshold))
+                panel = heatmap_panel(rgb, anomaly_map, None, vmin, vmax, pixel_threshold)
+                save_heatmap(stage / "anomaly_maps" / name, panel)
+                save_thumbnail(stage / thumbnail_name(name), panel, rgb.shape[1])
                 record = {"path": str(paths[index]), "heatmap": f"anomaly_maps/{name}", "score": float(value)}
                 if threshold is not None:  # normalized: 1.0 or more means defective
                     record["normalized_score"] = float(value) / threshold
@@ -297,13 +307,14 @@ def score_new_images(args: argparse.Namespace) -> None:
             "images": records,
         }
         write_json(stage / "scores.json", summary)
+        write_images_page(stage, category, summary, model.calibration.image_threshold, known.get("image_f1_threshold"))
     seconds = time.perf_counter() - start
     print(f"\nthresholds: {source}" + (f": image {threshold:.4g}" if threshold is not None else ""))
     print(f"{'image':<40} {'score':>10} {'/ threshold':>12}  decision")
     for record in records:
         normalized = f"{record['normalized_score']:.3f}" if "normalized_score" in record else "-"
         print(f"{Path(record['path']).name:<40} {record['score']:>10.4f} {normalized:>12}  {record.get('decision', '(no threshold)')}")
-    print(f"\n{len(records)} images in {seconds:.1f}s; scores and heatmaps in {inference}/")
+    print(f"\n{len(records)} images in {seconds:.1f}s; scores and heatmaps in {inference}/, to review: {inference / 'report.html'}")
 
 
 def main() -> None:
@@ -320,9 +331,11 @@ def main() -> None:
         )
     results = [evaluate_category(args, category) for category in categories]
     print(f"\n{write_summary(Path(args.output_dir), results)}")
+    page = write_report_page(Path(args.output_dir), results)
     print(f"\nsummary: {Path(args.output_dir) / 'summary.md'}; per category: metrics.json, scores.json, heatmaps in")
     for m in results:
         print(f"  {Path(args.output_dir) / m['category'] / 'anomaly_maps'}/")
+    print(f"review in a browser: {page}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ LAYERS = {  # lowest first: a module may import modules of its own layer or of a
     "machine": ["system"],
     "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
     "method": ["patchcore", "ensemble"],
-    "plumbing": ["cli", "report", "metrics"],
+    "plumbing": ["cli", "report", "metrics", "report_page"],
     "drivers": ["train", "evaluate"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}

@@ -216,7 +216,8 @@ def _category(folder: Path, metrics: dict) -> dict:
     records = json.loads((folder / "scores.json").read_text())
     defects = sorted({r["defect_type"] for r in records}, key=lambda d: (d != "good", d))
     # an official ensemble's scores are normalised over the test set: its calibrated threshold is on another scale
-    calibrated = (metrics.get("at_calibrated_thresholds") or {}).get("image_threshold") if metrics.get("thresholds_on_scores", True) else None
+    at = metrics.get("at_calibrated_thresholds") or {}
+    calibrated = at.get("image_threshold") if metrics.get("thresholds_on_scores", True) else None
     f1 = metrics.get("image_f1_threshold")
     marks = [(name, float(value)) for name, value in (("calibrated", calibrated), ("F1", f1)) if value is not None]
     scores = [r["score"] for r in records]

@@ -4,13 +4,15 @@ Alg. 1 picks, one at a time, the patch farthest from every patch picked so far, 
 covers the training patches with the smallest largest gap. Two exact implementations pick the
 same patches: k_center_greedy_dense (one vectorised update per pick; the GPU path, with CUDA
 graphs) and k_center_greedy_pruned (touches only the patches a new center can come closer to;
-the CPU path). gather_rows then takes the selected rows out of features that arrive in chunks.
+the CPU path). Its inputs stream in: projected_patches is fit's first pass over the images (the
+projections, and the full features where they fit in RAM), full_patches the kept chunks or a
+second pass, and gather_rows takes the selected rows out of them chunk by chunk.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -236,6 +238,49 @@ def k_center_greedy_pruned(
         radius[i] = np.sqrt(min_dist[members[i]].max()) if len(members[i]) else 0
         bound[near], bound[i] = 2 * radius[near] + slack, 2 * radius[i] + slack
     return torch.from_numpy(selected)
+
+
+def projected_patches(
+    features: Callable, dataloader, n_patches: int, dim: int, projection: torch.Tensor | None, grid: tuple[int, int], budget: float
+) -> tuple[torch.Tensor, list | None, str]:
+    """Pass 1 over the images: every patch's projected feature for the coreset ([N, projected dims]) and, when all
+    full features fit in `budget` bytes, those too, as the per-batch chunks they arrive in, never concatenated.
+    features(images) gives ([B, n, dim] patches, their grid). Returns (projected, chunks or None, which path)."""
+    projected = torch.empty(n_patches, dim if projection is None else projection.shape[1])
+    chunks, size = None, f"{n_patches:,} patch features ({n_patches * dim * 4 / 2**30:.2f} GB)"
+    if projection is None:
+        path = f"one pass: the coreset runs on all {size} at full width (--coreset_proj_dim 0)"
+    elif n_patches * dim * 4 <= budget:
+        chunks = []
+        path = f"one pass: all {size} stay in RAM (--feature_memory_gb {budget / 2**30:g})"
+    else:
+        path = (
+            f"two passes: {size} exceed --feature_memory_gb {budget / 2**30:g}; keeping {projected.shape[1]}-d "
+            "projections, then running the images again for the selected patches"
+        )
+    print(f"fit: {path}", flush=True)
+    offset = 0
+    for batch in tqdm(dataloader, desc="features", unit="batch"):
+        patches, got = features(batch[0])
+        if got != grid:
+            raise ValueError(f"fit() needs images of the bank's image_size (a {grid} patch grid), got a {got} grid")
+        patches = patches.flatten(0, 1)  # [B*n, dim]
+        projected[offset : offset + len(patches)] = (patches if projection is None else patches @ projection).cpu()
+        if chunks is not None:
+            chunks.append(patches.cpu())
+        offset += len(patches)
+    if offset != len(projected):
+        raise ValueError(f"the dataloader gave {offset:,} patches, {n_patches:,} expected from its dataset's length")
+    if projection is None:
+        chunks = [projected]  # the full features themselves
+    return projected, chunks, path.split(":")[0]
+
+
+def full_patches(features: Callable, chunks: list | None, dataloader) -> Iterable[torch.Tensor]:
+    """The full features' chunks in order: the kept ones, each released once taken, or a second pass over the images."""
+    if chunks is not None:
+        return (chunks.pop(0) for _ in range(len(chunks)))
+    return (features(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
 
 
 def gather_rows(chunks: Iterable[torch.Tensor], wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -27,6 +27,19 @@ from patchcore import PatchCore, PatchCoreConfig, config_from_header
 from thresholds import Calibration, calibrate
 
 
+def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
+    """An ensemble's members: each one network with its own layers (their index prefix dropped) and weights (one of
+    a comma list, or the one for all), every other setting shared."""
+    layers = [layer.split(".", 1) for layer in config.layers]
+    weights = config.weights.split(",") if "," in config.weights else [config.weights] * len(config.backbones)
+    return [
+        dataclasses.replace(
+            config, preset="none", backbone=name, weights=weights[i], layers=tuple(rest for index, rest in layers if int(index) == i)
+        )
+        for i, name in enumerate(config.backbones)
+    ]
+
+
 def normalise_over_test_set(scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The released code's ensemble: scores [M, N] and maps [M, N, H, W] of M members over a whole test set ->
     (scores [N], maps [N, H, W]): each member min-max normalised over the test set (its maps by one min and max
@@ -39,11 +52,11 @@ def normalise_over_test_set(scores: np.ndarray, maps: np.ndarray) -> tuple[np.nd
 
 
 class PatchCoreEnsemble:
-    """PatchCore with several networks: the members are PatchCores of config.members(), sharing every setting
+    """PatchCore with several networks: the members are PatchCores of member_configs(config), sharing every setting
     but the network, its layers and its weights. fit, add, predict, save and from_bank work as PatchCore's."""
 
     def __init__(self, config: PatchCoreConfig, *, device: str = "auto", search: str = "auto", tf32: bool = False) -> None:
-        self.members = [PatchCore(member, device=device, search=search, tf32=tf32) for member in config.members()]
+        self.members = [PatchCore(member, device=device, search=search, tf32=tf32) for member in member_configs(config)]
         specs = [m.config.weights for m in self.members]  # 'auto' resolved, per member
         self.config = dataclasses.replace(config, weights=specs[0] if len(set(specs)) == 1 else ",".join(specs))
         first = self.members[0]

@@ -25,14 +25,14 @@ from tqdm import tqdm
 
 from backbone import AMP_DTYPES, Backbone
 from bank import BankError, environment, load_bank, save_bank
-from coreset import gather_rows, greedy_coreset, image_rows, random_projection
+from coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
 from dataset import Preprocess
 from maps import gaussian_blur
 from official import official_patches
 from published import PRESETS
 from search import FaissSearch, TorchSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
-from thresholds import Calibration, calibrate, holdout_images
+from thresholds import Calibration, calibrate, holdout_images, note_on_growth
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
@@ -132,6 +132,8 @@ class PatchCoreConfig:
                 len(members) == 1 or {int(p[0]) for p in indexed if p[0].isdigit()} == set(range(len(members))),
                 "--layers: every network of an ensemble needs at least one layer",
             ),
+            (len(members) == 1 or self.weights.count(",") in (0, len(members) - 1),
+             f"--weights: one for each of the {len(members)} networks, comma-separated, or one for all; got {self.weights}"),
             (len(members) == 1 or official or self.calibration_holdout > 0,
              "an ensemble under --protocol paper combines its members by their thresholds on held-out good images: "
              "keep --calibration_holdout above 0"),  # fmt: skip
@@ -169,21 +171,6 @@ class PatchCoreConfig:
     def backbones(self) -> tuple[str, ...]:
         """The networks: one, or an ensemble's members in order."""
         return tuple(name.strip() for name in self.backbone.split(","))
-
-    def members(self) -> list[PatchCoreConfig]:
-        """An ensemble's members, each a single network with its own layers and every other setting shared."""
-        if len(self.backbones) == 1:
-            return [self]
-        layers = [layer.split(".", 1) for layer in self.layers]
-        weights = self.weights.split(",") if "," in self.weights else [self.weights] * len(self.backbones)
-        if len(weights) != len(self.backbones):
-            raise ValueError(f"--weights: one for each of the {len(self.backbones)} networks, or one for all; got {self.weights}")
-        return [
-            dataclasses.replace(
-                self, preset="none", backbone=name, weights=weights[i], layers=tuple(rest for index, rest in layers if int(index) == i)
-            )
-            for i, name in enumerate(self.backbones)
-        ]
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
@@ -361,7 +348,7 @@ class PatchCore:
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
         picked = self._coreset(projected, first_from=first_from)  # Alg. 1
         del projected
-        bank = gather_rows(self._full_features(chunks, dataloader), {"bank": picked})["bank"]
+        bank = gather_rows(full_patches(self.features, chunks, dataloader), {"bank": picked})["bank"]
         self.calibration = self._calibrate(bank, held_out, first_from, dataloader)
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
@@ -398,53 +385,19 @@ class PatchCore:
             yield scores.cpu().numpy(), maps.cpu().numpy()
 
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
-        """Pass 1 over the images: every patch's projected feature for the coreset ([N, coreset_proj_dim]),
-        and, when all full features fit in `feature_memory_gb` (default: half the available RAM), those
-        too, as the per-batch chunks they arrive in, never concatenated. Returns (projected, chunks or None, what was kept)."""
+        """Pass 1 over the images (coreset.projected_patches): every patch's projection, and the full features
+        when they fit in `feature_memory_gb` (default: half the available RAM)."""
         budget = (default_feature_memory_gb() if feature_memory_gb is None else feature_memory_gb) * 2**30
-        n_patches, dim = n_images * self.patches_per_image, self.feature_dim
-        projection = self.coreset_projection(dim)
-        projected = torch.empty(n_patches, dim if projection is None else projection.shape[1])
-        chunks, size = None, f"{n_patches:,} patch features ({n_patches * dim * 4 / 2**30:.2f} GB)"
-        if projection is None:
-            path = f"one pass: the coreset runs on all {size} at full width (--coreset_proj_dim 0)"
-        elif n_patches * dim * 4 <= budget:
-            chunks = []
-            path = f"one pass: all {size} stay in RAM (--feature_memory_gb {budget / 2**30:g})"
-        else:
-            path = (
-                f"two passes: {size} exceed --feature_memory_gb {budget / 2**30:g}; keeping {projected.shape[1]}-d "
-                "projections, then running the images again for the selected patches"
-            )
-        print(f"fit: {path}", flush=True)
-        offset = 0
-        for batch in tqdm(dataloader, desc="features", unit="batch"):
-            patches, grid = self.features(batch[0])
-            if grid != self.grid:
-                raise ValueError(f"fit() needs images of image_size {self.config.image_size} px (a {self.grid} patch grid), got {grid}")
-            patches = patches.flatten(0, 1)  # [B*N, C]
-            projected[offset : offset + len(patches)] = (patches if projection is None else patches @ projection).cpu()
-            if chunks is not None:
-                chunks.append(patches.cpu())
-            offset += len(patches)
-        if offset != len(projected):
-            raise ValueError(f"the dataloader gave {offset // self.patches_per_image} images, its dataset's length {n_images}")
-        if projection is None:
-            chunks = [projected]  # the full features themselves
-        return projected, chunks, path.split(":")[0]
-
-    def _full_features(self, chunks: list | None, dataloader):
-        """The full features' chunks in order: the kept ones, each released once taken, or a second pass."""
-        if chunks is not None:
-            return (chunks.pop(0) for _ in range(len(chunks)))
-        return (self.features(b[0])[0].flatten(0, 1).cpu() for b in tqdm(dataloader, desc="memory bank", unit="batch"))
+        projection = self.coreset_projection(self.feature_dim)
+        n_patches = n_images * self.patches_per_image
+        return projected_patches(self.features, dataloader, n_patches, self.feature_dim, projection, self.grid, budget)
 
     @torch.no_grad()
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Grow the memory bank with newly confirmed good images: Alg. 1 goes on with the bank as the
         already-selected set. Each new patch starts at its distance to the nearest bank patch (in the
         coreset's projection), and bank_size(new patches) greedy picks are added. The thresholds stay;
-        the old bank is a subset of the new one, so no patch's distance can rise (note_on_growth)."""
+        the old bank is a subset of the new one, so no patch's distance can rise (thresholds.note_on_growth)."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to grow: fit() or from_bank() first")
         n_images = len(dataloader.dataset)
@@ -455,25 +408,16 @@ class PatchCore:
         existing = self.memory_bank.cpu() if projection is None else self.memory_bank.cpu() @ projection.cpu()
         picked = self._coreset(projected, existing=existing)
         del projected
-        new_rows = gather_rows(self._full_features(chunks, dataloader), {"new": picked})["new"]
+        new_rows = gather_rows(full_patches(self.features, chunks, dataloader), {"new": picked})["new"]
         old = len(self.memory_bank)
         self.set_memory_bank(torch.cat([self.memory_bank.cpu(), new_rows]))
         facts = self.train_facts
         self.train_facts = {**facts, "n_images": facts.get("n_images", 0) + n_images, "memory_bank_size": len(self.memory_bank),
                             "n_patches": facts.get("n_patches", 0) + n_images * self.patches_per_image}  # fmt: skip
         if self.calibration.calibrated:
-            self.calibration.note = self.note_on_growth(n_images)
+            self.calibration.note = note_on_growth(n_images, bool(self.config.reweight_b))
         return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
                 "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
-
-    def note_on_growth(self, n_images: int) -> str:
-        """What kept thresholds mean for a grown bank: a superset of the old one, so every patch's k nearest
-        distances can only fall, and with them the max (or mean) image score and every map pixel; Eq. 7's
-        weight can move either way."""
-        if self.config.reweight_b:
-            return (f"kept after adding {n_images} good images; with Eq. 7 scores a larger bank can score an image "
-                    "higher as well as lower, so recalibrate (train anew) to keep the false-alarm target")  # fmt: skip
-        return f"kept after adding {n_images} good images: a larger bank can only lower scores, so these thresholds are conservative"
 
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""

@@ -95,3 +95,12 @@ def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_
         held_out_image_scores=stats(scores),
         held_out_map_maxima=stats(map_peaks),
     )
+
+
+def note_on_growth(n_images: int, reweighted: bool) -> str:
+    """What kept thresholds mean for a grown bank: it holds the old one, so every patch's k nearest distances can
+    only fall, and with them the max (or mean) image score and every map pixel; Eq. 7's weight can move either way."""
+    if reweighted:
+        return (f"kept after adding {n_images} good images; with Eq. 7 scores a larger bank can score an image "
+                "higher as well as lower, so recalibrate (train anew) to keep the false-alarm target")  # fmt: skip
+    return f"kept after adding {n_images} good images: a larger bank can only lower scores, so these thresholds are conservative"

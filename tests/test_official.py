@@ -20,7 +20,7 @@ from official_reference import (
 from PIL import Image
 from torchvision import transforms
 
-from ensemble import build_model, normalise_over_test_set
+from ensemble import build_model, member_configs, normalise_over_test_set
 from patchcore import PatchCore, PatchCoreConfig
 from published import PRESETS
 
@@ -199,7 +199,7 @@ def test_every_published_run_equals_the_released_chain_on_the_same_weights(prese
     train, test = torch.randn(3, 3, SIZE, SIZE, generator=generator), torch.randn(4, 3, SIZE, SIZE, generator=generator)
     members = model.members if len(config.backbones) > 1 else [model]
     scores, maps, expected_scores, expected_maps = [], [], [], []
-    for member, member_config in zip(members, config.members()):
+    for member, member_config in zip(members, member_configs(config)):
         net = reference_networks(member_config.backbone, list(member_config.layers))
         dims = (member_config.patch_size, member_config.pretrain_dim, member_config.target_dim)
         embed = [official_layer_embeddings(official_network_features(net, list(member_config.layers), x), *dims) for x in (train, test)]

@@ -2,21 +2,23 @@
 # make test : set up .venv, lint, run the test suite
 # make mutations : check that the suite catches deliberate errors in the method (slow; not part of make test)
 # make notebook : install Jupyter into .venv and open visualization.ipynb
+# make constraints : pin the .venv's versions in constraints.txt (after make test passes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo
 DEMO_OUT := results/demo
 
-.PHONY: demo test mutations notebook clean
+.PHONY: demo test mutations notebook constraints clean
 
-$(VENV)/.runtime: requirements.txt
+# constraints.txt: the versions the suite last passed with (make constraints writes it from a passing .venv)
+$(VENV)/.runtime: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt -c constraints.txt
 	touch $@
 
 demo: $(VENV)/.runtime
@@ -38,6 +40,10 @@ notebook: $(VENV)/.notebook
 
 mutations: $(VENV)/.test
 	$(PY) tests/mutations.py
+
+constraints: $(VENV)/.test
+	(echo "# The versions make test last passed with (written by make constraints); make installs these."; \
+	 $(PY) -m pip freeze --disable-pip-version-check --exclude-editable) > constraints.txt
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -24,12 +24,14 @@ import torch
 
 from bank import BankError, environment, load_bank, save_bank
 from patchcore import PatchCore, PatchCoreConfig, config_from_header
-from thresholds import Calibration, calibrate
+from thresholds import Calibration, calibrate, note_on_growth
 
 
 def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
     """An ensemble's members: each one network with its own layers (their index prefix dropped) and weights (one of
     a comma list, or the one for all), every other setting shared."""
+    if len(config.backbones) == 1:
+        return [config]
     layers = [layer.split(".", 1) for layer in config.layers]
     weights = config.weights.split(",") if "," in config.weights else [config.weights] * len(config.backbones)
     return [
@@ -104,7 +106,7 @@ class PatchCoreEnsemble:
         """Every member grows its bank (PatchCore.add); the thresholds stay, as the members' do."""
         facts = [m.add(dataloader, feature_memory_gb) for m in self.members]
         if self.calibration.calibrated:
-            self.calibration.note = self.members[0].note_on_growth(facts[0]["n_images"])
+            self.calibration.note = note_on_growth(facts[0]["n_images"], bool(self.config.reweight_b))
         counts = {k: self.members[0].train_facts[k] for k in ("n_images", "n_patches")}
         self.train_facts = {**self.train_facts, **counts, "memory_bank_sizes": [f["memory_bank_size"] for f in facts]}
         return {**facts[0], "added": [f["added"] for f in facts], "memory_bank_size": self.train_facts["memory_bank_sizes"],

@@ -50,7 +50,8 @@ def parse_args() -> argparse.Namespace:
         "--search",
         default="auto",
         choices=SEARCHES,
-        help="nearest-neighbour search: faiss (exact fp32); torch (fp32 candidates re-ranked exactly); fast (int8 candidates "
+        help="nearest-neighbour search: faiss (its fp32 distance expansion, no re-rank); torch (fp32 candidates re-ranked by "
+        "exact fp32 distances); fast (int8 candidates "
         "on a CPU with VNNI, fp16 on a GPU, re-ranked exactly in fp32); auto (default: fast on a CPU with VNNI, else faiss where "
         "it runs on the device, else torch)",
     )

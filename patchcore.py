@@ -116,8 +116,8 @@ class PatchCoreConfig:
         if self.coreset_ratio is None:
             object.__setattr__(self, "coreset_ratio", DEFAULT_CORESET_RATIO[self.protocol])
         if official:  # the released code's dimensions unless set
-            object.__setattr__(self, "pretrain_dim", self.pretrain_dim or 1024)
-            object.__setattr__(self, "target_dim", self.target_dim or 1024)
+            for name in ("pretrain_dim", "target_dim"):
+                object.__setattr__(self, name, 1024 if getattr(self, name) is None else getattr(self, name))
         members = self.backbones
         indexed = [layer.split(".", 1) for layer in self.layers]
         checks = [  # (holds, what to say when it does not)

@@ -87,14 +87,11 @@ def device_name(device: torch.device) -> str:
 def set_cuda_fp32_precision(tf32: bool) -> str:
     """cuDNN convolutions and CUDA matrix products on fp32 tensors: exact fp32 ('ieee', the default here),
     or TF32 (10-bit mantissa, faster on Ampere and newer; about 1e-3 relative error in the features).
-    torch's own default runs convolutions in TF32. Process-wide; returns the mode set."""
-    mode = "tf32" if tf32 else "ieee"
-    if hasattr(torch.backends.cudnn, "conv"):  # torch 2.9+: the legacy flags below may not be mixed with these
-        torch.backends.cudnn.conv.fp32_precision = mode
-        torch.backends.cuda.matmul.fp32_precision = mode
-    else:
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-    return mode
+    torch's own default runs convolutions in TF32. Process-wide; returns the mode set. Set through the
+    allow_tf32 flags: torch.export (the ONNX export) reads those, and refuses a state the newer
+    fp32_precision settings leave them in."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def available_memory_bytes() -> int | None:

@@ -13,6 +13,9 @@ Stages (--stages, comma list; default: speed,e2e):
           counts), and with the fp32 against the bf16 backbone: time, top-1 agreement with a float64
           brute-force search, score error, AUROC; on the coreset bank, or (--search_bank dense) on
           the first training patches, where near-ties make a candidate search work hardest;
+  drivers train.py and evaluate.py (--search auto, and faiss) at bottle scale and at their own default
+          settings: what README's speed line says;
+  presets the IM224 baseline against the IM320 ensemble of the released code, at bottle scale;
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
           Use a --batch_size no larger than the smallest size, so that every run holds full
@@ -212,6 +215,51 @@ def stage_e2e(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
         record(rows, f"end to end: {script}", seconds=round(seconds, 2), peak_rss_gib=round(peak, 3))
 
 
+def _bottle(work: Path, name: str, size: int) -> Path:
+    """A synthetic category of MVTec bottle's size: 209 training images, 20 good and 63 defective test images."""
+    data = work / name
+    if not data.exists():
+        make_synthetic_category(data, "synthetic", n_train=209, n_test_good=20, n_per_defect=21, size=size, seed=6)
+    return data
+
+
+def _defaults_run(data: Path, out: Path, args: argparse.Namespace, script: str, *extra: str) -> tuple[float, float, str]:
+    """train.py or evaluate.py at the settings a user gets (their own batch size, workers, calibration), in a fresh process."""
+    return run_child([script, "--data_path", str(data), "--category", "synthetic", "--output_dir", str(out), "--device", args.device,
+                      *extra])  # fmt: skip
+
+
+def stage_drivers(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """README's figures: train.py and evaluate.py end to end at bottle scale and at their default settings
+    (batch size, workers, calibration on, --search auto), and evaluate.py with --search faiss."""
+    data, out = _bottle(work, "drivers", 256), work / "drivers-results"
+    seconds, peak, _ = _defaults_run(data, out, args, "train.py", "--weights", "none")
+    record(rows, "train.py, defaults, bottle scale", seconds=round(seconds, 1), s_per_image=round(seconds / 209, 3),
+           peak_rss_gib=round(peak, 3))  # fmt: skip
+    for search in ("auto", "faiss"):
+        seconds, peak, _ = _defaults_run(data, out, args, "evaluate.py", "--search", search)
+        metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
+        record(rows, f"evaluate.py --search {search}, bottle scale", seconds=round(seconds, 1),
+               process_ms_per_image=round(1000 * seconds / 83, 1), scoring_ms_per_image=metrics["ms_per_image"],
+               search_used=metrics["nearest_neighbour_search"],
+               image_auroc=metrics["image_auroc"], peak_rss_gib=round(peak, 3))  # fmt: skip
+
+
+def stage_presets(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """The cost of the published runs: the IM224 baseline against the IM320 ensemble (issue 19), at bottle scale,
+    at the drivers' default settings, random-init weights (speed does not depend on them)."""
+    for preset, size in (("official-im224", 256), ("official-im320-ensemble", 366)):
+        data, out = _bottle(work, f"presets-{size}", size), work / f"presets-{preset}"
+        seconds, peak, stdout = _defaults_run(data, out, args, "train.py", "--weights", "none", "--preset", preset)
+        banks = next(line for line in stdout.splitlines() if "memory bank" in line).split("memory bank")[1].split(" in ")[0]
+        record(rows, f"train.py --preset {preset}", seconds=round(seconds, 1), s_per_image=round(seconds / 209, 3),
+               peak_rss_gib=round(peak, 3), banks=banks.strip(" s"))  # fmt: skip
+        seconds, peak, _ = _defaults_run(data, out, args, "evaluate.py")
+        metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
+        record(rows, f"evaluate.py, {preset}", seconds=round(seconds, 1), process_ms_per_image=round(1000 * seconds / 83, 1),
+               scoring_ms_per_image=metrics["ms_per_image"], peak_rss_gib=round(peak, 3))  # fmt: skip
+
+
 def stage_memory(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     """Peak RSS against the number of images: the slope is the memory a run needs per image."""
     resize = args.image_size * 256 // 224
@@ -330,7 +378,7 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     cuda = device.type == "cuda"
     native = {"fp32": True, "int8": not cuda and system.cpu_supports("int8")}
     native.update({p: cuda or system.cpu_supports(p) for p in ("bf16", "fp16")})
-    searches = [("faiss, exact fp32", None, functools.partial(model.nearest_neighbors, k=1))]
+    searches = [("faiss, fp32 expansion", None, functools.partial(model.nearest_neighbors, k=1))]
     for precision in (p for p in args.search_precisions.split(",") if not (cuda and p == "int8")):  # int8 is the CPU's
         search = TorchSearch(bank, precision)  # the low-precision copies are made once, as set_memory_bank does
         for c in (int(v) for v in args.candidates.split(",")):
@@ -387,7 +435,8 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
         )
 
 
-STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large, "search": stage_search}
+STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large, "search": stage_search,
+          "drivers": stage_drivers, "presets": stage_presets}  # fmt: skip
 
 
 def main() -> None:
@@ -395,7 +444,7 @@ def main() -> None:
         child(sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="speed,e2e", help="comma list of: speed, e2e, memory, large, search (default: speed,e2e)")
+    parser.add_argument("--stages", default="speed,e2e", help=f"comma list of: {', '.join(STAGES)} (default: speed,e2e)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--n_images", type=int, default=209, help="training images; N = 784 x this at 224 px (default: 209, MVTec bottle)")
     parser.add_argument("--image_size", type=int, default=224, help="crop size (default: 224)")

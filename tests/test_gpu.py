@@ -29,13 +29,16 @@ def test_bf16_counts_as_native_from_ampere_on_and_on_the_models_gpu(monkeypatch,
 
 
 def test_exact_fp32_unless_tf32_is_asked_for():
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         assert set_cuda_fp32_precision(False) == "ieee"
-        assert torch.backends.cudnn.conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
         assert set_cuda_fp32_precision(True) == "tf32"
-        assert torch.backends.cudnn.conv.fp32_precision == "tf32" and torch.backends.cuda.matmul.fp32_precision == "tf32"
-    finally:
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
         set_cuda_fp32_precision(False)
+        torch.export.export(torch.nn.Conv2d(1, 1, 1), (torch.zeros(1, 1, 2, 2),))  # the flags stay readable to the exporter
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert PatchCore(weights="none", device="cpu", image_size=64).fp32_precision == "ieee"
 
 

@@ -8,8 +8,10 @@ Read top to bottom, this file is the method:
                     add, predict, save and from_bank (the round trip through the bank file)
 
 The helpers live in modules named after their job: backbone.py (the CNN and its weights),
-coreset.py (Alg. 1), search.py (nearest neighbours), maps.py (blur, resizing), thresholds.py
-(decision thresholds from good images), system.py (devices, precisions, memory), bank.py (the file).
+coreset.py (Alg. 1), search.py (nearest neighbours), maps.py (blur, resizing), official.py (the
+released code's features), thresholds.py (decision thresholds from good images), system.py
+(devices, precisions, memory), bank.py (the file), published.py (the runs it is compared with).
+An ensemble of several networks is ensemble.py's, built of PatchCores.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ from cli import (
     now,
     run_main,
 )
-from dataset import CategoryDataset, ImageFiles, find_images, resolve_categories
+from dataset import CategoryDataset, ImageFiles, resolve_categories
 from files import write_json
+from image_io import find_images
 from patchcore import PatchCore, PatchCoreConfig
 
 

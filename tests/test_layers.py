@@ -5,7 +5,7 @@ import ast
 from scripts import REPO
 
 LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
-    "data and files": ["dataset", "synthetic", "bank", "files"],
+    "data and files": ["dataset", "synthetic", "bank", "files", "image_io"],
     "machine": ["system"],
     "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
     "method": ["patchcore"],

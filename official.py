@@ -35,7 +35,9 @@ def official_patches(features: list[torch.Tensor]) -> torch.Tensor:
     tests/test_official.py checks it against a literal re-implementation of their chain.
     """
     layer2, layer3 = features
-    near2 = (F.avg_pool2d(layer2, 3, stride=1, padding=1, divisor_override=1) + layer2) / 10
+    # the zero-padded 3x3 sum as 9 x the mean: divisor_override=1 would say it directly, but torch's ONNX exporter
+    # drops divisor_override (torch 2.14: an exported graph then divides by 9 and no export check would pass)
+    near2 = (F.avg_pool2d(layer2, 3, stride=1, padding=1, count_include_pad=True) * 9 + layer2) / 10
     pairs = (layer3[:, 0::2] + layer3[:, 1::2]) / 2
     near3 = F.avg_pool2d(pairs, 3, stride=1, padding=1, count_include_pad=True)
     near3 = F.interpolate(near3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)

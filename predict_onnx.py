@@ -103,9 +103,10 @@ def main() -> None:
     threshold = f": image {model.image_threshold:.4g}" if model.image_threshold is not None else ""
     print(f"thresholds: {thresholds_from(model)}{threshold}")
     print(f"{'image':<40} {'score':>10} {'/ threshold':>12}  decision")
-    for record in records:
+    for path, record in zip(paths, records):
         normalized = f"{record['normalized_score']:.3f}" if "normalized_score" in record else "-"
-        print(f"{Path(record['path']).name:<40} {record['score']:>10.4f} {normalized:>12}  {record.get('decision', '(no threshold)')}")
+        name = path.absolute().relative_to(base).as_posix()
+        print(f"{name:<40} {record['score']:>10.4f} {normalized:>12}  {record.get('decision', '(no threshold)')}")
     what = "scores and heatmaps" if args.heatmaps else "scores"
     per_image = 1000 * seconds / len(records)
     print(f"\n{len(records)} images in {seconds:.1f}s ({per_image:.0f} ms per image, {args.runtime}); {what} in {out_dir}/")

@@ -129,8 +129,10 @@ class ScanSearch(TorchSearch):
     - Queries go through torch's scan in blocks of `rows` (fewer when there are fewer queries; the last block
       padded): a runtime holds one block's [rows, M] distances at a time, whatever the batch. TorchSearch's
       Python loop over a query-dependent number of chunks would be unrolled for one batch size by an export.
-    - The product's centred bank is computed from the bank inside the graph rather than stored beside it, so
-      the file holds the bank once; runtimes fold that subtraction into a constant when they load the file.
+    - The product's centred bank is computed from the bank inside each block step rather than stored beside it,
+      so the file holds the bank once (onnxruntime folds the subtraction into a constant when it loads the file,
+      and then holds it twice, as TorchSearch does). Inside the step, because OpenVINO cannot convert a scan
+      whose body reads a value computed outside it.
     """
 
     def __init__(self, bank: torch.Tensor, rows: int) -> None:

@@ -19,7 +19,7 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD, CategoryDataset, Preprocess
 from export import categories as export_categories
 from image_io import load_rgb, model_input
 from onnx_export import export_onnx
-from onnx_model import DECISION_OUTPUTS, OUTPUTS, DeployedModel
+from onnx_model import DECISION_OUTPUTS, OUTPUTS, DeployedModel, ExportError
 from patchcore import PatchCore
 from scripts import REPO, THREADS, evaluate, one_line_error, run
 from search import ScanSearch
@@ -258,6 +258,14 @@ def test_an_interrupted_export_leaves_no_file_and_the_previous_one_intact(small_
     with pytest.raises(KeyboardInterrupt):
         export_onnx(small_bank, path)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_an_export_that_does_not_score_as_predict_is_not_kept(small_bank, tmp_path, monkeypatch):
+    real = PatchCore.predict
+    monkeypatch.setattr(PatchCore, "predict", lambda self, images: tuple(v * 1.001 for v in real(self, images)))
+    with pytest.raises(ExportError, match=r"does not score as predict\(\) does \(relative difference 0.001\)"):
+        export_onnx(small_bank, tmp_path / "patchcore.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_banks_are_refused_in_one_line(evaluated, tmp_path):

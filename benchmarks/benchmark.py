@@ -131,7 +131,8 @@ def run_child(argv: list[str], python: str = sys.executable) -> tuple[float, flo
     result = subprocess.run([python, "-c", CHILD, *argv], capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip().splitlines()[-1]}")
+        said = [line for line in result.stderr.strip().splitlines() if not line.startswith("PEAK_RSS_KB")] or ["(nothing on stderr)"]
+        raise RuntimeError(f"{argv[0]} failed: {said[-1]}")
     peak_kb = int(result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
     return seconds, peak_kb / 2**20, result.stdout
 
@@ -438,6 +439,32 @@ def per_image_ms(stdout: str) -> float:
     return 1000 * float(seconds) / int(n)
 
 
+# OpenVINO at f32 (what onnx_model.DeployedModel asks for) against its CPU default (bf16 where the CPU has it), on the
+# same model inputs: ms per image, the precision that ran, and how far the default's scores and decisions move.
+OPENVINO_PRECISIONS = (
+    "import json, sys, time\n"
+    "import numpy as np, openvino\n"
+    "from image_io import find_images, load_rgb, model_input\n"
+    "from onnx_model import DeployedModel\n"
+    "path, spec, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+    "pre = DeployedModel(path, 'openvino').preprocessing\n"
+    "images = np.stack([model_input(load_rgb(f), pre['resize'], pre['image_size'], pre['crop']) for f in find_images(spec)])\n"
+    "core, result = openvino.Core(), {}\n"
+    "for name, config in (('f32', {'INFERENCE_PRECISION_HINT': 'f32'}), ('default', {})):\n"
+    "    compiled = core.compile_model(path, 'CPU', config)\n"
+    "    compiled({'images': images[:1]})\n"
+    "    start = time.perf_counter()\n"
+    "    runs = [compiled({'images': images[i : i + batch]}) for i in range(0, len(images), batch)]\n"
+    "    seconds = time.perf_counter() - start\n"
+    "    scores = np.concatenate([np.asarray(r[0]) for r in runs])\n"
+    "    decisions = np.concatenate([np.asarray(r[3]) for r in runs]) if len(compiled.outputs) > 3 else None\n"
+    "    precision = compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()\n"
+    "    result[name] = {'precision': precision, 'ms': 1000 * seconds / len(images), 'scores': scores.tolist(),\n"
+    "                    'decisions': None if decisions is None else decisions.tolist()}\n"
+    "print(json.dumps(result))\n"
+)
+
+
 def load() -> float:
     """The 1-minute load average when a run ended: on a shared machine, above the core count means the timing is stretched."""
     return round(os.getloadavg()[0], 1)
@@ -486,6 +513,19 @@ def stage_deploy(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
         record(rows, f"deploy: predict_onnx.py, {runtime}, batch {batch}", seconds=round(seconds, 1), load_1min=load(),
                peak_rss_gib=round(peak, 3), ms_per_image=round(per_image_ms(stdout), 1), max_rel_score_diff_to_evaluate=score_diff,
                same_decisions=f"{same}/{len(reference)}", torch_in_venv=has_torch)  # fmt: skip
+
+    command = [python, "-c", OPENVINO_PRECISIONS, str(model), images, str(args.batch_size)]
+    precisions = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    f32 = np.array(precisions["f32"]["scores"])
+    for name, run in precisions.items():
+        same = (
+            None
+            if run["decisions"] is None
+            else f"{sum(a == b for a, b in zip(run['decisions'], precisions['f32']['decisions']))}/{len(f32)}"
+        )
+        record(rows, f"deploy: OpenVINO, {name} precision", precision=run["precision"], ms_per_image=round(run["ms"], 1), load_1min=load(),
+               max_rel_score_diff_to_f32=float(np.abs(np.array(run["scores"]) - f32).max() / np.abs(f32).max()),
+               same_decisions_as_f32=same, note="model calls only, in-process")  # fmt: skip
 
     full = installed_bytes(sys.executable, requirement_lines(REPO / "requirements.txt"))
     deploy = installed_bytes(python, requirement_lines(REPO / "requirements-deploy.txt"))

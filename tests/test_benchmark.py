@@ -45,3 +45,5 @@ def test_benchmark_small_run(tmp_path):
     assert rows["deploy: export.py"]["file_mb"] > 50  # the backbone to layer3 is in it
     sizes = {name: rows[f"deploy: installed size, {name}"]["mb"] for name in ("requirements.txt", "requirements-deploy.txt")}
     assert 0 < sizes["requirements-deploy.txt"] < sizes["requirements.txt"]
+    assert rows["deploy: OpenVINO, f32 precision"]["precision"] == "f32"
+    assert rows["deploy: OpenVINO, f32 precision"]["max_rel_score_diff_to_f32"] == 0

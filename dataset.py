@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import csv
 import functools
-import glob
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +23,10 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(Exception):
-    """The data on disk is not what MVTec's layout promises."""
 
 
 class Preprocess:
@@ -83,38 +78,10 @@ class Preprocess:
 def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """bool [h, w] at `size` (w, h): defective where the mask is at half its value range or more
     (the paper protocol), read in 8 bits; a mask of another size is resized nearest-neighbour first."""
-    mask = _to_8bit(mask).convert("L")
+    mask = to_8bit(mask).convert("L")
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.NEAREST)
     return np.asarray(mask) >= 128
-
-
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
-    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
-    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
-    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
-        top = 1.0
-    elif image.mode.startswith("I") and values.max() > 255:
-        top = 65535.0
-    else:
-        top = 255.0
-    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-
-
-def open_image(path: Path) -> Image.Image:
-    """An image file, fully read, in the mode it is stored in."""
-    with Image.open(path) as image:
-        image.load()
-    return image
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB."""
-    return _to_8bit(open_image(path)).convert("RGB")
 
 
 # ---------------------------------------------------------------------- layouts
@@ -190,14 +157,6 @@ def resolve_categories(root: Path, spec: str) -> list[str]:
     return wanted
 
 
-def _image_files(candidates: list[Path], where: object) -> list[Path]:
-    """The image files among `candidates`, with one note on stderr for the other files skipped."""
-    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if len(images) < len(candidates):
-        print(f"note: skipped {len(candidates) - len(images)} non-image file(s) in {where}", file=sys.stderr)
-    return images
-
-
 def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
     """MVTec AD's layout, which is also the layout for one's own parts. Masks are paired by file
     name, never by list position; a defect type without a ground_truth/<defect>/ folder has none."""
@@ -210,7 +169,7 @@ def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
         if not (folder / defect).is_dir():
             continue
         masks = root / category / "ground_truth" / defect
-        for path in _image_files(sorted(p for p in (folder / defect).iterdir() if p.is_file()), folder / defect):
+        for path in image_files(sorted(p for p in (folder / defect).iterdir() if p.is_file()), folder / defect):
             mask = None
             if defect != "good" and masks.is_dir():
                 mask = masks / f"{path.stem}_mask.png"
@@ -233,15 +192,6 @@ def _visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     ]
 
 
-def _check_readable(path: Path) -> None:
-    """A cheap full read of the file's structure, so a broken image stops the run before any heavy work."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as err:
-        raise DataError(f"cannot read image {path} ({err}): replace or remove the file") from err
-
-
 class CategoryDataset(torch.utils.data.Dataset):
     """One category's train or test split, in the layout found under root.
 
@@ -259,9 +209,9 @@ class CategoryDataset(torch.utils.data.Dataset):
         read = _visa_samples if self.layout == "visa" else _folder_samples
         self.samples = read(self.root_path, category, split)
         for sample in self.samples:
-            _check_readable(sample.image)
+            check_readable(sample.image)
             if sample.mask is not None:
-                _check_readable(sample.mask)
+                check_readable(sample.mask)
 
     @property
     def unmasked_defects(self) -> list[str]:
@@ -303,7 +253,7 @@ class CategoryDataset(torch.utils.data.Dataset):
         """The mask as stored; VisA's (defective where non-zero) made 0/255 first, so that both protocols read it as they read MVTec's."""
         mask = open_image(sample.mask)
         if self.layout == "visa":
-            mask = Image.fromarray(((np.asarray(_to_8bit(mask).convert("L")) > 0) * 255).astype(np.uint8))
+            mask = Image.fromarray(((np.asarray(to_8bit(mask).convert("L")) > 0) * 255).astype(np.uint8))
         return mask
 
     def __len__(self) -> int:
@@ -318,21 +268,6 @@ class CategoryDataset(torch.utils.data.Dataset):
         else:
             mask = self.transform.mask(self._mask_image(sample), rgb.size)
         return image, int(sample.defect != "good"), mask, self.relative_path(idx), sample.defect
-
-
-def find_images(spec: str) -> list[Path]:
-    """Image files of a folder, or matching a glob pattern ('**' recurses); each checked readable."""
-    folder = Path(spec)
-    if folder.is_dir():
-        candidates = sorted(p for p in folder.iterdir() if p.is_file())
-    else:
-        candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-    images = _image_files(candidates, spec)
-    if not images:
-        raise DataError(f"--images {spec}: no {'/'.join(IMAGE_EXTENSIONS)} files there; give a folder or a glob such as 'dir/*.png'")
-    for path in images:
-        _check_readable(path)
-    return images
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from bank import TRAIN_LOG, BankError, bank_path, environment
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
-from dataset import CategoryDataset, ImageFiles, find_images, load_rgb, resolve_categories
+from dataset import CategoryDataset, ImageFiles, resolve_categories
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from files import NpzWriter, staging, write_json
+from image_io import find_images, load_rgb
 from maps import resize_map
 from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig

@@ -1,8 +1,9 @@
 """Nearest-neighbour search over the memory bank: the k nearest bank rows of each query patch.
 
-Two searches, both torch.nn.Modules holding the bank as a buffer, called as search(queries, k):
+Three searches, all torch.nn.Modules holding the bank as a buffer, called as search(queries, k):
 - TorchSearch: candidates from a distance product in fp32 or a low precision (int8 on a CPU with
   VNNI, fp16 on a GPU), re-ranked exactly in fp32; torch operations only;
+- ScanSearch: TorchSearch's fp32 search as an exportable graph (one scan over blocks of queries);
 - FaissSearch: faiss's IndexFlatL2 (on the GPU where faiss has GPUs); it leaves torch for numpy.
 resolve_search decides which one runs for a device.
 """
@@ -94,23 +95,73 @@ class TorchSearch(torch.nn.Module):
         rows = max(1, block_bytes // (4 * max(len(self.bank), self.bank.shape[1])))  # query rows per chunk
         distances, indices = [], []
         for q in queries.split(rows):
-            q = q.float()
-            centered = q - self.mean
-            if self.precision == "int8":
-                q_low, q_scale = _int8_rows(centered)
-                cross = torch._int_mm(q_low, self.low.T).float().mul_(q_scale[:, None]).mul_(self.scale)
-            else:
-                cross = (centered.to(self.low.dtype) @ self.low.T).float()
-            d2 = cross.mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
-            index = d2.topk(n_candidates, dim=1, largest=False).indices
-            exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
-            value, order = exact.topk(k, dim=1, largest=False)  # the exact re-rank
+            value, index = self.search_block(q, k, n_candidates)
             distances.append(value if squared else value.sqrt())
-            indices.append(index.gather(1, order))
+            indices.append(index)
         return torch.cat(distances), torch.cat(indices)
+
+    def search_block(self, q: torch.Tensor, k: int, n_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances and bank indices [len(q), k] of one block of queries: the `n_candidates`
+        nearest rows by the product, re-ranked by their exact fp32 distances."""
+        q = q.float()
+        centered = q - self.mean
+        d2 = self.cross(centered).mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
+        index = d2.topk(n_candidates, dim=1, largest=False).indices
+        exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
+        value, order = exact.topk(k, dim=1, largest=False)  # the exact re-rank
+        return value, index.gather(1, order)
+
+    def cross(self, centered: torch.Tensor) -> torch.Tensor:
+        """The product of centred queries [n, C] with the centred bank [M, C], in this search's precision: [n, M] fp32."""
+        if self.precision == "int8":
+            q_low, q_scale = _int8_rows(centered)
+            return torch._int_mm(q_low, self.low.T).float().mul_(q_scale[:, None]).mul_(self.scale)
+        return (centered.to(self.low.dtype) @ self.low.T).float()
 
     def describe(self) -> str:
         return f"torch, {self.precision} candidates ({self.candidates} per patch) re-ranked exactly in fp32"
+
+
+class ScanSearch(TorchSearch):
+    """TorchSearch's fp32 search (the same candidates, the same exact re-rank) in the form an exported graph needs
+    (onnx_export.py): one graph for any number of queries, the bank in it once, its memory bounded.
+
+    - Queries go through torch's scan in blocks of `rows` (fewer when there are fewer queries; the last block
+      padded): a runtime holds one block's [rows, M] distances at a time, whatever the batch. TorchSearch's
+      Python loop over a query-dependent number of chunks would be unrolled for one batch size by an export.
+    - The product's centred bank is computed from the bank inside each block step rather than stored beside it,
+      so the file holds the bank once (onnxruntime folds the subtraction into a constant when it loads the file,
+      and then holds it twice, as TorchSearch does). Inside the step, because OpenVINO cannot convert a scan
+      whose body reads a value computed outside it.
+    """
+
+    def __init__(self, bank: torch.Tensor, rows: int) -> None:
+        torch.nn.Module.__init__(self)  # TorchSearch's buffers but for the stored low-precision copy
+        bank = bank.float()
+        mean = bank.mean(0)
+        self.register_buffer("bank", bank)
+        self.register_buffer("mean", mean)
+        self.register_buffer("centered_sq", ((bank - mean) ** 2).sum(1))
+        self.precision, self.candidates, self.rows = "fp32", RERANK_CANDIDATES["fp32"], rows
+
+    def cross(self, centered: torch.Tensor) -> torch.Tensor:
+        return centered @ (self.bank - self.mean).T
+
+    def forward(self, queries: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (squared ones if asked) and bank indices, each [M, k], as TorchSearch gives them."""
+        from torch._higher_order_ops.scan import scan  # torch's loop operator; exported as ONNX Scan
+
+        n_candidates = min(len(self.bank), max(self.candidates, k))
+        n, width = queries.shape
+        rows = min(self.rows, n)
+        blocks = (n + rows - 1) // rows
+        padded = torch.cat([queries.float(), queries.new_zeros(blocks * rows - n, width)]).reshape(blocks, rows, width)
+        _, (value, index) = scan(lambda carry, q: (carry.clone(), self.search_block(q, k, n_candidates)), queries.new_zeros(1), padded)
+        value, index = value.reshape(-1, k)[:n], index.reshape(-1, k)[:n]
+        return (value if squared else value.sqrt()), index
+
+    def describe(self) -> str:
+        return f"torch scan over blocks of {self.rows} queries, fp32 candidates ({self.candidates} per patch) re-ranked exactly in fp32"
 
 
 @functools.cache

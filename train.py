@@ -30,9 +30,10 @@ from cli import (
     now,
     run_main,
 )
-from dataset import CategoryDataset, ImageFiles, find_images, resolve_categories
+from dataset import CategoryDataset, ImageFiles, resolve_categories
 from ensemble import PatchCoreEnsemble, build_model, load_model
 from files import write_json
+from image_io import find_images
 from patchcore import PatchCoreConfig
 from system import device_name
 from thresholds import Calibration

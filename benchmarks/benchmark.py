@@ -19,7 +19,11 @@ Stages (--stages, comma list; default: speed,e2e):
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
           Use a --batch_size no larger than the smallest size, so that every run holds full
-          batches: a smaller last batch has smaller activations and would bias the slope.
+          batches: a smaller last batch has smaller activations and would bias the slope;
+  deploy  the exported model (export.py) run by predict_onnx.py on onnxruntime (at --batch_size and
+          at 1) and OpenVINO, in a venv of requirements-deploy.txt alone, against evaluate.py
+          --images on the same images: ms per image, peak RSS, agreement; the export's time and
+          file size; installed sizes of requirements-deploy.txt and requirements.txt.
 Peak host memory of a stage is the process's resident set (sampled every 5 ms); of a fresh
 process, its VmHWM. Peak GPU memory is torch's allocator peak. Random-init weights: speed
 does not depend on them. Only public functions of the project are used.
@@ -32,7 +36,6 @@ import functools
 import json
 import os
 import platform
-import runpy
 import shutil
 import subprocess
 import sys
@@ -47,6 +50,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bank import load_bank  # noqa: E402
 from coreset import greedy_coreset  # noqa: E402
 from dataset import CategoryDataset, Preprocess  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
@@ -111,26 +115,29 @@ def plain_greedy_loop(points: torch.Tensor, n_select: int, start: int) -> list[i
     return selected
 
 
-def run_child(argv: list[str]) -> tuple[float, float, str]:
-    """Run a project script in a fresh process; (seconds, its peak RSS in GiB, its stdout)."""
+# Runs a project script as __main__ in a fresh interpreter, then reports that process's VmHWM (ru_maxrss would carry
+# the parent's peak over through fork and exec). Plain Python, so that it runs in a venv without torch too.
+CHILD = (
+    "import runpy, sys\n"
+    "sys.argv = sys.argv[1:]\n"
+    "try:\n"
+    "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "finally:\n"
+    "    hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1]\n"
+    "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n"
+)
+
+
+def run_child(argv: list[str], python: str = sys.executable) -> tuple[float, float, str]:
+    """Run a project script in a fresh process of `python`; (seconds, its peak RSS in GiB, its stdout)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, __file__, "--child", *argv], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([python, "-c", CHILD, *argv], capture_output=True, text=True, cwd=REPO)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise RuntimeError(f"{argv[0]} failed: {result.stderr.strip().splitlines()[-1]}")
+        said = [line for line in result.stderr.strip().splitlines() if not line.startswith("PEAK_RSS_KB")] or ["(nothing on stderr)"]
+        raise RuntimeError(f"{argv[0]} failed: {said[-1]}")
     peak_kb = int(result.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
     return seconds, peak_kb / 2**20, result.stdout
-
-
-def child(argv: list[str]) -> None:
-    """--child SCRIPT ARGS: run the script as __main__, then report this process's VmHWM (ru_maxrss
-    would carry the parent's peak over through fork and exec)."""
-    sys.argv = argv
-    try:
-        runpy.run_path(str(REPO / argv[0]), run_name="__main__")
-    finally:
-        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
-        print("PEAK_RSS_KB", hwm, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- stages
@@ -435,14 +442,154 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
         )
 
 
+# Sums the bytes on disk of the distributions a list of requirement lines installs, their dependencies included
+# (markers evaluated here, extras left out), with the packaging library pip vendors: runs in any venv.
+INSTALLED = (
+    "import importlib.metadata as md, json, re, sys\n"
+    "from pip._vendor.packaging.requirements import Requirement\n"
+    "sizes = {}\n"
+    "def visit(text):\n"
+    "    req = Requirement(text)\n"
+    "    name = re.sub(r'[-_.]+', '-', req.name).lower()\n"
+    "    if (req.marker and not req.marker.evaluate({'extra': ''})) or name in sizes:\n"
+    "        return\n"
+    "    try:\n"
+    "        dist = md.distribution(req.name)\n"
+    "    except md.PackageNotFoundError:\n"
+    "        sizes[name] = None\n"
+    "        return\n"
+    "    sizes[name] = sum(p.stat().st_size for p in (f.locate() for f in dist.files or []) if p.is_file())\n"
+    "    for r in dist.requires or []:\n"
+    "        visit(r)\n"
+    "for line in sys.argv[1:]:\n"
+    "    visit(line)\n"
+    "print(json.dumps(sizes))\n"
+)
+
+
+def installed_bytes(python: str, requirements: list[str]) -> dict[str, int | None]:
+    """{distribution: bytes on disk} of what `requirements` install in the venv of `python` (None: not installed there)."""
+    result = subprocess.run([python, "-c", INSTALLED, *requirements], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def per_image_ms(stdout: str) -> float:
+    """ms per image of the scoring loop (the model loaded), from the 'N images in Xs (M ms per image' line predict_onnx.py
+    prints, or the 'N images in Xs' one of evaluate.py --images."""
+    line = next(line for line in stdout.splitlines() if " images in " in line)
+    if " ms per image" in line:
+        return float(line.split(" ms per image")[0].split("(")[-1])
+    n, seconds = line.split(" images in ")[0].split()[-1], line.split(" images in ")[1].split("s")[0]
+    return 1000 * float(seconds) / int(n)
+
+
+# OpenVINO at f32 (what onnx_model.DeployedModel asks for) against its CPU default (bf16 where the CPU has it), on the
+# same model inputs: ms per image, the precision that ran, and how far the default's scores and decisions move.
+OPENVINO_PRECISIONS = (
+    "import json, sys, time\n"
+    "import numpy as np, openvino\n"
+    "from image_io import find_images, load_rgb, model_input\n"
+    "from onnx_model import DeployedModel\n"
+    "path, spec, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+    "pre = DeployedModel(path, 'openvino').preprocessing\n"
+    "images = np.stack([model_input(load_rgb(f), pre['resize'], pre['image_size'], pre['crop']) for f in find_images(spec)])\n"
+    "core, result = openvino.Core(), {}\n"
+    "for name, config in (('f32', {'INFERENCE_PRECISION_HINT': 'f32'}), ('default', {})):\n"
+    "    compiled = core.compile_model(path, 'CPU', config)\n"
+    "    compiled({'images': images[:1]})\n"
+    "    start = time.perf_counter()\n"
+    "    runs = [compiled({'images': images[i : i + batch]}) for i in range(0, len(images), batch)]\n"
+    "    seconds = time.perf_counter() - start\n"
+    "    scores = np.concatenate([np.asarray(r[0]) for r in runs])\n"
+    "    decisions = np.concatenate([np.asarray(r[3]) for r in runs]) if len(compiled.outputs) > 3 else None\n"
+    "    precision = compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()\n"
+    "    result[name] = {'precision': precision, 'ms': 1000 * seconds / len(images), 'scores': scores.tolist(),\n"
+    "                    'decisions': None if decisions is None else decisions.tolist()}\n"
+    "print(json.dumps(result))\n"
+)
+
+
+def load() -> float:
+    """The 1-minute load average when a run ended: on a shared machine, above the core count means the timing is stretched."""
+    return round(os.getloadavg()[0], 1)
+
+
+def stage_deploy(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """The exported model (export.py) on onnxruntime and OpenVINO, run by predict_onnx.py in a venv of requirements-deploy.txt
+    alone, against evaluate.py --images (default search) on the same images: ms per image, peak RSS, agreement; the
+    export's time and file size; the installed size of requirements-deploy.txt against requirements.txt."""
+    resize = args.image_size * 256 // 224
+    data, out = work / "deploy", work / "deploy-results"
+    make_synthetic_category(data, "synthetic", n_train=args.n_images, n_test_good=args.deploy_test // 2,
+                            n_per_defect=args.deploy_test // 6, size=resize, seed=6)  # fmt: skip
+    images = str(data / "synthetic" / "test" / "*" / "*.png")
+    common = _driver_args(data, out, args)
+    seconds, peak, _ = run_child(["train.py", *common, "--weights", "none", "--resize", str(resize), "--image_size", str(args.image_size)])
+    bank, header = load_bank(out / "synthetic" / "memory_bank.npz")
+    record(rows, "deploy: train.py (the bank)", seconds=round(seconds, 1), load_1min=load(), peak_rss_gib=round(peak, 3),
+           bank=list(bank.shape), n_patches=header["train"]["n_patches"])  # fmt: skip
+    seconds, peak, stdout = run_child(["evaluate.py", *common, "--images", images])
+    reference = json.loads((out / "synthetic" / "inference" / "scores.json").read_text())["images"]
+    record(rows, "deploy: evaluate.py --images", seconds=round(seconds, 1), load_1min=load(), peak_rss_gib=round(peak, 3),
+           images=len(reference), ms_per_image=round(per_image_ms(stdout), 1), batch=args.batch_size,
+           note="default search; heatmaps drawn")  # fmt: skip
+    seconds, peak, stdout = run_child(["export.py", "--output_dir", str(out), "--category", "synthetic"])
+    model = out / "synthetic" / "patchcore.onnx"
+    record(rows, "deploy: export.py", seconds=round(seconds, 1), load_1min=load(), peak_rss_gib=round(peak, 3),
+           file_mb=round(model.stat().st_size / 1e6, 1), line=stdout.splitlines()[0])  # fmt: skip
+
+    venv = Path(args.deploy_venv) if args.deploy_venv else work / "deploy-venv"
+    if not args.deploy_venv:  # a fresh venv of requirements-deploy.txt alone (and OpenVINO): no torch in it
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, "-r", str(REPO / "requirements-deploy.txt")], check=True)
+        subprocess.run([*pip, "openvino"], check=True)
+    python = str(venv / "bin" / "python")
+    has_torch = subprocess.run([python, "-c", "import torch"], capture_output=True).returncode == 0
+    for runtime, batch in (("onnxruntime", args.batch_size), ("onnxruntime", 1), ("openvino", args.batch_size)):
+        scored = work / f"deploy-{runtime}-{batch}"
+        argv = ["predict_onnx.py", str(model), images, "--runtime", runtime, "--batch_size", str(batch), "--heatmaps",
+                "--output_dir", str(scored)]  # fmt: skip
+        seconds, peak, stdout = run_child(argv, python=python)
+        got = json.loads((scored / "scores.json").read_text())["images"]
+        score_diff = max(abs(g["score"] - r["score"]) / abs(r["score"]) for g, r in zip(got, reference))
+        same = sum(g.get("decision") == r.get("decision") for g, r in zip(got, reference))
+        record(rows, f"deploy: predict_onnx.py, {runtime}, batch {batch}", seconds=round(seconds, 1), load_1min=load(),
+               peak_rss_gib=round(peak, 3), ms_per_image=round(per_image_ms(stdout), 1), max_rel_score_diff_to_evaluate=score_diff,
+               same_decisions=f"{same}/{len(reference)}", torch_in_venv=has_torch)  # fmt: skip
+
+    command = [python, "-c", OPENVINO_PRECISIONS, str(model), images, str(args.batch_size)]
+    precisions = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO).stdout)
+    f32 = np.array(precisions["f32"]["scores"])
+    for name, run in precisions.items():
+        same = (
+            None
+            if run["decisions"] is None
+            else f"{sum(a == b for a, b in zip(run['decisions'], precisions['f32']['decisions']))}/{len(f32)}"
+        )
+        record(rows, f"deploy: OpenVINO, {name} precision", precision=run["precision"], ms_per_image=round(run["ms"], 1), load_1min=load(),
+               max_rel_score_diff_to_f32=float(np.abs(np.array(run["scores"]) - f32).max() / np.abs(f32).max()),
+               same_decisions_as_f32=same, note="model calls only, in-process")  # fmt: skip
+
+    full = installed_bytes(sys.executable, requirement_lines(REPO / "requirements.txt"))
+    deploy = installed_bytes(python, requirement_lines(REPO / "requirements-deploy.txt"))
+    openvino = {k: v for k, v in installed_bytes(python, ["openvino"]).items() if k not in deploy}  # what it adds
+    for name, sizes in (("requirements.txt", full), ("requirements-deploy.txt", deploy), ("openvino (optional), added", openvino)):
+        largest = sorted(((v or 0, k) for k, v in sizes.items()), reverse=True)[:4]
+        record(rows, f"deploy: installed size, {name}", mb=round(sum(v or 0 for v in sizes.values()) / 1e6, 1),
+               distributions=len(sizes), missing=[k for k, v in sizes.items() if v is None],
+               largest={k: round(v / 1e6, 1) for v, k in largest})  # fmt: skip
+
+
 STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large, "search": stage_search,
-          "drivers": stage_drivers, "presets": stage_presets}  # fmt: skip
+          "drivers": stage_drivers, "presets": stage_presets, "deploy": stage_deploy}  # fmt: skip
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2:])
-        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default="speed,e2e", help=f"comma list of: {', '.join(STAGES)} (default: speed,e2e)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -471,6 +618,10 @@ def main() -> None:
         default=0,
         help="DataLoader workers of the driver runs (default: 0, so that peak RSS covers decoding too)",
     )
+    parser.add_argument("--deploy_test", type=int, default=48, help="test images of the deploy stage (default: 48)")
+    parser.add_argument("--deploy_venv", default=None,
+                        help="deploy stage: a venv with requirements-deploy.txt and openvino installed (default: make one with pip, "
+                        "which needs PyPI)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     stages = args.stages.split(",")

@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # fast, value-level test files first, so that a caught mutation stops early
 TEST_ORDER = ["test_patchcore.py", "test_official.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py",
-              "test_report.py", "test_report_page.py", "test_ensemble.py", "test_cli.py", "test_report_browser.py", "test_notebook.py",
-              "test_benchmark.py"]  # fmt: skip
+              "test_report.py", "test_report_page.py", "test_ensemble.py", "test_export.py", "test_cli.py", "test_report_browser.py",
+              "test_notebook.py", "test_benchmark.py"]  # fmt: skip
 
 # (name, file, original text, mutated text); the original must occur exactly once in the file
 MUTATIONS = [
@@ -102,8 +102,8 @@ MUTATIONS = [
      "exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)",
      "exact = d2.gather(1, index)"),
     ("search_queries_not_centred", "search.py",
-     "            centered = q - self.mean\n",
-     "            centered = q - 0 * self.mean\n"),
+     "        centered = q - self.mean\n",
+     "        centered = q - 0 * self.mean\n"),
     ("conformal_rank_one_lower", "thresholds.py",
      "return float(np.sort(scores)[k - 1]), (n + 1 - k) / (n + 1)",
      "return float(np.sort(scores)[max(k - 2, 0)]), (n + 1 - k) / (n + 1)"),
@@ -152,6 +152,24 @@ MUTATIONS = [
     ("checksum_ignores_header", "bank.py",
      "    digest.update(json.dumps(rest, sort_keys=True).encode())\n",
      "    pass\n"),
+    ("export_input_not_normalised", "onnx_export.py",
+     "x = x.sub(self.mean).div(self.std)  # torchvision's Normalize",
+     "x = x.sub(self.mean)"),
+    ("export_decides_the_wrong_way", "onnx_export.py",
+     "scores >= self.image_threshold, maps >= self.pixel_threshold",
+     "scores < self.image_threshold, maps >= self.pixel_threshold"),
+    ("export_keeps_a_file_that_fails_its_check", "onnx_export.py",
+     "if not error <= CHECK_TOLERANCE:",
+     "if False:"),
+    ("runner_crop_offset_floored", "image_io.py",
+     "top, left = int(round((height - image_size) / 2.0)), int(round((width - image_size) / 2.0))",
+     "top, left = (height - image_size) // 2, (width - image_size) // 2"),
+    ("runner_resizes_nearest", "image_io.py",
+     "image = image.resize(size, Image.Resampling.BILINEAR)",
+     "image = image.resize(size, Image.Resampling.NEAREST)"),
+    ("openvino_at_its_default_precision", "onnx_model.py",
+     '{"INFERENCE_PRECISION_HINT": "f32"}',
+     "{}"),
 ]  # fmt: skip
 
 

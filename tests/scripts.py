@@ -22,3 +22,11 @@ def train(root, out, *extra):
 
 def evaluate(root, out, *extra):
     return run("evaluate.py", "--data_path", root, "--category", "widget", "--output_dir", out, *SMALL, *extra)
+
+
+def one_line_error(result, code=1):
+    """The one 'error: ...' line a failed run printed on stderr, with exit status `code` and no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

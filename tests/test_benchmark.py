@@ -9,10 +9,12 @@ from scripts import REPO
 
 def test_benchmark_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", "speed,e2e,memory,large,search", "--device", "cpu",
+    stages = "speed,e2e,memory,large,search,deploy"
+    command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", stages, "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
-               "--search_test", "6", "--candidates", "1,8", "--search_precisions", "fp32,int8", "--out", str(out)]  # fmt: skip
+               "--search_test", "6", "--candidates", "1,8", "--search_precisions", "fp32,int8", "--deploy_test", "6",
+               "--deploy_venv", sys.prefix, "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row["stage"]: row for row in json.loads(out.read_text())["rows"]}
@@ -36,3 +38,12 @@ def test_benchmark_small_run(tmp_path):
     assert rows["evaluate per image: fp32 backbone, faiss"]["search"].startswith("faiss")
     scored = [r["stage"] for r in rows.values() if r["stage"].startswith("evaluate --images, ")]
     assert scored == ["evaluate --images, 2 images", "evaluate --images, 4 images"]
+    assert rows["deploy: train.py (the bank)"]["bank"] == [3 * 64 // 4, 1536]
+    for runtime, batch in (("onnxruntime", 2), ("onnxruntime", 1), ("openvino", 2)):
+        row = rows[f"deploy: predict_onnx.py, {runtime}, batch {batch}"]
+        assert row["same_decisions"] == "6/6" and row["max_rel_score_diff_to_evaluate"] < 1e-4 and row["ms_per_image"] > 0
+    assert rows["deploy: export.py"]["file_mb"] > 50  # the backbone to layer3 is in it
+    sizes = {name: rows[f"deploy: installed size, {name}"]["mb"] for name in ("requirements.txt", "requirements-deploy.txt")}
+    assert 0 < sizes["requirements-deploy.txt"] < sizes["requirements.txt"]
+    assert rows["deploy: OpenVINO, f32 precision"]["precision"] == "f32"
+    assert rows["deploy: OpenVINO, f32 precision"]["max_rel_score_diff_to_f32"] == 0

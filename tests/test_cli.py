@@ -18,7 +18,7 @@ from PIL import Image
 
 from bank import load_bank, save_bank
 from cli import run_main
-from scripts import REPO, SMALL, evaluate, run, train
+from scripts import REPO, SMALL, evaluate, one_line_error, run, train
 from synthetic import make_synthetic_category
 
 
@@ -282,13 +282,6 @@ def test_evaluate_refuses_a_bank_built_with_other_weights(evaluated, tmp_path):
     torch.save(torchvision.models.wide_resnet50_2().state_dict(), tmp_path / "other.pth")  # other random weights
     result = evaluate(root, out, "--weights", tmp_path / "other.pth")
     assert result.returncode == 1 and "checksums differ" in result.stderr
-
-
-def one_line_error(result, code=1):
-    assert result.returncode == code, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def test_missing_data_path(tmp_path):

@@ -5,12 +5,13 @@ import ast
 from scripts import REPO
 
 LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
-    "data and files": ["dataset", "synthetic", "bank", "files", "published"],
+    "data and files": ["dataset", "synthetic", "bank", "files", "published", "image_io", "onnx_model"],
     "machine": ["system"],
     "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
     "method": ["patchcore", "ensemble"],
+    "export": ["onnx_export"],
     "plumbing": ["cli", "report", "metrics", "report_page"],
-    "drivers": ["train", "evaluate"],
+    "drivers": ["train", "evaluate", "export", "predict_onnx"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 

@@ -1,0 +1,146 @@
+"""Image files in and out with PIL and numpy only, no torch: shared by dataset.py and the torch-free
+runner (predict_onnx.py).
+
+  load_rgb      any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB
+  find_images   the image files of a folder or a glob, each checked readable
+  model_input   an image on the model's input grid as uint8, exactly as dataset.Preprocess resizes and crops it
+  heatmap_panel input | heatmap | predicted region | colour bar, drawn without matplotlib
+"""
+
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(Exception):
+    """The data on disk is not what MVTec's layout promises."""
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
+    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
+    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
+    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
+        top = 1.0
+    elif image.mode.startswith("I") and values.max() > 255:
+        top = 65535.0
+    else:
+        top = 255.0
+    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file, fully read, in the mode it is stored in."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB."""
+    return to_8bit(open_image(path)).convert("RGB")
+
+
+def image_files(candidates: list[Path], where: object) -> list[Path]:
+    """The image files among `candidates`, with one note on stderr for the other files skipped."""
+    images = [p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS]
+    if len(images) < len(candidates):
+        print(f"note: skipped {len(candidates) - len(images)} non-image file(s) in {where}", file=sys.stderr)
+    return images
+
+
+def check_readable(path: Path) -> None:
+    """A cheap full read of the file's structure, so a broken image stops the run before any heavy work."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:
+        raise DataError(f"cannot read image {path} ({err}): replace or remove the file") from err
+
+
+def find_images(spec: str) -> list[Path]:
+    """Image files of a folder, or matching a glob pattern ('**' recurses); each checked readable."""
+    folder = Path(spec)
+    if folder.is_dir():
+        candidates = sorted(p for p in folder.iterdir() if p.is_file())
+    else:
+        candidates = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    images = image_files(candidates, spec)
+    if not images:
+        raise DataError(f"--images {spec}: no {'/'.join(IMAGE_EXTENSIONS)} files there; give a folder or a glob such as 'dir/*.png'")
+    for path in images:
+        check_readable(path)
+    return images
+
+
+def model_input(image: Image.Image, resize: int, image_size: int, crop: str) -> np.ndarray:
+    """An 8-bit RGB image on the model's input grid, uint8 [image_size, image_size, 3]: what dataset.Preprocess
+    makes of it before ToTensor and Normalize (which an exported graph does itself), pixel for pixel.
+
+    crop 'center': torchvision's Resize(resize) on a PIL image: the shorter side to `resize`, the longer to
+    int(resize * long / short), with PIL's BILINEAR (antialiased when shrinking), skipped when the size is already
+    right; then CenterCrop(image_size): offsets int(round((side - image_size) / 2)), Python's round (half to even).
+    crop 'none': the whole image resized to image_size x image_size the same way.
+    """
+    width, height = image.size
+    if crop == "none":
+        size = (image_size, image_size)
+    else:
+        short, long = min(width, height), max(width, height)
+        new_short, new_long = resize, int(resize * long / short)
+        size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    if crop == "center":
+        width, height = image.size
+        top, left = int(round((height - image_size) / 2.0)), int(round((width - image_size) / 2.0))
+        image = image.crop((left, top, left + image_size, top + image_size))
+    return np.asarray(image, dtype=np.uint8)
+
+
+# matplotlib's 'jet' colour map, its segments written out: (position, value) per channel
+_JET = (
+    ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+)
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] as jet colours [..., 3] in 0..255."""
+    return np.stack([np.interp(values, *zip(*channel)) for channel in _JET], axis=-1) * 255
+
+
+def heatmap_panel(rgb: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float | None) -> Image.Image:
+    """[input | heatmap overlay | predicted region at the pixel threshold (when there is one) | colour bar],
+    as report.heatmap_panel draws it for evaluate.py --images, with PIL and numpy only."""
+    rgb = np.asarray(rgb, np.float64)
+    heat = jet(np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1))
+    panels = [rgb, 0.5 * rgb + 0.5 * heat]
+    if threshold is not None:
+        predicted = rgb.copy()
+        hit = anomaly_map >= threshold
+        predicted[hit] = 0.4 * predicted[hit] + 0.6 * np.array([255.0, 0, 0])
+        panels.append(predicted)
+    height = rgb.shape[0]
+    bar = np.full((height, 72, 3), 255.0)
+    bar[:, 4:16] = jet(np.linspace(1, 0, height))[:, None, :]
+    image = Image.fromarray(np.concatenate([*panels, bar], axis=1).astype(np.uint8))
+    draw, x = ImageDraw.Draw(image), sum(p.shape[1] for p in panels)
+    draw.text((x + 19, 0), f"{vmax:.3g}", fill=(0, 0, 0))
+    draw.text((x + 19, height - 11), f"{vmin:.3g}", fill=(0, 0, 0))
+    if threshold is not None and vmax > vmin:
+        y = int(round((vmax - threshold) / (vmax - vmin) * (height - 1)))
+        draw.line((x, y, x + 18, y), fill=(0, 0, 0), width=2)
+        draw.text((x + 19, min(max(y - 5, 12), height - 23)), f"thr {threshold:.3g}", fill=(0, 0, 0))
+    return image

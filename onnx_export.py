@@ -1,0 +1,229 @@
+"""A memory bank as one ONNX file that scores as PatchCore.predict does, for runtimes without torch.
+
+export_onnx(bank, output) rebuilds the model from the bank (PatchCore.from_bank), gives its AnomalyScorer a
+ScanSearch (TorchSearch's fp32 search, exportable: one scan over blocks of patches, the bank stored once),
+wraps it with the input step and the decisions (DeployedScorer), exports that with torch's ONNX exporter
+(torch.onnx.export(dynamo=True), onnxscript), writes the metadata, runs the file once with onnxruntime
+against predict() and only then renames it into place. The scoring itself is patchcore.py's; nothing here
+re-implements it. onnx_model.py holds the file's contract (input, outputs, metadata keys) and reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import functional as TF
+
+from bank import FORMAT_VERSION as BANK_FORMAT_VERSION
+from bank import BankError, load_bank
+from dataset import IMAGENET_MEAN, IMAGENET_STD
+from onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
+from patchcore import AnomalyScorer, PatchCore
+from search import ScanSearch
+from system import warn_once
+
+PROTOBUF_LIMIT = 2**31  # bytes: one protobuf file holds at most 2 GB; a larger model keeps its tensors in a .data file beside it
+BLOCK_BYTES = 2**28  # the largest distance block the graph's search holds at once, as TorchSearch's default
+SINGLE_MODEL_SECTIONS = {"format", "format_version", "sha256", "config", "model", "calibration", "category", "train", "environment"}
+CHECK_IMAGES = 2  # images the written file is run on, against predict(), before it is renamed into place
+CHECK_TOLERANCE = 1e-4  # relative to the largest value; measured on the tests' banks: below 1e-6 against the torch search
+
+
+class DeployedScorer(torch.nn.Module):
+    """uint8 RGB images [B, S, S, 3] -> dataset.Preprocess's ToTensor and Normalize -> AnomalyScorer -> scores [B],
+    maps [B, S, S], and, given thresholds, normalized scores, decisions and defect masks (onnx_model.py).
+
+    The decisions compare the float32 scores and maps with the thresholds rounded to float32, as evaluate.py
+    --images does (NumPy compares a float32 score with a Python float in float32)."""
+
+    def __init__(self, scorer: AnomalyScorer, image_threshold: float | None, pixel_threshold: float | None) -> None:
+        super().__init__()
+        self.scorer = scorer
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images.permute(0, 3, 1, 2).float().div(255)  # torchvision's ToTensor
+        x = x.sub(self.mean).div(self.std)  # torchvision's Normalize
+        scores, maps = self.scorer(x)
+        if self.image_threshold is None:
+            return scores, maps
+        return scores, maps, scores / self.image_threshold, scores >= self.image_threshold, maps >= self.pixel_threshold
+
+
+def scan_rows(patches_per_image: int, bank_rows: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Query rows per step of the graph's search: the largest divisor of an image's patch count whose distance
+    block [rows, bank_rows] fits in block_bytes (one image per step at bottle's size: 784 x 40,964 x 4 B = 128 MiB)."""
+    fits = [d for d in range(1, patches_per_image + 1) if patches_per_image % d == 0 and d * bank_rows * 4 <= block_bytes]
+    return max(fits, default=1)
+
+
+def check_single_model(path: Path, header: dict) -> None:
+    """Refuse, in one line, a bank whose header is not one model's (an ensemble's, say): the graph is one AnomalyScorer."""
+    if isinstance(header.get("members"), list):
+        raise BankError(
+            f"{path} holds an ensemble of {len(header['members'])} networks: export.py exports one model's bank, and an "
+            "ensemble's test-set normalisation has no single-image form to export; export a single-network bank"
+        )
+    extra = sorted(set(header) - SINGLE_MODEL_SECTIONS)
+    if extra or not isinstance(header.get("config"), dict) or not isinstance(header.get("model"), dict):
+        raise BankError(
+            f"{path} is not a single model's memory bank (sections {', '.join(extra) or 'config/model missing'}): "
+            "export.py exports one model's bank; ensembles cannot be exported yet"
+        )
+
+
+def project_version() -> str:
+    """The git commit this code is at (with '-dirty' for uncommitted changes), or 'unknown' outside a checkout."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True,
+                                   cwd=Path(__file__).resolve().parent, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
+
+
+def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, str]:
+    """The file's metadata_props (onnx_model.py lists the keys)."""
+    config, calibration = model.config, model.calibration
+    outputs = {
+        "scores": "float32 [B]: image scores, as PatchCore.predict gives them"
+        + (" (squared L2 distances: --protocol official)" if config.protocol == "official" else " (L2 distances, Eq. 6)"),
+        "maps": f"float32 [B, {config.image_size}, {config.image_size}]: anomaly maps, blurred, as PatchCore.predict gives them",
+    }
+    calibrated = calibration.get("image_threshold") is not None
+    if calibrated:
+        outputs.update(
+            normalized_scores="float32 [B]: scores / patchcore.image_threshold; 1.0 or more is defective",
+            decisions="bool [B]: true = defective, score >= patchcore.image_threshold (compared in float32)",
+            defect_masks="bool [B, S, S]: true = the map is at or above patchcore.pixel_threshold (compared in float32)",
+        )
+    preprocessing = {
+        "input": f"uint8 RGB, [batch, {config.image_size}, {config.image_size}, 3] (height, width, channel), 0..255",
+        "resize": config.resize,
+        "image_size": config.image_size,
+        "crop": config.crop,
+        "geometry": (
+            f"the shorter side resized to {config.resize} (the longer to int({config.resize} * long / short)), then the central "
+            f"{config.image_size} x {config.image_size} cut out at offsets int(round((side - {config.image_size}) / 2)), "
+            "rounding half to even"
+            if config.crop == "center"
+            else f"the whole image resized to {config.image_size} x {config.image_size}, aspect not kept"
+        ),
+        "filter": "PIL's Image.resize with Image.BILINEAR (antialiased when shrinking) on the 8-bit RGB image; none when the size is right",
+        "color": "8-bit RGB; grey, palette and RGBA converted with PIL's convert('RGB'); 16-bit grey scaled to 8 bits first",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "in_graph": "x / 255, then (x - mean) / std per channel (torchvision's ToTensor and Normalize)",
+    }
+    properties = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "preprocessing": json.dumps(preprocessing),
+        "config": json.dumps(config.to_dict()),
+        "calibration": json.dumps(calibration),
+        "outputs": json.dumps(outputs),
+        "weights": model.weights,
+        "backbone_sha256": model.backbone_sha256,
+        "backbone_precision": "fp32",
+        "bank_format_version": str(BANK_FORMAT_VERSION),
+        "bank_sha256": header["sha256"],
+        "bank_rows": str(len(model.memory_bank)),
+        "category": str(header.get("category", "")),
+        "search": search.describe(),
+        "project_version": project_version(),
+        "torch_version": torch.__version__,
+    }
+    if calibrated:
+        properties.update(
+            image_threshold=repr(float(calibration["image_threshold"])), pixel_threshold=repr(float(calibration["pixel_threshold"]))
+        )
+    return {KEY + key: value for key, value in properties.items()}
+
+
+def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, ScanSearch]:
+    """The model's scoring module with the exportable search, wrapped with the input step and the decisions."""
+    search = ScanSearch(model.memory_bank.cpu(), scan_rows(model.patches_per_image, len(model.memory_bank)))
+    scorer = AnomalyScorer(model.features, search, model.config)
+    calibration = model.calibration
+    thresholds = (
+        (calibration["image_threshold"], calibration["pixel_threshold"]) if calibration.get("image_threshold") is not None else (None, None)
+    )
+    return DeployedScorer(scorer, *thresholds).eval(), search
+
+
+def probe_images(image_size: int, n: int, seed: int = 0) -> np.ndarray:
+    """n seeded random uint8 RGB images [n, S, S, 3]: the export's example input and its check."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+
+
+def check_against_predict(path: Path, model: PatchCore, images: np.ndarray) -> float:
+    """Run the written file with onnxruntime and predict() on the same images; the largest difference of scores
+    and maps, relative to the largest value. Raises ExportError beyond CHECK_TOLERANCE."""
+    normalised = torch.stack([TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD) for image in images])
+    expected = model.predict(normalised)
+    got = DeployedModel(path)(images)
+    error = max(float(np.abs(got[name] - want).max() / np.abs(want).max()) for name, want in zip(OUTPUTS, expected))
+    if not error <= CHECK_TOLERANCE:
+        raise ExportError(f"the exported graph does not score as predict() does (relative difference {error:.2g}); nothing was written")
+    return error
+
+
+def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT) -> dict:
+    """Write the model of memory bank `bank` to `output` (an .onnx file, with its tensors in `output`.data when
+    they exceed `protobuf_limit`): atomically, checked against predict() first. Returns what was done."""
+    bank, output = Path(bank), Path(output)
+    header = load_bank(bank)[1]  # a damaged or foreign bank is refused here, in one line
+    check_single_model(bank, header)
+    model = PatchCore.from_bank(bank, device="cpu", search="torch")
+    if model.amp != "none":  # ONNX runtimes on CPUs run convolutions in fp32, as PatchCore does where bf16/fp16 is not native
+        warn_once(f"the bank's backbone runs in {model.amp} here (--amp {model.config.amp}); the exported graph runs it in fp32, "
+                  "as PatchCore does where the CPU lacks it: scores differ from this machine's by about 1e-3 relative")  # fmt: skip
+        model.backbone.amp = model.amp = "none"
+    deployed, search = deployed_scorer(model)
+    example = torch.from_numpy(probe_images(model.config.image_size, 2))
+    names = [*OUTPUTS, *(DECISION_OUTPUTS if deployed.image_threshold is not None else ())]
+    program = torch.onnx.export(
+        deployed, (example,), dynamo=True, input_names=[INPUT], output_names=names, verbose=False,
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )  # fmt: skip
+    program.model.metadata_props.update(metadata(model, header, search))
+    program.model.doc_string = (
+        f"PatchCore ({model.config.protocol} protocol) for category {header.get('category')!r}: uint8 RGB images -> "
+        f"{', '.join(names)}. Metadata 'patchcore.preprocessing' says how to prepare the images."
+    )
+    tensor_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    external = tensor_bytes >= protobuf_limit
+    data_name = f"{output.name}.data"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
+    try:
+        import onnx_ir
+
+        onnx_ir.save(program.model, stage / output.name, format="protobuf", external_data=data_name if external else None)
+        error = check_against_predict(stage / output.name, model, probe_images(model.config.image_size, CHECK_IMAGES, seed=1))
+        if external:
+            os.replace(stage / data_name, output.parent / data_name)
+        os.replace(stage / output.name, output)  # the model file last: whoever opens it finds its data in place
+        if not external:
+            (output.parent / data_name).unlink(missing_ok=True)  # an earlier, larger export's tensors
+    except OSError as err:
+        raise OSError(f"could not write {output} ({err.strerror or err}): free some disk space or choose another --output_dir") from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    sizes = [output.stat().st_size] + ([(output.parent / data_name).stat().st_size] if external else [])
+    return {
+        "path": output, "data": output.parent / data_name if external else None, "bytes": sum(sizes), "tensor_bytes": tensor_bytes,
+        "outputs": names, "check_error": error, "check_images": CHECK_IMAGES, "search": search.describe(),
+        "config": dataclasses.asdict(model.config),
+    }  # fmt: skip

@@ -72,8 +72,8 @@ def check_single_model(path: Path, header: dict) -> None:
     """Refuse, in one line, a bank whose header is not one model's (an ensemble's, say): the graph is one AnomalyScorer."""
     if isinstance(header.get("members"), list):
         raise BankError(
-            f"{path} holds an ensemble of {len(header['members'])} networks: export.py exports one model's bank, and an "
-            "ensemble's test-set normalisation has no single-image form to export; export a single-network bank"
+            f"{path} holds an ensemble of {len(header['members'])} networks: export.py exports one model's bank as one scoring "
+            "graph, and ensembles cannot be exported yet; export a single-network bank, or score with evaluate.py --images"
         )
     extra = sorted(set(header) - SINGLE_MODEL_SECTIONS)
     if extra or not isinstance(header.get("config"), dict) or not isinstance(header.get("model"), dict):

@@ -101,7 +101,7 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
         + (" (squared L2 distances: --protocol official)" if config.protocol == "official" else " (L2 distances, Eq. 6)"),
         "maps": f"float32 [B, {config.image_size}, {config.image_size}]: anomaly maps, blurred, as PatchCore.predict gives them",
     }
-    calibrated = calibration.get("image_threshold") is not None
+    calibrated = calibration.calibrated
     if calibrated:
         outputs.update(
             normalized_scores="float32 [B]: scores / patchcore.image_threshold; 1.0 or more is defective",
@@ -131,7 +131,7 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
         "format_version": str(FORMAT_VERSION),
         "preprocessing": json.dumps(preprocessing),
         "config": json.dumps(config.to_dict()),
-        "calibration": json.dumps(calibration),
+        "calibration": json.dumps(calibration.to_dict()),
         "outputs": json.dumps(outputs),
         "weights": model.weights,
         "backbone_sha256": model.backbone_sha256,
@@ -146,7 +146,7 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
     }
     if calibrated:
         properties.update(
-            image_threshold=repr(float(calibration["image_threshold"])), pixel_threshold=repr(float(calibration["pixel_threshold"]))
+            image_threshold=repr(float(calibration.image_threshold)), pixel_threshold=repr(float(calibration.pixel_threshold))
         )
     return {KEY + key: value for key, value in properties.items()}
 
@@ -156,9 +156,7 @@ def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, ScanSearch]:
     search = ScanSearch(model.memory_bank.cpu(), scan_rows(model.patches_per_image, len(model.memory_bank)))
     scorer = AnomalyScorer(model.features, search, model.config)
     calibration = model.calibration
-    thresholds = (
-        (calibration["image_threshold"], calibration["pixel_threshold"]) if calibration.get("image_threshold") is not None else (None, None)
-    )
+    thresholds = (calibration.image_threshold, calibration.pixel_threshold) if calibration.calibrated else (None, None)
     return DeployedScorer(scorer, *thresholds).eval(), search
 
 

@@ -279,8 +279,9 @@ def test_bad_banks_are_refused_in_one_line(evaluated, tmp_path):
     assert "has bank format 99, this code reads 2" in one_line_error(run("export.py", "--output_dir", tmp_path, "--category", "future"))
     bank, header = load_bank(out / "widget" / "memory_bank.npz")
     fields = {k: v for k, v in header.items() if k not in ("format", "format_version", "sha256")}
-    save_bank(tmp_path / "ensemble" / "memory_bank.npz", bank, {**fields, "members": [fields["model"], fields["model"]]})
-    with pytest.raises(BankError, match=r"is not a single model's memory bank \(sections members\)"):
+    members = [{"model": fields["model"], "calibration": fields["calibration"], "train": fields["train"]}] * 2
+    save_bank(tmp_path / "ensemble" / "memory_bank.npz", [bank, bank], {**fields, "members": members})  # an ensemble's file
+    with pytest.raises(BankError, match="holds an ensemble of 2 networks: export.py exports one model's bank"):
         export_onnx(tmp_path / "ensemble" / "memory_bank.npz", tmp_path / "ensemble" / "patchcore.onnx")
     with pytest.raises(BankError, match="no memory bank for nothing in"):
         export_categories(tmp_path, "nothing")

@@ -83,7 +83,9 @@ def test_export_writes_one_file_with_the_metadata(exported):
     assert float(meta["patchcore.pixel_threshold"]) == header["calibration"]["pixel_threshold"]
     assert meta["patchcore.bank_sha256"] == header["sha256"] and meta["patchcore.bank_format_version"] == "2"
     assert meta["patchcore.backbone_sha256"] == header["model"]["backbone_sha256"] and meta["patchcore.bank_rows"] == str(len(bank))
-    assert meta["patchcore.project_version"] not in ("", "unknown") and meta["patchcore.torch_version"] == torch.__version__
+    described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO, capture_output=True, text=True)
+    checkout = described.stdout.strip() if described.returncode == 0 else "unknown"  # a copy without .git: 'unknown'
+    assert meta["patchcore.project_version"] == checkout and meta["patchcore.torch_version"] == torch.__version__
     pre = model.preprocessing
     assert (pre["resize"], pre["image_size"], pre["crop"]) == (72, 64, "center")
     assert pre["mean"] == list(IMAGENET_MEAN) and pre["std"] == list(IMAGENET_STD)

@@ -23,11 +23,22 @@ def _write_error(path: Path, err: OSError) -> OSError:
     return OSError(f"could not write {path} ({err.strerror or err}): free some disk space or choose another --output_dir")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates owner-only (0600) files; results get the mode open() would give them
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[object], None], mode: str = "wb") -> None:
     """write(file) into a temporary file beside path, flush and fsync, then rename over path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

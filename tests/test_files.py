@@ -1,6 +1,7 @@
 """Safe writes: atomic files, reproducible archives written whole or one array at a time, staged folders."""
 
 import errno
+import stat
 
 import numpy as np
 import pytest
@@ -19,6 +20,14 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, failing, mode="w")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path):
+    (tmp_path / "plain.json").write_text("{}")  # open() applies the umask to 0666
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    save_npz(tmp_path / "bank.npz", {"x": np.zeros(2)})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes["metrics.json"] == modes["bank.npz"] == modes["plain.json"], modes
 
 
 def test_full_disk_gives_a_clear_error(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from image_io import find_images, load_rgb
 from maps import resize_map
 from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig
-from report import heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from report import heatmap_names, heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 from report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 from search import SEARCHES
 from system import device_name
@@ -219,7 +219,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         # time, or one by one at their own resolution for a bank that sees the whole image
         vmin, vmax = metrics["heatmap_scale"]
         threshold = calibration.pixel_threshold if on_calibrated_scale else metrics["pixel_f1_threshold"]
-        names = [Path(d) / (Path(p).stem + ".png") for p, d in zip(paths, defects)]
+        names = heatmap_names([Path(d) / Path(p).name for p, d in zip(paths, defects)])
         if whole:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
                 rgb, mask = dataset.original(i)
@@ -277,6 +277,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     scale = model.calibration.heatmap_scale or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own
     dataset = ImageFiles(paths, model.config.preprocess())
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
+    names = [name.as_posix() for name in heatmap_names([p.absolute().relative_to(base) for p in paths])]
     records = []
     inference = out_dir / "inference"
     start = time.perf_counter()
@@ -284,7 +285,7 @@ def score_new_images(args: argparse.Namespace) -> None:
         for images, indices in tqdm(make_loader(dataset, args, model.device), desc=f"{category} images", unit="batch"):
             scores, maps = model.predict(images)
             for image, index, value, anomaly_map in zip(images, indices.tolist(), scores, maps):
-                name = paths[index].absolute().relative_to(base).with_suffix(".png").as_posix()
+                name = names[index]
                 if model.config.crop == "none":  # drawn over the whole photo, at its own resolution
                     original = load_rgb(paths[index])
                     rgb, anomaly_map = np.asarray(original, np.float64), resize_map(anomaly_map, original.size)

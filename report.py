@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -62,6 +63,13 @@ def heatmap_panel(
             panel[outline] = 255
     panels.append(colour_bar(rgb.shape[0], vmin, vmax, threshold))
     return Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8))
+
+
+def heatmap_names(images: list[Path]) -> list[Path]:
+    """Each image's heatmap name beside its folder: <stem>.png, or <name>.png where two images of one
+    folder share a stem (a.png and a.jpg), so that neither overwrites the other's heatmap."""
+    stems = Counter(p.with_suffix("") for p in images)
+    return [p.with_suffix(".png") if stems[p.with_suffix("")] == 1 else p.with_name(p.name + ".png") for p in images]
 
 
 def save_heatmap(path: Path, panel: Image.Image) -> None:

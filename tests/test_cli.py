@@ -106,11 +106,16 @@ def test_scoring_new_images(evaluated, tmp_path):
     root, out, _ = evaluated
     _, header = load_bank(out / "widget" / "memory_bank.npz")
     calibration = header["calibration"]
-    result = evaluate(root, out, "--images", root / "widget" / "test" / "spot")
+    parts = tmp_path / "parts"  # two different images that share a stem keep a heatmap each
+    parts.mkdir()
+    shutil.copy(root / "widget" / "test" / "spot" / "000.png", parts / "000.png")
+    Image.open(root / "widget" / "test" / "spot" / "001.png").convert("RGB").save(parts / "000.jpg", quality=95)
+    result = evaluate(root, out, "--images", parts)
     assert result.returncode == 0, result.stderr
     inference = json.loads((out / "widget" / "inference" / "scores.json").read_text())
     assert inference["threshold"] == calibration["image_threshold"] and inference["pixel_threshold"] == calibration["pixel_threshold"]
     assert inference["thresholds_from"].startswith("calibrated on 1 held-out good images") and len(inference["images"]) == 2
+    assert sorted(r["heatmap"] for r in inference["images"]) == ["anomaly_maps/000.jpg.png", "anomaly_maps/000.png.png"]
     for record in inference["images"]:
         assert record["decision"] == ("defective" if record["score"] >= inference["threshold"] else "good")
         assert record["normalized_score"] == pytest.approx(record["score"] / inference["threshold"])

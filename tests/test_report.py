@@ -1,11 +1,12 @@
 """report.py: the summary table against the published numbers of each protocol, and the heatmap panel."""
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from report import heatmap_panel, summary_rows, write_summary
+from report import heatmap_names, heatmap_panel, summary_rows, write_summary
 
 
 def _result(category, image, pixel, pro, protocol="paper", shots=0):
@@ -85,6 +86,12 @@ def test_a_preset_run_is_compared_with_that_runs_results_like_with_like(tmp_path
     cells = "| bottle | all | 99.00 | 100.00 | -1.00 | 97.00 | 98.68 | -1.68 | 90.00 | 96.00 | 98.23 | -2.23 | 95.00 | 97.01 | -2.01 |"
     assert cells in table
     assert "IM320_Ensemble_L2-3_P001_D1024-384_PS-3_AN-1/results.csv" in table and "preset: official-im320-ensemble" in table
+
+
+def test_heatmap_names_keep_images_that_share_a_stem_apart():
+    images = [Path("crack/000.png"), Path("crack/000.jpg"), Path("crack/001.png"), Path("good/000.png"), Path("a/b/x.bmp")]
+    names = ["crack/000.png.png", "crack/000.jpg.png", "crack/001.png", "good/000.png", "a/b/x.png"]
+    assert [p.as_posix() for p in heatmap_names(images)] == names
 
 
 def test_heatmap_panel_layout_outline_and_region():

@@ -63,7 +63,7 @@ class DeployedScorer(torch.nn.Module):
 
 def scan_rows(patches_per_image: int, bank_rows: int, block_bytes: int = BLOCK_BYTES) -> int:
     """Query rows per step of the graph's search: the largest divisor of an image's patch count whose distance
-    block [rows, bank_rows] fits in block_bytes (one image per step at bottle's size: 784 x 40,964 x 4 B = 128 MiB)."""
+    block [rows, bank_rows] fits in block_bytes (one image per step at bottle's size: 784 x 40,964 x 4 B = 122.5 MiB)."""
     fits = [d for d in range(1, patches_per_image + 1) if patches_per_image % d == 0 and d * bank_rows * 4 <= block_bytes]
     return max(fits, default=1)
 

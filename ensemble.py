@@ -57,7 +57,7 @@ class PatchCoreEnsemble:
     """PatchCore with several networks: the members are PatchCores of member_configs(config), sharing every setting
     but the network, its layers and its weights. fit, add, predict, save and from_bank work as PatchCore's."""
 
-    def __init__(self, config: PatchCoreConfig, *, device: str = "auto", search: str = "auto", tf32: bool = False) -> None:
+    def __init__(self, config: PatchCoreConfig, *, device: str = "auto", search: str = "exact", tf32: bool = False) -> None:
         self.members = [PatchCore(member, device=device, search=search, tf32=tf32) for member in member_configs(config)]
         specs = [m.config.weights for m in self.members]  # 'auto' resolved, per member
         self.config = dataclasses.replace(config, weights=specs[0] if len(set(specs)) == 1 else ",".join(specs))

@@ -49,12 +49,11 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--search",
-        default="auto",
+        default="exact",
         choices=SEARCHES,
-        help="nearest-neighbour search: faiss (its fp32 distance expansion, no re-rank); torch (fp32 candidates re-ranked by "
-        "exact fp32 distances); fast (int8 candidates "
-        "on a CPU with VNNI, fp16 on a GPU, re-ranked exactly in fp32); auto (default: fast on a CPU with VNNI, else faiss where "
-        "it runs on the device, else torch)",
+        help="nearest-neighbour search: exact (default: the nearest memory patches by exact distance, certified by lower "
+        "bounds, on any CPU or GPU); faiss (IndexFlatL2: its fp32 distance expansion, not re-ranked, whose rounding depends "
+        "on the batch and the threads)",
     )
     parser.add_argument(
         "--pixel_metrics_at",

@@ -1,7 +1,7 @@
 """A memory bank as one ONNX file that scores as PatchCore.predict does, for runtimes without torch.
 
 export_onnx(bank, output) rebuilds the model from the bank (PatchCore.from_bank), gives its AnomalyScorer a
-ScanSearch (TorchSearch's fp32 search, exportable: one scan over blocks of patches, the bank stored once),
+ScanSearch (fp32 product candidates re-ranked by direct fp32 distances, exportable: one scan over blocks of patches, the bank stored once),
 wraps it with the input step and the decisions (DeployedScorer), exports that with torch's ONNX exporter
 (torch.onnx.export(dynamo=True), onnxscript), writes the metadata, runs the file once with onnxruntime
 against predict() and only then renames it into place. The scoring itself is patchcore.py's; nothing here
@@ -31,7 +31,7 @@ from search import ScanSearch
 from system import warn_once
 
 PROTOBUF_LIMIT = 2**31  # bytes: one protobuf file holds at most 2 GB; a larger model keeps its tensors in a .data file beside it
-BLOCK_BYTES = 2**28  # the largest distance block the graph's search holds at once, as TorchSearch's default
+BLOCK_BYTES = 2**28  # the largest distance block the graph's search holds at once
 SINGLE_MODEL_SECTIONS = {"format", "format_version", "sha256", "config", "model", "calibration", "category", "train", "environment"}
 CHECK_IMAGES = 2  # images the written file is run on, against predict(), before it is renamed into place
 CHECK_TOLERANCE = 1e-4  # relative to the largest value; measured on the tests' banks: below 1e-6 against the torch search
@@ -183,7 +183,7 @@ def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT) 
     bank, output = Path(bank), Path(output)
     header = load_bank(bank)[1]  # a damaged or foreign bank is refused here, in one line
     check_single_model(bank, header)
-    model = PatchCore.from_bank(bank, device="cpu", search="torch")
+    model = PatchCore.from_bank(bank, device="cpu")
     if model.amp != "none":  # ONNX runtimes on CPUs run convolutions in fp32, as PatchCore does where bf16/fp16 is not native
         warn_once(f"the bank's backbone runs in {model.amp} here (--amp {model.config.amp}); the exported graph runs it in fp32, "
                   "as PatchCore does where the CPU lacks it: scores differ from this machine's by about 1e-3 relative")  # fmt: skip

@@ -32,7 +32,7 @@ from dataset import Preprocess
 from maps import gaussian_blur
 from official import official_patches
 from published import PRESETS
-from search import FaissSearch, TorchSearch, make_search, resolve_search
+from search import ExactSearch, FaissSearch, ScanSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 from thresholds import Calibration, calibrate, holdout_images, note_on_growth
 
@@ -224,15 +224,16 @@ class PatchFeatures(torch.nn.Module):
 class AnomalyScorer(torch.nn.Module):
     """Scoring (Sec. 3.3) as one module: forward(images [B, 3, H, W]) -> (image scores [B], anomaly maps [B, H, W]).
 
-    It holds the patch features and a search over the memory bank (a buffer of the search). With a
-    TorchSearch every step is a torch operation, the exact search and Eq. 7 included.
+    It holds the patch features and a search over the memory bank (a buffer of the search): ExactSearch by
+    default, or ScanSearch, with which every step is a torch operation and the module exports as one graph
+    (onnx_export.py), or FaissSearch.
     paper: L2 distances (Eq. 6), maps blurred with mirror padding; official: squared L2
     distances, as faiss returns them to the released code, blurred as scipy's default ('reflect').
     With num_nn = k > 1 a patch's score is the mean of its k nearest distances, in the image score
     and the map alike (the released code's --anomaly_scorer_num_nn).
     """
 
-    def __init__(self, features: PatchFeatures, index: TorchSearch | FaissSearch, config: PatchCoreConfig) -> None:
+    def __init__(self, features: PatchFeatures, index: ExactSearch | ScanSearch | FaissSearch, config: PatchCoreConfig) -> None:
         super().__init__()
         self.features, self.index, self.config = features, index, config
 
@@ -281,16 +282,15 @@ class PatchCore:
     """The method, built from a PatchCoreConfig; `device` and `search` only decide how it runs.
     PatchCore(weights="none", seed=3) is PatchCore(PatchCoreConfig(weights="none", seed=3)).
 
-    search: 'faiss' (IndexFlatL2 on the GPU when faiss has GPUs); 'torch' (TorchSearch: fp32
-    candidates re-ranked exactly); 'fast' (the same with candidates from a low-precision
-    product: int8 on a CPU with VNNI, fp16 on a GPU); or 'auto': fast on such a CPU, else faiss
-    where it runs on the device, else torch. tf32: let a GPU run fp32 convolutions and products in TF32
+    search: 'exact' (ExactSearch, the default: the nearest memory patches by exact distance, certified, on
+    any device) or 'faiss' (IndexFlatL2, on the GPU when faiss has GPUs: its fp32 distance expansion,
+    not re-ranked). tf32: let a GPU run fp32 convolutions and products in TF32
     (faster, about 1e-3 relative error; process-wide). Fields given beside a config replace its values;
     protocol-dependent defaults (the coreset ratio) resolve when a config is built, not then.
     """
 
     def __init__(
-        self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "auto", tf32: bool = False, **fields
+        self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "exact", tf32: bool = False, **fields
     ) -> None:
         config = PatchCoreConfig(**fields) if config is None else dataclasses.replace(config, **fields)
         if len(config.backbones) > 1:
@@ -298,7 +298,7 @@ class PatchCore:
         self.device = resolve_device(device)
         # fp32 convolutions and products on a GPU: exact ('ieee') unless tf32 is asked for; a CPU has no TF32
         self.fp32_precision = set_cuda_fp32_precision(tf32) if self.device.type == "cuda" else "ieee"
-        self.search, self.low_precision = resolve_search(search, self.device)
+        self.search = resolve_search(search, self.device)
         self.backbone = Backbone(config.backbone, config.layers, config.weights, config.seed, self.device, config.amp)
         self.config = dataclasses.replace(config, weights=self.backbone.weights_spec)  # 'auto' resolved: the bank records what was used
         self.amp, self.weights, self.backbone_sha256 = self.backbone.amp, self.backbone.weights, self.backbone.sha256
@@ -459,7 +459,7 @@ class PatchCore:
         """The scoring module over a memory bank, indexed for the search that runs."""
         self._check_bank_size(len(memory_bank))
         bank = memory_bank.to(self.device, torch.float32).contiguous()
-        return AnomalyScorer(self.features, make_search(bank, self.search, self.low_precision), self.config)
+        return AnomalyScorer(self.features, make_search(bank, self.search), self.config)
 
     def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
         """Keep the memory bank inside the scoring module that predict() runs."""
@@ -512,7 +512,7 @@ class PatchCore:
 
     @classmethod
     def from_bank(
-        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "auto", tf32: bool = False
+        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "exact", tf32: bool = False
     ) -> PatchCore:
         """The model a memory bank was built with, holding that bank, its calibration and train facts.
 

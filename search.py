@@ -1,10 +1,13 @@
 """Nearest-neighbour search over the memory bank: the k nearest bank rows of each query patch.
 
 Three searches, all torch.nn.Modules holding the bank as a buffer, called as search(queries, k):
-- TorchSearch: candidates from a distance product in fp32 or a low precision (int8 on a CPU with
-  VNNI, fp16 on a GPU), re-ranked exactly in fp32; torch operations only;
-- ScanSearch: TorchSearch's fp32 search as an exportable graph (one scan over blocks of queries);
-- FaissSearch: faiss's IndexFlatL2 (on the GPU where faiss has GPUs); it leaves torch for numpy.
+- ExactSearch (the default, on every device): the k rows nearest by exact distance, certified. Cheap
+  lower bounds (a sketch of each row, below) rule out most of the bank; only rows they cannot rule
+  out get their distance computed, and the answer is the same as a float64 brute force would give;
+- ScanSearch: the fp32 distance product with an fp32 re-rank of its candidates, as a graph an ONNX
+  runtime can run (onnx_export.py): one scan over blocks of queries, the bank stored once;
+- FaissSearch: faiss's IndexFlatL2 (on the GPU where faiss has GPUs): its fp32 distance expansion,
+  without a re-rank; it leaves torch for numpy.
 resolve_search decides which one runs for a device.
 """
 
@@ -17,141 +20,204 @@ import faiss.contrib.torch_utils  # noqa: F401  (a GPU index then takes and retu
 import numpy as np
 import torch
 
-from backbone import AMP_DTYPES
-from system import cpu_supports, warn_once
-
-SEARCHES = ("auto", "faiss", "torch", "fast")
-# candidates per query that TorchSearch re-ranks, by the precision of its product. On random-init WideResNet
-# features one candidate found every nearest neighbour in every precision, on a coreset bank and on a dense one
-# (benchmarks/benchmark.py --stages search [--search_bank dense]); these keep a margin, larger where the product
-# has fewer bits, for features that could not be tried here. 32 instead of 1 costs about 7 % of the int8 search.
-RERANK_CANDIDATES = {"fp32": 8, "fp16": 8, "int8": 32, "bf16": 128}
+SEARCHES = ("exact", "faiss")
+SKETCH_DIMS = (32, 128)  # the sketches' principal directions: the scan over the whole bank, the second look at what it left
+RERANK_MARGIN = 4  # ScanSearch re-ranks at least k + this many candidates, so that k neighbours are never all it sees
+CANDIDATES = 8  # rows per query whose exact distance bounds the k-th nearest before the scan's rows are ruled out
+FP32_EPS = 2.0**-24  # float32's unit roundoff u
+SLACK = 1e-9  # relative to the norms: more than any float64 rounding in the bounds
 
 
-def resolve_search(search: str, device: torch.device) -> tuple[str, str | None]:
-    """(the search that runs: faiss, torch or fast; the fast search's low precision) for `search` on `device`.
-    auto: fast on a CPU with VNNI, else faiss where it runs on the device, else torch."""
+def resolve_search(search: str, device: torch.device) -> str:
+    """The search that runs: exact (any device), or faiss where this faiss build runs on the device."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    cuda = device.type == "cuda"
-    faiss_here = not cuda or (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0)
-    low = "fp16" if cuda else "int8" if cpu_supports("int8") else None
-    if search == "faiss" and not faiss_here:
-        raise ValueError("--search faiss: this faiss build has no GPU support; use --search torch or fast, or --device cpu")
-    if search == "fast" and low is None:
-        warn_once("--search fast: this CPU has no native int8 product (VNNI), so low precision would be slower than fp32; "
-                  "running the fp32 torch search")  # fmt: skip
-        return "torch", None
-    if search == "auto":
-        search = "fast" if low and not cuda else "faiss" if faiss_here else "torch"
-    return search, low if search == "fast" else None
+    if search == "faiss" and device.type == "cuda" and not (hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        raise ValueError("--search faiss: this faiss build has no GPU support; use --search exact, or --device cpu")
+    return search
 
 
-def make_search(bank: torch.Tensor, search: str, low_precision: str | None) -> TorchSearch | FaissSearch:
+def make_search(bank: torch.Tensor, search: str) -> ExactSearch | FaissSearch:
     """The search module that runs (resolve_search's answer) over a float32 bank on its device."""
-    if search == "faiss":
-        return FaissSearch(bank)
-    return TorchSearch(bank, low_precision or "fp32")
+    return FaissSearch(bank) if search == "faiss" else ExactSearch(bank)
 
 
-def _int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, d] as int8 with one scale per row (its largest magnitude / 127): x ~ scale[:, None] * int8."""
-    scale = x.abs().amax(1).clamp_min(1e-12) / 127
-    return (x / scale[:, None]).round_().to(torch.int8), scale
+def gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u): a float32 sum of n products is within gamma_n of the exact sum of their magnitudes
+    (Higham, Accuracy and Stability of Numerical Algorithms, Sec. 3.1), in any order and with or without FMA."""
+    return n * FP32_EPS / (1 - n * FP32_EPS)
 
 
-class TorchSearch(torch.nn.Module):
-    """k nearest bank rows in torch: candidates from a product in `precision`, re-ranked exactly in fp32.
+class ExactSearch(torch.nn.Module):
+    """The k nearest bank rows of each query by exact distance, and those distances.
 
-    The `candidates` nearest rows are found by ||q||^2 - 2 q.m + ||m||^2 on features centred on
-    the bank's mean (distances do not change, the terms shrink: 4x smaller norms on WideResNet
-    features), with the cross term in 'fp32', or in low precision: 'fp16' (the GPU's fast path),
-    'int8' with one scale per row (the CPU's, with VNNI), or 'bf16' (measured, not used: it needs
-    128 candidates). Their distances are then recomputed exactly in fp32 from the features,
-    ||q - m||^2, and ranked: the result is the exact nearest neighbour whenever the true one is
-    among the candidates, which the expansion alone misses on near-ties even in fp32.
+    The bound. Centre rows on the bank's mean (x = q - mean, y = m - mean) and take P, the bank's top principal
+    directions, orthonormal (float64). The sketch of a row is s(x) = (P x, ||x - P^T P x||): its projection and
+    the length of what the projection leaves out. Then, for every pair,
+
+        ||s(x) - s(y)||^2 = ||P(x - y)||^2 + (||Rx|| - ||Ry||)^2  <=  ||P(x - y)||^2 + ||R(x - y)||^2 = ||q - m||^2
+
+    (R = I - P^T P; the reverse triangle inequality), so a sketch distance never exceeds the true one. On patch
+    features the bank's variance sits in few directions and the bound is tight.
+
+    The search, for each block of queries:
+      1. the scan: every bank row's sketch distance (SKETCH_DIMS[0] directions) in one float32 product, and the
+         CANDIDATES + 1 smallest;
+      2. the exact fp32 distances of the CANDIDATES nearest by sketch: the k-th of them, raised by its rounding
+         bound, is an upper bound UB of the true k-th nearest distance;
+      3. every row whose lower bound (its sketch distance less the product's rounding bound, gamma) exceeds UB is
+         farther than k rows already seen, and is out. Where the scan's (CANDIDATES + 1)-th smallest is out, so is
+         every row but the candidates: certified. Otherwise the rows it cannot rule out get a second look, the
+         sketch on SKETCH_DIMS[1] directions (float64), and those it keeps their exact distance;
+      4. of the rows left, the k nearest by (exact distance, bank index); distances close enough to the k-th for
+         float32 rounding to matter are recomputed in float64, so the ranking is float64's and the same whatever
+         the batch, thread count or instruction set.
+    No row is ruled out by an estimate: each bound carries the rounding of the arithmetic that made it, so the
+    result is a float64 brute force's (ties: the lower bank index), for any bank and any queries. What bounds
+    cannot rule out costs time, never correctness.
     """
 
-    def __init__(self, bank: torch.Tensor, precision: str = "fp32", candidates: int | None = None) -> None:
+    def __init__(self, bank: torch.Tensor, candidates: int = CANDIDATES, sketch_dims: tuple[int, int] = SKETCH_DIMS) -> None:
         super().__init__()
-        self.precision, self.candidates = precision, candidates or RERANK_CANDIDATES[precision]
-        bank = bank.float()
-        mean = bank.mean(0)
-        centered = bank - mean
+        bank = bank.float().contiguous()
+        n_rows, width = bank.shape
+        self.candidates = candidates
         self.register_buffer("bank", bank)
-        self.register_buffer("mean", mean)
-        self.register_buffer("centered_sq", (centered**2).sum(1))
-        if precision == "int8":
-            low, scale = _int8_rows(centered)
-            self.register_buffer("scale", scale)
-        else:
-            low = centered.to(AMP_DTYPES.get(precision) or torch.float32)
-        self.register_buffer("low", low)
+        self.register_buffer("mean", bank.double().mean(0))
+        # P: the top principal directions of the centred bank (of up to 8,192 evenly spaced rows), orthonormal in float64
+        sample = bank[:: max(1, n_rows // 8192)] - self.mean.float()
+        _, vectors = torch.linalg.eigh((sample.T @ sample).double())  # any orthonormal P gives the bound: float32 suffices here
+        self.dims = (min(sketch_dims[0], width), min(sketch_dims[1], width))
+        self.register_buffer("basis", vectors.flip(1)[:, : self.dims[1]].T.contiguous())
+        sketches = [self.sketches(rows) for rows in bank.split(4096)]  # float64, made once
+        scan, second = (torch.cat(level).float() for level in zip(*sketches))
+        self.register_buffer("scan_sketch", scan)  # [M, d1 + 1], float32: the scan's product
+        self.register_buffer("scan_sq", (scan.double() ** 2).sum(1).float())
+        self.register_buffer("second_sketch", second)  # [M, d2 + 1], float32
+        self.register_buffer("norm_max", (bank.double() - self.mean).norm(dim=1).max())  # ||y|| = ||s(y)|| for every y
 
-    def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distances (squared ones if asked) and bank indices, each [M, k]. Queries go in chunks whose
-        largest temporary (the distance block, or one candidate's difference rows) stays under `block_bytes`."""
-        n_candidates = min(len(self.bank), max(self.candidates, k))
-        rows = max(1, block_bytes // (4 * max(len(self.bank), self.bank.shape[1])))  # query rows per chunk
-        distances, indices = [], []
-        for q in queries.split(rows):
-            value, index = self.search_block(q, k, n_candidates)
-            distances.append(value if squared else value.sqrt())
-            indices.append(index)
-        return torch.cat(distances), torch.cat(indices)
+    def sketches(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s(x) of centred rows on the first d1 and on all d2 directions, in float64: ([n, d1 + 1], [n, d2 + 1])."""
+        x = rows.double() - self.mean
+        projected = x @ self.basis.T
+        squared = (x * x).sum(1, keepdim=True)
+        short = projected[:, : self.dims[0]]
+        left_out = (squared - (short * short).sum(1, keepdim=True)).clamp_min(0).sqrt()
+        left_out_all = (squared - (projected * projected).sum(1, keepdim=True)).clamp_min(0).sqrt()
+        return torch.cat([short, left_out], 1), torch.cat([projected, left_out_all], 1)
 
-    def search_block(self, q: torch.Tensor, k: int, n_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared L2 distances and bank indices [len(q), k] of one block of queries: the `n_candidates`
-        nearest rows by the product, re-ranked by their exact fp32 distances."""
-        q = q.float()
-        centered = q - self.mean
-        d2 = self.cross(centered).mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
-        index = d2.topk(n_candidates, dim=1, largest=False).indices
-        exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
-        value, order = exact.topk(k, dim=1, largest=False)  # the exact re-rank
-        return value, index.gather(1, order)
+    def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 distances (squared ones if asked) and bank indices, each [n, k]. Queries go in blocks whose scan
+        ([rows, M] float32) stays under `block_bytes`."""
+        if not 1 <= k <= len(self.bank):
+            raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.bank)}")
+        rows = max(1, block_bytes // (4 * len(self.bank)))
+        distances, indices = zip(*(self.search_block(q.float(), k) for q in queries.split(rows)))
+        distances = torch.cat(distances)
+        return (distances if squared else distances.sqrt()).float(), torch.cat(indices)
 
-    def cross(self, centered: torch.Tensor) -> torch.Tensor:
-        """The product of centred queries [n, C] with the centred bank [M, C], in this search's precision: [n, M] fp32."""
-        if self.precision == "int8":
-            q_low, q_scale = _int8_rows(centered)
-            return torch._int_mm(q_low, self.low.T).float().mul_(q_scale[:, None]).mul_(self.scale)
-        return (centered.to(self.low.dtype) @ self.low.T).float()
+    def search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances (float64) and bank indices [n, k] of one block of queries."""
+        n, n_rows = len(q), len(self.bank)
+        scan, second = self.sketches(q)
+        scan32 = scan.float()
+        # 1. the scan: ||s(y)||^2 - 2 s(x).s(y) for every bank row; ||s(x)||^2 joins the threshold instead
+        partial = torch.addmm(self.scan_sq, scan32, self.scan_sketch.T, alpha=-2)
+        c = min(n_rows, max(self.candidates, k))
+        smallest, nearest = partial.topk(min(n_rows, c + 1), dim=1, largest=False)
+        # 2. exact distances of the c candidates: an upper bound of the k-th nearest
+        d32 = self.exact_fp32(q, torch.arange(n, device=q.device).repeat_interleave(c), nearest[:, :c].flatten()).view(n, c)
+        upper = (d32.kthvalue(k, dim=1).values.double() * (1 + 2 * gamma(q.shape[1] + 2))).sqrt()
+        # 3. what the bounds leave: a row is out when sqrt(its sketch distance^2 - rounding) - margin > upper
+        scan_norm = scan32.double().norm(dim=1)
+        margin = FP32_EPS * self.norm_max + SLACK * (scan_norm + self.norm_max)  # the stored sketches' rounding, float64's
+        rounding = gamma(self.dims[0] + 4) * (scan_norm + self.norm_max) ** 2  # the float32 product's
+        threshold = (upper + margin) ** 2 + rounding - (scan32.double() ** 2).sum(1)
+        threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=q.device))
+        certified = smallest[:, -1] > threshold if c < n_rows else torch.ones(n, dtype=torch.bool, device=q.device)
+        out_d = torch.empty(n, k, dtype=torch.float64, device=q.device)
+        out_i = torch.empty(n, k, dtype=torch.long, device=q.device)
+        if certified.any():
+            out_d[certified], out_i[certified] = self.k_nearest(q[certified], nearest[certified, :c], d32[certified], k)
+        unsure = (~certified).nonzero()[:, 0]
+        if len(unsure):
+            pair_query, pair_row = (partial[unsure] <= threshold[unsure, None]).nonzero(as_tuple=True)
+            lower = (second[unsure][pair_query] - self.second_sketch[pair_row].double()).norm(dim=1) - margin[unsure][pair_query]
+            keep = lower <= upper[unsure][pair_query] * (1 + SLACK)
+            pair_query, pair_row = pair_query[keep], pair_row[keep]
+            counts = torch.bincount(pair_query, minlength=len(unsure))  # at least k each: the k nearest are never out
+            slot = torch.arange(len(pair_query), device=q.device) - (torch.cumsum(counts, 0) - counts)[pair_query]
+            rows = torch.full((len(unsure), int(counts.max())), n_rows, dtype=torch.long, device=q.device)  # n_rows: padding
+            rows[pair_query, slot] = pair_row
+            d = torch.full(rows.shape, float("inf"), device=q.device)
+            d[pair_query, slot] = self.exact_fp32(q, unsure[pair_query], pair_row)
+            out_d[unsure], out_i[unsure] = self.k_nearest(q[unsure], rows, d, k)
+        return out_d, out_i
+
+    def exact_fp32(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """sum_i (q_i - m_i)^2 in float32, directly (no expansion), for the pairs (q[which], bank[rows]), `chunk`
+        pairs at a time. Within gamma(C + 2) of the exact value, relatively."""
+        out = torch.empty(len(which), device=q.device)
+        for lo in range(0, len(which), chunk):
+            diff = q[which[lo : lo + chunk]] - self.bank[rows[lo : lo + chunk]]
+            out[lo : lo + chunk] = (diff * diff).sum(1)
+        return out
+
+    def k_nearest(self, q: torch.Tensor, rows: torch.Tensor, d32: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest of each query's `rows` [n, w] by (float64 distance, bank index): the rows within float32's
+        rounding of the k-th get their distance in float64, the others cannot be among the k."""
+        band = d32 <= d32.kthvalue(k, dim=1).values[:, None] * (1 + 4 * gamma(q.shape[1] + 2))
+        d64 = torch.full(rows.shape, float("inf"), dtype=torch.float64, device=q.device)
+        which, slot = band.nonzero(as_tuple=True)
+        d64[which, slot] = ((q[which].double() - self.bank[rows[which, slot]].double()) ** 2).sum(1)
+        by_index = rows.argsort(dim=1, stable=True)
+        rows, d64 = rows.gather(1, by_index), d64.gather(1, by_index)
+        order = d64.argsort(dim=1, stable=True)[:, :k]
+        return d64.gather(1, order), rows.gather(1, order)
 
     def describe(self) -> str:
-        return f"torch, {self.precision} candidates ({self.candidates} per patch) re-ranked exactly in fp32"
+        return (f"exact: sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "
+                f"the rest ranked by exact distance (float64 where float32 could tie)")
 
 
-class ScanSearch(TorchSearch):
-    """TorchSearch's fp32 search (the same candidates, the same exact re-rank) in the form an exported graph needs
-    (onnx_export.py): one graph for any number of queries, the bank in it once, its memory bounded.
+class ScanSearch(torch.nn.Module):
+    """The exported graph's search (onnx_export.py): candidates from the fp32 distance product on features centred
+    on the bank's mean, re-ranked by their direct fp32 distances ||q - m||^2. Not certified as ExactSearch is:
+    it returns the exact nearest whenever the true one is among the candidates, which on near-ties of the
+    product is not guaranteed. `candidates` rows re-ranked per query, and always k + RERANK_MARGIN at least.
 
     - Queries go through torch's scan in blocks of `rows` (fewer when there are fewer queries; the last block
-      padded): a runtime holds one block's [rows, M] distances at a time, whatever the batch. TorchSearch's
-      Python loop over a query-dependent number of chunks would be unrolled for one batch size by an export.
-    - The product's centred bank is computed from the bank inside each block step rather than stored beside it,
-      so the file holds the bank once (onnxruntime folds the subtraction into a constant when it loads the file,
-      and then holds it twice, as TorchSearch does). Inside the step, because OpenVINO cannot convert a scan
-      whose body reads a value computed outside it.
+      padded): a runtime holds one block's [rows, M] distances at a time, whatever the batch. A Python loop over
+      a query-dependent number of chunks would be unrolled for one batch size by an export.
+    - The centred bank is computed from the bank inside each block step rather than stored beside it, so the
+      file holds the bank once. Inside the step, because OpenVINO cannot convert a scan whose body reads a value
+      computed outside it.
     """
 
-    def __init__(self, bank: torch.Tensor, rows: int) -> None:
-        torch.nn.Module.__init__(self)  # TorchSearch's buffers but for the stored low-precision copy
+    def __init__(self, bank: torch.Tensor, rows: int, candidates: int = CANDIDATES) -> None:
+        super().__init__()
         bank = bank.float()
         mean = bank.mean(0)
         self.register_buffer("bank", bank)
         self.register_buffer("mean", mean)
         self.register_buffer("centered_sq", ((bank - mean) ** 2).sum(1))
-        self.precision, self.candidates, self.rows = "fp32", RERANK_CANDIDATES["fp32"], rows
+        self.candidates, self.rows = candidates, rows
 
-    def cross(self, centered: torch.Tensor) -> torch.Tensor:
-        return centered @ (self.bank - self.mean).T
+    def search_block(self, q: torch.Tensor, k: int, n_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances and bank indices [len(q), k] of one block: the `n_candidates` nearest rows by the
+        product, re-ranked by their direct fp32 distances."""
+        centered = q - self.mean
+        d2 = (centered @ (self.bank - self.mean).T).mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
+        index = d2.topk(n_candidates, dim=1, largest=False).indices
+        exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
+        value, order = exact.topk(k, dim=1, largest=False)
+        return value, index.gather(1, order)
 
     def forward(self, queries: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2 distances (squared ones if asked) and bank indices, each [M, k], as TorchSearch gives them."""
+        """L2 distances (squared ones if asked) and bank indices, each [n, k]."""
         from torch._higher_order_ops.scan import scan  # torch's loop operator; exported as ONNX Scan
 
-        n_candidates = min(len(self.bank), max(self.candidates, k))
+        n_candidates = min(len(self.bank), max(self.candidates, k + RERANK_MARGIN))
         n, width = queries.shape
         rows = min(self.rows, n)
         blocks = (n + rows - 1) // rows
@@ -161,7 +227,8 @@ class ScanSearch(TorchSearch):
         return (value if squared else value.sqrt()), index
 
     def describe(self) -> str:
-        return f"torch scan over blocks of {self.rows} queries, fp32 candidates ({self.candidates} per patch) re-ranked exactly in fp32"
+        return (f"torch scan over blocks of {self.rows} queries, fp32 product candidates ({self.candidates} per patch, "
+                f"k + {RERANK_MARGIN} at least) re-ranked by direct fp32 distances; not certified")
 
 
 @functools.cache

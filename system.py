@@ -22,21 +22,46 @@ def warn_once(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr)
 
 
+# PATCHCORE_BASELINE_CPU=1 hides these from the code, so that a CPU with them runs as one without would. Torch's and
+# oneDNN's own kernels choose by the CPU as well: `make test` sets ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2
+# beside it for its second pass (docs/architecture.md, "Any CPU").
+HIDDEN_BY_BASELINE = ("avx512", "avx_vnni", "amx", "avx_ne_convert", "avx_ifma", "avx_vnni_int8")
+BASELINE_ENV = "PATCHCORE_BASELINE_CPU"
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo cannot be read)."""
+    """The CPU's feature flags as Linux reports them (empty where /proc/cpuinfo cannot be read), less AVX-512,
+    VNNI, BF16 and AMX under PATCHCORE_BASELINE_CPU=1."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            flags = frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
     except OSError:
         return frozenset()
+    if os.environ.get(BASELINE_ENV, "0") not in ("", "0"):
+        flags = frozenset(f for f in flags if not f.startswith(HIDDEN_BY_BASELINE))
+    return flags
 
 
 def cpu_supports(precision: str) -> bool:
-    """Whether this CPU computes in `precision` natively: bf16 (AVX-512-BF16 or AMX-BF16), fp16 (AVX-512-FP16
-    or AMX-FP16) or int8 (VNNI). Emulated low precision is slower than fp32, so it does not count."""
-    needs = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}, "int8": {"avx512_vnni", "avx_vnni", "amx_int8"}}
+    """Whether this CPU computes in `precision` natively: bf16 (AVX-512-BF16 or AMX-BF16) or fp16 (AVX-512-FP16
+    or AMX-FP16). Emulated low precision is slower than fp32, so it does not count."""
+    needs = {"bf16": {"avx512_bf16", "amx_bf16"}, "fp16": {"avx512_fp16", "amx_fp16"}}
     return bool(needs[precision] & cpu_flags())
+
+
+def cpu_kind() -> str:
+    """The CPU's model name and the flags that decide its kernels, for the outputs beside speed figures."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+    shown = [f for f in wanted if f in cpu_flags()]
+    hidden = " (AVX-512, VNNI, BF16 and AMX hidden by PATCHCORE_BASELINE_CPU)" if os.environ.get(BASELINE_ENV, "0") not in ("", "0") else ""
+    return f"{name}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/vnni/bf16/amx'}{hidden}"
 
 
 def _visible_nvidia_gpu() -> str | None:

@@ -61,7 +61,7 @@ def test_gpu_features_scores_and_maps_equal_the_cpus_in_exact_fp32():
     train = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     results = []
     for device in ("cpu", "cuda"):
-        model = PatchCore(weights="none", device=device, image_size=64, search="torch")
+        model = PatchCore(weights="none", device=device, image_size=64, search="exact")
         model.set_memory_bank(model.aggregate_patches(model.extract_features(train)).flatten(0, 1))
         results.append((model.aggregate_patches(model.extract_features(images)).cpu(), *model.predict(images)))
     for cpu, gpu in zip(*results):

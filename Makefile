@@ -27,9 +27,13 @@ demo: $(VENV)/.runtime
 	$(PY) evaluate.py --data_path $(DEMO_DATA) --category synthetic --output_dir $(DEMO_OUT)
 	@echo "heatmaps: $(DEMO_OUT)/synthetic/anomaly_maps/   metrics: $(DEMO_OUT)/synthetic/metrics.json   in a browser: $(DEMO_OUT)/report.html"
 
+# the second pass: the search-, precision- and CPU-dependent tests again, as on a CPU without AVX-512, VNNI, BF16 and AMX
+BASELINE_CPU := PATCHCORE_BASELINE_CPU=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2
+	$(BASELINE_CPU) $(PY) -m pytest -q -n 2 -m cpu_dependent
 
 $(VENV)/.notebook: $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check notebook

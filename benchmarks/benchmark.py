@@ -9,11 +9,11 @@ Stages (--stages, comma list; default: speed,e2e):
           raw matrix product it needs);
   e2e     train.py and evaluate.py end to end, in fresh processes;
   large   train.py and evaluate.py on synthetic 1500x1000 JPEGs (VisA's size) against 256 px PNGs;
-  search  evaluation per image with faiss fp32 against the fast re-ranked search (several candidate
-          counts), and with the fp32 against the bf16 backbone: time, top-1 agreement with a float64
-          brute-force search, score error, AUROC; on the coreset bank, or (--search_bank dense) on
-          the first training patches, where near-ties make a candidate search work hardest;
-  drivers train.py and evaluate.py (--search auto, and faiss) at bottle scale and at their own default
+  search  faiss against the exact search on the same bank and patches: time, top-1 agreement with a
+          float64 brute force, score error, AUROC; the backbone's time per image, the share the search
+          takes of it, and the whole evaluation per image with each; on the coreset bank, or
+          (--search_bank dense) on the first training patches, where near-ties abound;
+  drivers train.py and evaluate.py (--search exact, the default, and faiss) at bottle scale and at their own default
           settings: what README's speed line says;
   presets the IM224 baseline against the IM320 ensemble of the released code, at bottle scale;
   memory  peak RSS of train.py at two training-set sizes, one-pass (default) and two-pass, and
@@ -35,7 +35,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -55,6 +54,7 @@ from coreset import greedy_coreset  # noqa: E402
 from dataset import CategoryDataset, Preprocess  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
 from synthetic import make_synthetic_category  # noqa: E402
+from system import cpu_kind  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -97,11 +97,12 @@ def gib(n: int | None) -> float | None:
 
 
 def record(rows: list[dict], name: str, stage: Stage | None = None, **facts) -> None:
-    row = {"stage": name, **facts}
+    """One figure, with the CPU it was measured on (its model name and the flags that decide its kernels)."""
+    row = {"stage": name, **facts, "cpu": cpu_kind()}
     if stage is not None:
         row.update(seconds=round(stage.seconds, 4), peak_rss_gib=gib(stage.peak), peak_gpu_gib=gib(stage.peak_gpu))
     rows.append(row)
-    print(f"{name:<44} {json.dumps({k: v for k, v in row.items() if k != 'stage'})}", flush=True)
+    print(f"{name:<44} {json.dumps({k: v for k, v in row.items() if k not in ('stage', 'cpu')})}  [{row['cpu']}]", flush=True)
 
 
 def plain_greedy_loop(points: torch.Tensor, n_select: int, start: int) -> list[int]:
@@ -238,12 +239,12 @@ def _defaults_run(data: Path, out: Path, args: argparse.Namespace, script: str, 
 
 def stage_drivers(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     """README's figures: train.py and evaluate.py end to end at bottle scale and at their default settings
-    (batch size, workers, calibration on, --search auto), and evaluate.py with --search faiss."""
+    (batch size, workers, calibration on, --search exact), and evaluate.py with --search faiss."""
     data, out = _bottle(work, "drivers", 256), work / "drivers-results"
     seconds, peak, _ = _defaults_run(data, out, args, "train.py", "--weights", "none")
     record(rows, "train.py, defaults, bottle scale", seconds=round(seconds, 1), s_per_image=round(seconds / 209, 3),
            peak_rss_gib=round(peak, 3))  # fmt: skip
-    for search in ("auto", "faiss"):
+    for search in ("exact", "faiss"):
         seconds, peak, _ = _defaults_run(data, out, args, "evaluate.py", "--search", search)
         metrics = json.loads((out / "synthetic" / "metrics.json").read_text())
         record(rows, f"evaluate.py --search {search}, bottle scale", seconds=round(seconds, 1),
@@ -344,11 +345,11 @@ def float64_nearest(queries: torch.Tensor, bank: torch.Tensor, rows: int = 1024)
 
 
 def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
-    """Evaluation speed on a CPU (or GPU): faiss fp32 against the fast re-ranked search at several candidate
-    counts, and the fp32 against the bf16 backbone; top-1 agreement, score error and AUROC of each."""
-    import system
+    """Evaluation per image on this CPU (or GPU): faiss against the exact search, on the same bank and patches: the
+    search alone, its top-1 agreement with a float64 brute force and score error; then the backbone alone and the
+    whole per-image evaluation (backbone, search, maps) with each, and what share of the backbone's time the search takes."""
     from metrics import auroc
-    from search import TorchSearch
+    from search import ExactSearch
 
     device = torch.device(args.device)
     resize = args.image_size * 256 // 224
@@ -382,64 +383,45 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
 
     reference_auroc = auroc(labels, image_scores(exact))[0]
     bank = model.memory_bank
-    cuda = device.type == "cuda"
-    native = {"fp32": True, "int8": not cuda and system.cpu_supports("int8")}
-    native.update({p: cuda or system.cpu_supports(p) for p in ("bf16", "fp16")})
-    searches = [("faiss, fp32 expansion", None, functools.partial(model.nearest_neighbors, k=1))]
-    for precision in (p for p in args.search_precisions.split(",") if not (cuda and p == "int8")):  # int8 is the CPU's
-        search = TorchSearch(bank, precision)  # the low-precision copies are made once, as set_memory_bank does
-        for c in (int(v) for v in args.candidates.split(",")):
-            search.candidates = c
-            searches.append((f"{precision} candidates: {c}", precision, functools.partial(search, k=1)))
-    for name, precision, search in searches:
-        # a precision the device does not compute natively is emulated: timed on 4 images, for its accuracy only
-        n = len(queries) if precision is None or native[precision] else 4 * per_image
+    with Stage(device) as s:
+        exact_search = ExactSearch(bank)
+    record(rows, "exact search: built (sketches)", s, bank=list(bank.shape))
+    searches = {"faiss, fp32 expansion": functools.partial(model.nearest_neighbors, k=1), "exact": functools.partial(exact_search, k=1)}
+    search_ms = {}
+    for name, search in searches.items():
         search(queries[:per_image].to(device))  # warm-up
         with Stage(device) as s:
-            distances, index = (t.cpu() for t in search(queries[:n].to(device)))
-        error = (distances.double() - exact[:n]) / exact[:n].clamp_min(1e-12)  # the score against float64
-        chosen = (queries[:n].double() - bank.cpu().double()[index[:, 0]]).norm(dim=1, keepdim=True)  # float64, of the patch taken
-        whole = n == len(queries)
-        scores = image_scores(distances) if whole else None
-        image_error = float(np.abs(scores - image_scores(exact)).max() / np.abs(image_scores(exact)).max()) if whole else None
-        agreement = round(float((index[:, 0] == exact_index[:n]).float().mean()), 6)
-        record(rows, f"search: {name}", s, native=precision is None or native[precision], patches=n,
-               ms_per_image=round(1000 * s.seconds * per_image / n, 1), top1_agreement=agreement,
-               farther_patch_taken=int((chosen > exact[:n] * (1 + 1e-6)).sum()), max_rel_patch_score_diff=float(error.abs().max()),
-               max_rel_image_score_diff=image_error,
-               auroc_diff=auroc(labels, scores)[0] - reference_auroc if whole else None)  # fmt: skip
+            distances, index = (t.cpu() for t in search(queries.to(device)))
+        error = (distances.double() - exact) / exact.clamp_min(1e-12)  # the score against float64
+        chosen = (queries.double() - bank.cpu().double()[index[:, 0]]).norm(dim=1, keepdim=True)  # float64, of the patch taken
+        scores = image_scores(distances)
+        search_ms[name] = 1000 * s.seconds / len(images)
+        record(rows, f"search: {name}", s, patches=len(queries), ms_per_image=round(search_ms[name], 1),
+               top1_agreement=round(float((index[:, 0] == exact_index).float().mean()), 6),
+               farther_patch_taken=int((chosen > exact * (1 + 1e-6)).sum()), max_rel_patch_score_diff=float(error.abs().max()),
+               max_rel_image_score_diff=float(np.abs(scores - image_scores(exact)).max() / np.abs(image_scores(exact)).max()),
+               auroc_diff=auroc(labels, scores)[0] - reference_auroc)  # fmt: skip
 
-    # the whole per-image evaluation (backbone + search + maps): fp32 faiss, the default search, and a bf16 backbone;
-    # where the CPU has no native bf16, PatchCore runs fp32 instead: the bf16 numbers are then emulated, for accuracy only
-    bf16_native = device.type == "cuda" or system.cpu_supports("bf16")
-    variants = [
-        ("fp32 backbone, faiss", "faiss", "none"),
-        ("fp32 backbone, auto search", "auto", "none"),
-        ("bf16 backbone, auto search", "auto", "bf16"),
-    ]
-    reference_scores = None
-    for name, how, amp in variants:
-        emulated = amp == "bf16" and not bf16_native
-        flags = system.cpu_flags
-        if emulated:  # bf16 measured on purpose where it is emulated; every other check (the search's int8) as it is
-            system.cpu_flags = functools.partial(frozenset.union, flags(), {"avx512_bf16"})
-        try:
-            scorer = PatchCore(search=how, amp=amp, **settings)
-        finally:
-            system.cpu_flags = flags
+    # the backbone alone, then the whole per-image evaluation (backbone + search + maps), at the batch size given
+    model.extract_features(images[: args.batch_size])  # warm-up
+    with Stage(device) as s:
+        for b in images.split(args.batch_size):
+            model.aggregate_patches(model.extract_features(b))
+    backbone_ms = 1000 * s.seconds / len(images)
+    record(rows, "backbone + patch features per image", s, ms_per_image=round(backbone_ms, 1), batch=args.batch_size)
+    for name in searches:
+        record(rows, f"search share of the backbone: {name}", share=round(search_ms[name] / backbone_ms, 3))
+    evaluated = {}
+    for how in ("faiss", "exact"):
+        scorer = PatchCore(search=how, **settings)
         scorer.set_memory_bank(model.memory_bank)
         scorer.predict(images[: args.batch_size])  # warm-up
         with Stage(device) as s:
             scores = np.concatenate([scorer.predict(b)[0] for b in images.split(args.batch_size)])
-        reference_scores = scores if reference_scores is None else reference_scores
-        record(rows, f"evaluate per image: {name}", s, ms_per_image=round(1000 * s.seconds / len(images), 1), emulated=emulated,
-               search=scorer.search_name(), backbone=scorer.amp, image_auroc=auroc(labels, scores)[0],
-               auroc_diff=auroc(labels, scores)[0] - reference_auroc,
-               max_rel_image_score_diff=float(np.abs(scores - reference_scores).max() / np.abs(reference_scores).max()))  # fmt: skip
-    if not bf16_native:
-        record(
-            rows, "bf16 backbone", native=False, note="no native bf16 on this CPU: PatchCore keeps the backbone in fp32, and says so once"
-        )
+        evaluated[how] = 1000 * s.seconds / len(images)
+        record(rows, f"evaluate per image: {how}", s, ms_per_image=round(evaluated[how], 1), search=scorer.search_name(),
+               image_auroc=auroc(labels, scores)[0], auroc_diff=auroc(labels, scores)[0] - reference_auroc)  # fmt: skip
+    record(rows, "evaluate per image: faiss over exact", ratio=round(evaluated["faiss"] / evaluated["exact"], 2))
 
 
 # Sums the bytes on disk of the distributions a list of requirement lines installs, their dependencies included
@@ -610,8 +592,6 @@ def main() -> None:
     parser.add_argument("--search_bank", choices=["coreset", "dense"], default="coreset",
                         help="search stage's bank: the 25%% coreset (default), or as many of the first training patches, without "
                         "a coreset: the harder case for a candidate search, with many near-ties")  # fmt: skip
-    parser.add_argument("--candidates", default="1,4,8,16,32,64,128", help="candidate counts of the re-ranked search to compare")
-    parser.add_argument("--search_precisions", default="fp32,int8,bf16,fp16", help="products of the re-ranked search to compare")
     parser.add_argument(
         "--num_workers",
         type=int,
@@ -640,7 +620,7 @@ def main() -> None:
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "cpu_threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_kind(),
         "torch": torch.__version__,
         "args": vars(args),
         "rows": rows,

@@ -10,18 +10,18 @@ SMALL = ["--batch_size", "4", "--num_workers", "0", "--device", "cpu"]
 THREADS = {"OMP_NUM_THREADS": "2"}  # results are reproducible at a fixed thread count (docs/architecture.md)
 
 
-def run(script, *args):
-    env = {**os.environ, **THREADS}
+def run(script, *args, env=None):
+    env = {**os.environ, **THREADS, **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env)
 
 
-def train(root, out, *extra):
+def train(root, out, *extra, env=None):
     return run("train.py", "--data_path", root, "--category", "widget", "--output_dir", out, "--weights", "none",
-               "--resize", "72", "--image_size", "64", *SMALL, *extra)  # fmt: skip
+               "--resize", "72", "--image_size", "64", *SMALL, *extra, env=env)  # fmt: skip
 
 
-def evaluate(root, out, *extra):
-    return run("evaluate.py", "--data_path", root, "--category", "widget", "--output_dir", out, *SMALL, *extra)
+def evaluate(root, out, *extra, env=None):
+    return run("evaluate.py", "--data_path", root, "--category", "widget", "--output_dir", out, *SMALL, *extra, env=env)
 
 
 def one_line_error(result, code=1):

@@ -13,7 +13,7 @@ def test_benchmark_small_run(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", stages, "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
-               "--search_test", "6", "--candidates", "1,8", "--search_precisions", "fp32,int8", "--deploy_test", "6",
+               "--search_test", "6", "--deploy_test", "6",
                "--deploy_venv", sys.prefix, "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -33,9 +33,12 @@ def test_benchmark_small_run(tmp_path):
     for name in ("256 px PNG", "1500x1000 JPEG"):
         assert rows[f"train.py on {name}"]["images"] == 3 and rows[f"evaluate.py on {name}"]["images"] == 4
     assert rows["search: faiss, fp32 expansion"]["max_rel_patch_score_diff"] < 1e-2  # its expansion's rounding (measured: 5e-3)
-    for name in ("search: fp32 candidates: 8", "search: int8 candidates: 8"):  # re-ranked: float64's neighbours, to fp32 rounding
-        assert rows[name]["farther_patch_taken"] == 0 and rows[name]["max_rel_patch_score_diff"] < 1e-6
-    assert rows["evaluate per image: fp32 backbone, faiss"]["search"].startswith("faiss")
+    exact = rows["search: exact"]  # float64's neighbours, to float32 rounding of the distance
+    assert exact["top1_agreement"] == 1 and exact["farther_patch_taken"] == 0 and exact["max_rel_patch_score_diff"] < 1e-6
+    for how in ("faiss", "exact"):
+        assert rows[f"evaluate per image: {how}"]["search"].startswith(how)
+    assert rows["search share of the backbone: exact"]["share"] > 0 and rows["evaluate per image: faiss over exact"]["ratio"] > 0
+    assert all(" cores, flags: " in row["cpu"] for row in rows.values())  # every figure says which CPU made it
     scored = [r["stage"] for r in rows.values() if r["stage"].startswith("evaluate --images, ")]
     assert scored == ["evaluate --images, 2 images", "evaluate --images, 4 images"]
     assert rows["deploy: train.py (the bank)"]["bank"] == [3 * 64 // 4, 1536]

@@ -228,6 +228,7 @@ def test_scoring_new_images_holds_one_batch_at_a_time(evaluated, tmp_path, monke
     assert len(json.loads((tmp_path / "out" / "widget" / "inference" / "scores.json").read_text())["images"]) == 160
 
 
+@pytest.mark.cpu_dependent
 def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
     """Non-default resize, crop, layers, amp and blur at training; evaluation, given none of them, uses the stored ones."""
     from dataset import CategoryDataset, Preprocess

@@ -31,6 +31,7 @@ def _test_images(root, model):
     return torch.stack([test[i][0] for i in range(len(test))]), [test[i][3] for i in range(len(test))]
 
 
+@pytest.mark.cpu_dependent
 @pytest.mark.parametrize("protocol", ["paper", "official"])
 def test_an_ensemble_trains_evaluates_and_scores_like_one_model(data, tmp_path, protocol):
     result = train(data, tmp_path, *NETWORKS, "--protocol", protocol)

@@ -324,6 +324,7 @@ def test_low_precision_never_runs_where_the_cpu_lacks_it(model, monkeypatch, cap
     assert fast.config.amp == "bf16"  # the bank's setting stays as trained
 
 
+@pytest.mark.cpu_dependent
 @pytest.mark.parametrize("amp, low, high", [("bf16", 1e-3, 1.5e-2), ("fp16", 1.5e-4, 2.5e-3)])
 def test_low_precision_backbone_error_is_what_the_precision_gives(model, amp, low, high, low_precision_cpu):
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(10))

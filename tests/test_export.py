@@ -311,3 +311,42 @@ def test_the_runner_refuses_bad_input_in_one_line(exported, tmp_path):
     assert "cannot read image" in runner(path, tmp_path / "broken.png")
     assert "pip install -r requirements-deploy.txt" in runner(path, images, blocked=(*TRAINING_STACK, "onnxruntime"))
     assert not out.exists()
+
+
+def _tiny_export(path, metadata):
+    """A two-output ONNX file (scores, maps: identities of the input) with the given metadata_props."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 4, 4, 3])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.UINT8, ["B", 4, 4, 3]) for name in ("scores", "maps")]
+    nodes = [helper.make_node("Identity", ["images"], [name]) for name in ("scores", "maps")]
+    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], outputs))
+    helper.set_model_props(model, metadata)
+    save(model, path)
+    return path
+
+
+def test_every_required_metadata_key_is_checked_and_named(tmp_path):
+    """A file with the format keys but without patchcore.config (or with a damaged one) is refused naming the key,
+    not with a bare KeyError "'patchcore.config'" (issue 28, item 11)."""
+    complete = {
+        "patchcore.format": "patchcore-onnx", "patchcore.format_version": "1", "patchcore.config": "{}", "patchcore.calibration": "{}",
+        "patchcore.preprocessing": json.dumps({"resize": 4, "image_size": 4, "crop": "center"}),
+    }  # fmt: skip
+    assert DeployedModel(_tiny_export(tmp_path / "complete.onnx", complete)).image_size == 4
+    for key in ("patchcore.config", "patchcore.preprocessing", "patchcore.calibration"):
+        path = _tiny_export(tmp_path / f"without {key}.onnx", {k: v for k, v in complete.items() if k != key})
+        with pytest.raises(ExportError, match=f"lacks the metadata {key}, which every export has"):
+            DeployedModel(path)
+    path = _tiny_export(tmp_path / "bad json.onnx", {**complete, "patchcore.config": "{not json"})
+    with pytest.raises(ExportError, match="metadata 'patchcore.config' is not valid JSON"):
+        DeployedModel(path)
+    path = _tiny_export(tmp_path / "no crop.onnx", {**complete, "patchcore.preprocessing": json.dumps({"resize": 4, "image_size": 4})})
+    with pytest.raises(ExportError, match="metadata 'patchcore.preprocessing' lacks crop"):
+        DeployedModel(path)
+    path = _tiny_export(tmp_path / "bad threshold.onnx", {**complete, "patchcore.image_threshold": "high"})
+    with pytest.raises(ExportError, match="metadata 'patchcore.image_threshold' is not a number"):
+        DeployedModel(path)
+    no_config = tmp_path / "without patchcore.config.onnx"
+    line = one_line_error(run_without(TRAINING_STACK, "predict_onnx.py", no_config, tmp_path, "--output_dir", tmp_path / "out"))
+    assert line == f"error: {no_config} lacks the metadata patchcore.config, which every export has; export it again with export.py"

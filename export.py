@@ -30,6 +30,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--category", default="bottle", help="a category, a comma list, or 'all' (every bank under OUTPUT_DIR; default: bottle)"
     )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="where the training weights are now, if moved (default: as stored in the bank); must be the same weights",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser.parse_args()
 
@@ -59,7 +64,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     for category in categories(output_dir, args.category):
         start = time.perf_counter()
-        done = export_onnx(bank_path(output_dir, category), model_path(output_dir, category))
+        done = export_onnx(bank_path(output_dir, category), model_path(output_dir, category), weights=args.weights)
         seconds = time.perf_counter() - start
         where = (
             f"with its tensors in {done['data'].name} beside it: they exceed one protobuf file's {PROTOBUF_LIMIT / 1e9:.1f} GB limit"

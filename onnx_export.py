@@ -177,13 +177,14 @@ def check_against_predict(path: Path, model: PatchCore, images: np.ndarray) -> f
     return error
 
 
-def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT) -> dict:
+def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, weights: str | None = None) -> dict:
     """Write the model of memory bank `bank` to `output` (an .onnx file, with its tensors in `output`.data when
-    they exceed `protobuf_limit`): atomically, checked against predict() first. Returns what was done."""
+    they exceed `protobuf_limit`): atomically, checked against predict() first. weights: where the bank's backbone
+    weights file is now, if it moved (the same weights: their checksum is checked). Returns what was done."""
     bank, output = Path(bank), Path(output)
     header = load_bank(bank)[1]  # a damaged or foreign bank is refused here, in one line
     check_single_model(bank, header)
-    model = PatchCore.from_bank(bank, device="cpu", search="torch")
+    model = PatchCore.from_bank(bank, device="cpu", search="torch", weights=weights)
     if model.amp != "none":  # ONNX runtimes on CPUs run convolutions in fp32, as PatchCore does where bf16/fp16 is not native
         warn_once(f"the bank's backbone runs in {model.amp} here (--amp {model.config.amp}); the exported graph runs it in fp32, "
                   "as PatchCore does where the CPU lacks it: scores differ from this machine's by about 1e-3 relative")  # fmt: skip

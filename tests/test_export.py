@@ -350,3 +350,25 @@ def test_every_required_metadata_key_is_checked_and_named(tmp_path):
     no_config = tmp_path / "without patchcore.config.onnx"
     line = one_line_error(run_without(TRAINING_STACK, "predict_onnx.py", no_config, tmp_path, "--output_dir", tmp_path / "out"))
     assert line == f"error: {no_config} lacks the metadata patchcore.config, which every export has; export it again with export.py"
+
+
+def test_a_bank_whose_weights_file_moved_exports_with_weights(synthetic_root, tmp_path):
+    """A bank trained with --weights PATH exports once the file has moved, given --weights NEW_PATH, as evaluate.py
+    does (issue 28, item 13); without it, one line that says to pass --weights."""
+    import torchvision
+
+    weights = tmp_path / "resnet18 weights.pt"
+    torch.manual_seed(5)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = PatchCore(weights=str(weights), device="cpu", backbone="resnet18", resize=72, image_size=64)
+    model.fit(torch.utils.data.DataLoader(CategoryDataset(synthetic_root, "widget", "train", Preprocess(72, 64)), batch_size=6))
+    model.save(tmp_path / "out" / "widget" / "memory_bank.npz", category="widget", train={})
+    moved = tmp_path / "moved.pt"
+    weights.rename(moved)
+    line = one_line_error(run("export.py", "--output_dir", tmp_path / "out", "--category", "widget"))
+    assert f"--weights {weights}: no such file" in line
+    result = run("export.py", "--output_dir", tmp_path / "out", "--category", "widget", "--weights", moved)
+    assert result.returncode == 0, result.stderr
+    tensors, uint8 = _test_images(synthetic_root)
+    expected, _ = model.predict(tensors)
+    np.testing.assert_allclose(DeployedModel(tmp_path / "out" / "widget" / "patchcore.onnx")(uint8)["scores"], expected, rtol=1e-4)

@@ -40,9 +40,13 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 
 def open_image(path: Path) -> Image.Image:
-    """An image file, fully read, in the mode it is stored in."""
-    with Image.open(path) as image:
-        image.load()
+    """An image file, fully read, in the mode it is stored in. A file that cannot be decoded (a truncated JPEG,
+    which check_readable cannot see: PIL's verify() checks nothing for JPEG) is a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:
+        raise DataError(f"cannot read image {path} ({err}): replace or remove the file") from err
     return image
 
 

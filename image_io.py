@@ -23,20 +23,28 @@ class DataError(Exception):
     """The data on disk is not what MVTec's layout promises."""
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how older Pillow versions open a 16-bit PNG
+# The rule to_8bit follows, for the exported model's metadata (onnx_export.py) so that a caller in another language can follow it
+COLOR_RULE = (
+    "8-bit RGB. The 8-bit value of a 16-bit grey image (PIL modes I;16, I;16B, I;16L, I;16N, and I, PIL's 32-bit integer "
+    "mode, read as 16-bit) is (v + 128) // 257 in integers, i.e. v * 255 / 65535 rounded half up, after clipping v to "
+    "0..65535: by the mode, whatever the image holds, so 65535 -> 255, 32768 -> 128, 200 -> 1. A 32-bit float grey "
+    "image (mode F) is read on 0..1: floor(clip(v, 0, 1) * 255 + 0.5). Then grey, palette and RGBA (alpha dropped) "
+    "become RGB with PIL's convert('RGB')"
+)
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
-    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
-    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
-    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
-        top = 1.0
-    elif image.mode.startswith("I") and values.max() > 255:
-        top = 65535.0
-    else:
-        top = 255.0
-    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    """16-bit and 32-bit single-channel images rescaled to 8 bits by their mode, never by what they hold (COLOR_RULE):
+    integer modes as 16-bit, (v + 128) // 257 after clipping to 0..65535, which rounds v * 255 / 65535 half up;
+    float images on 0..1, floor(clip(v, 0, 1) * 255 + 0.5). Other modes as they are."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    if image.mode == "F":
+        values = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+        return Image.fromarray(np.floor(values * 255.0 + 0.5).astype(np.uint8))
+    return image
 
 
 def open_image(path: Path) -> Image.Image:

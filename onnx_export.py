@@ -25,6 +25,7 @@ from torchvision.transforms import functional as TF
 from bank import FORMAT_VERSION as BANK_FORMAT_VERSION
 from bank import BankError, load_bank
 from dataset import IMAGENET_MEAN, IMAGENET_STD
+from image_io import COLOR_RULE
 from onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
 from patchcore import AnomalyScorer, PatchCore
 from search import ScanSearch
@@ -121,7 +122,7 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
             else f"the whole image resized to {config.image_size} x {config.image_size}, aspect not kept"
         ),
         "filter": "PIL's Image.resize with Image.BILINEAR (antialiased when shrinking) on the 8-bit RGB image; none when the size is right",
-        "color": "8-bit RGB; grey, palette and RGBA converted with PIL's convert('RGB'); 16-bit grey scaled to 8 bits first",
+        "color": COLOR_RULE,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "in_graph": "x / 255, then (x - mean) / std per channel (torchvision's ToTensor and Normalize)",

@@ -89,6 +89,9 @@ def test_export_writes_one_file_with_the_metadata(exported):
     pre = model.preprocessing
     assert (pre["resize"], pre["image_size"], pre["crop"]) == (72, 64, "center")
     assert pre["mean"] == list(IMAGENET_MEAN) and pre["std"] == list(IMAGENET_STD)
+    # the 16-bit rule, written out for another language (issue 28, item 3): by the mode, and how to compute it
+    assert "(v + 128) // 257" in pre["color"] and "floor(clip(v, 0, 1) * 255 + 0.5)" in pre["color"]
+    assert "by the mode, whatever the image holds" in pre["color"] and "I;16" in pre["color"]
     assert set(json.loads(meta["patchcore.outputs"])) == {*OUTPUTS, *DECISION_OUTPUTS}
     (images,) = model.session.get_inputs()
     assert (

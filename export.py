@@ -16,7 +16,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from bank import BANK_FILE, BankError, bank_path
+from bank import BANK_FILE, BankError, bank_path, require_banks
 from cli import ArgumentParser, run_main
 from onnx_export import PROTOBUF_LIMIT, export_onnx
 from onnx_model import model_path
@@ -47,12 +47,7 @@ def categories(output_dir: Path, spec: str) -> list[str]:
             raise BankError(f"no memory banks under {output_dir}: run train.py first, or give the --output_dir it wrote to")
         return found
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    missing = [name for name in wanted if not bank_path(output_dir, name).is_file()] or ([] if wanted else [repr(spec)])
-    if missing:
-        raise BankError(
-            f"no memory bank for {', '.join(missing)} in {output_dir}: run `python train.py --data_path DATA_PATH "
-            f"--category {','.join(missing)} --output_dir {output_dir}` first"
-        )
+    require_banks(output_dir, wanted or [repr(spec)])
     return wanted
 
 

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cli import ArgumentParser, now, run_main
 from files import staging, write_json
-from image_io import find_images, heatmap_panel, load_rgb, model_input
+from image_io import find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map
 from onnx_model import RUNTIMES, DeployedModel
 
 
@@ -61,6 +60,7 @@ def main() -> None:
     resize, size, crop = (model.preprocessing[key] for key in ("resize", "image_size", "crop"))
     scale = model.calibration.get("heatmap_scale")  # a fixed colour scale; else each heatmap its own
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
+    names = [name.as_posix() for name in heatmap_names([p.absolute().relative_to(base) for p in paths])]  # as evaluate.py names them
     records = []
     start = time.perf_counter()
     with staging(out_dir) as stage:
@@ -74,11 +74,11 @@ def main() -> None:
                     record["normalized_score"] = float(outputs["normalized_scores"][i])
                     record["decision"] = "defective" if outputs["decisions"][i] else "good"
                 if args.heatmaps:
-                    name = path.absolute().relative_to(base).with_suffix(".png").as_posix()
+                    name = names[first + i]
                     anomaly_map, rgb = outputs["maps"][i], images[i]
                     if crop == "none":  # drawn over the whole photo, at its own resolution
                         photo = load_rgb(path)
-                        rgb, anomaly_map = np.asarray(photo), np.asarray(Image.fromarray(anomaly_map).resize(photo.size, Image.BILINEAR))
+                        rgb, anomaly_map = np.asarray(photo), resize_map(anomaly_map, photo.size)
                     vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
                     panel = heatmap_panel(rgb, anomaly_map, vmin, vmax, model.pixel_threshold)
                     (stage / "anomaly_maps" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -375,3 +375,41 @@ def test_a_bank_whose_weights_file_moved_exports_with_weights(synthetic_root, tm
     tensors, uint8 = _test_images(synthetic_root)
     expected, _ = model.predict(tensors)
     np.testing.assert_allclose(DeployedModel(tmp_path / "out" / "widget" / "patchcore.onnx")(uint8)["scores"], expected, rtol=1e-4)
+
+
+def test_the_runners_map_resize_is_evaluates():
+    """image_io.resize_map (numpy, the runner's) against a hand-computed case of torch's bilinear rule
+    (align_corners=False) and against maps.resize_map (torch, evaluate.py's), up and down, to float32 rounding
+    (issue 28, item 18: one rule for --crop none heatmaps, where the runner used PIL's antialiased filter)."""
+    from image_io import resize_map
+    from maps import resize_map as torch_resize_map
+
+    a, b, c, d = 1.0, 5.0, 3.0, 11.0
+    # 2 -> 4 samples at max((i + 0.5) / 2 - 0.5, 0) = 0, 0.25, 0.75, 1.25 (the last clamped to the edge)
+    row = lambda p, q: [p, 0.75 * p + 0.25 * q, 0.25 * p + 0.75 * q, q]  # noqa: E731
+    top, bottom = row(a, b), row(c, d)
+    expected = np.array([row(top[j], bottom[j]) for j in range(4)]).T
+    np.testing.assert_allclose(resize_map(np.array([[a, b], [c, d]], np.float32), (4, 4)), expected, rtol=1e-7)
+    rng = np.random.default_rng(4)
+    for shape, size in (((64, 64), (80, 80)), ((64, 64), (123, 80)), ((64, 64), (48, 30)), ((224, 224), (900, 600)), ((7, 5), (3, 11))):
+        anomaly_map = (rng.standard_normal(shape) * 10 + 20).astype(np.float32)
+        got, want = resize_map(anomaly_map, size), torch_resize_map(anomaly_map, size)
+        assert got.dtype == np.float32 and got.shape == want.shape == size[::-1]
+        np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * np.abs(want).max())  # measured: 1.3e-7 (one float32 step)
+
+
+def test_the_runner_keeps_the_heatmaps_of_images_sharing_a_stem(exported, tmp_path):
+    """a.png and a.jpg both get a heatmap, named as evaluate.py names them (image_io.heatmap_names; issue 28, item 4)."""
+    root, _, path, _ = exported
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted((root / "widget" / "test").glob("*/*.png"))[:3]
+    shutil.copy(sources[0], images / "a.png")
+    Image.open(sources[1]).save(images / "a.jpg", quality=95)
+    shutil.copy(sources[2], images / "b.png")
+    result = run_without(TRAINING_STACK, "predict_onnx.py", path, images, "--output_dir", tmp_path / "out", "--heatmaps")
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "out" / "scores.json").read_text())["images"]
+    assert [r["heatmap"] for r in records] == ["anomaly_maps/a.jpg.png", "anomaly_maps/a.png.png", "anomaly_maps/b.png"]
+    drawn = [np.asarray(Image.open(tmp_path / "out" / r["heatmap"])) for r in records]
+    assert not np.array_equal(drawn[0], drawn[1])  # two images, two heatmaps: neither overwrote the other

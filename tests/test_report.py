@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from report import heatmap_names, heatmap_panel, summary_rows, write_summary
+from image_io import heatmap_names, heatmap_panel
+from report import mask_outline, summary_rows, write_summary
 
 
 def _result(category, image, pixel, pro, protocol="paper", shots=0):
@@ -100,10 +101,20 @@ def test_heatmap_panel_layout_outline_and_region():
     anomaly_map[:, 16:] = 1.0
     mask = np.zeros((32, 32))
     mask[8:24, 8:24] = 1
-    panel = np.asarray(heatmap_panel(rgb, anomaly_map, mask, 0.0, 1.0, threshold=0.5))
+    panel = np.asarray(heatmap_panel(rgb, anomaly_map, 0.0, 1.0, threshold=0.5, outline=mask_outline(mask)))
     assert panel.shape == (32, 3 * 32 + 72, 3)
     overlay, region = panel[:, 32:64], panel[:, 64:96]
     assert (overlay[8, 8] == 255).all() and not (overlay[16, 16] == 255).all()  # outline, not the inside
     assert region[2, 20, 0] > 100 and region[2, 20, 1] == 0  # above the threshold: red
     assert (region[2, 4] == 0).all()  # below: the input as it was
     assert (overlay[2, 4] != overlay[2, 20]).any()  # one fixed scale: low and high differ in colour
+
+
+def test_the_heatmaps_jet_is_matplotlibs():
+    """image_io.jet, the one colour map of every heatmap, against matplotlib's jet at the 256 entries of its table."""
+    import matplotlib
+
+    from image_io import jet
+
+    x = np.linspace(0, 1, 256)
+    np.testing.assert_allclose(jet(x), matplotlib.colormaps["jet"](x)[:, :3] * 255, atol=1e-9)

@@ -7,7 +7,8 @@
 Each image is read, resized and cropped as training did (the model file's metadata says how; image_io.py does
 it with PIL's filters), then scored in batches by the model, which also decides at the thresholds calibrated
 at training. Writes OUTPUT_DIR/scores.json (default OUTPUT_DIR: inference_onnx/ beside the model file), as
-`evaluate.py --images` writes its own, and with --heatmaps one PNG per image in OUTPUT_DIR/anomaly_maps/.
+`evaluate.py --images` writes its own, and with --heatmaps one PNG per image in OUTPUT_DIR/anomaly_maps/, drawn and
+named as evaluate.py draws and names them (image_io.heatmap_panel, image_io.heatmap_names: a.png and a.jpg keep apart).
 """
 
 from __future__ import annotations

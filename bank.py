@@ -49,6 +49,17 @@ class BankError(Exception):
     """A memory-bank file is missing, damaged, of another format, or does not fit the model."""
 
 
+def require_banks(output_dir: str | Path, categories: list[str], data_path: str | Path = "DATA_PATH") -> None:
+    """Refuse, before any work, categories without a memory bank under output_dir: one BankError naming them and the
+    train.py command that makes them (evaluate.py and export.py)."""
+    missing = [name for name in categories if not bank_path(output_dir, name).is_file()]
+    if missing:
+        raise BankError(
+            f"no memory bank for {', '.join(missing)} in {output_dir}: run `python train.py --data_path {data_path} "
+            f"--category {','.join(missing)} --output_dir {output_dir}` first"
+        )
+
+
 def _checksum(banks: list[np.ndarray], header: dict) -> str:
     """sha256 of every memory bank's features, in order, and of every header field but the checksum itself."""
     rest = {k: v for k, v in header.items() if k != "sha256"}

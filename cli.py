@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import traceback
 import types
@@ -162,11 +163,20 @@ def run_main(main: Callable[[], None]) -> None:
     except Exception as err:
         if "--debug" in sys.argv:
             traceback.print_exc()
-        message = " ".join(str(err).split()) or type(err).__name__
+        message = " ".join(worker_error(str(err)).split()) or type(err).__name__
         if "torch" in sys.modules and isinstance(err, sys.modules["torch"].cuda.OutOfMemoryError):
             message = f"GPU out of memory ({message[:120]}): try a smaller --batch_size, or --device cpu"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def worker_error(message: str) -> str:
+    """An error's message without the traceback a DataLoader worker wraps it in ("Caught DataError in DataLoader
+    worker process 0. Original Traceback (most recent call last): ... image_io.DataError: cannot read image ...")."""
+    lines = message.strip().splitlines()
+    if not (lines and lines[0].startswith("Caught ") and len(lines) > 1 and lines[1].startswith("Original Traceback")):
+        return message
+    return re.sub(r"^[\w.]+: ", "", lines[-1].strip(), count=1)
 
 
 def now() -> str:

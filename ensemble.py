@@ -33,7 +33,8 @@ def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
     if len(config.backbones) == 1:
         return [config]
     layers = [layer.split(".", 1) for layer in config.layers]
-    weights = config.weights.split(",") if "," in config.weights else [config.weights] * len(config.backbones)
+    weights = [part.strip() for part in config.weights.split(",")]  # each part stripped, as config.backbones does
+    weights = weights if len(weights) > 1 else weights * len(config.backbones)
     return [
         dataclasses.replace(
             config, preset="none", backbone=name, weights=weights[i], layers=tuple(rest for index, rest in layers if int(index) == i)

@@ -23,16 +23,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bank import TRAIN_LOG, BankError, bank_path, environment
+from bank import TRAIN_LOG, bank_path, environment, require_banks
 from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from dataset import CategoryDataset, ImageFiles, resolve_categories
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from files import NpzWriter, staging, write_json
-from image_io import find_images, load_rgb
+from image_io import find_images, heatmap_names, heatmap_panel, load_rgb
 from maps import resize_map
 from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig
-from report import heatmap_names, heatmap_panel, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 from report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 from search import SEARCHES
 from system import device_name
@@ -223,14 +223,14 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
                 rgb, mask = dataset.original(i)
                 anomaly_map = maps[i] if at_original else resize_map(maps[i], rgb.size)
-                panel = heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, mask, vmin, vmax, threshold)
+                panel = heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, vmin, vmax, threshold, mask_outline(mask))
                 save_heatmap(stage / "anomaly_maps" / names[i], panel)
                 save_thumbnail(stage / thumbnail_name(names[i]), panel, rgb.size[0])
         else:
             i = 0
             for images, *_ in tqdm(make_loader(dataset, args, model.device), desc=f"{category} heatmaps", unit="batch"):
                 for image in images:
-                    panel = heatmap_panel(to_rgb(image), maps[i], masks[i], vmin, vmax, threshold)
+                    panel = heatmap_panel(to_rgb(image), maps[i], vmin, vmax, threshold, mask_outline(masks[i]))
                     save_heatmap(stage / "anomaly_maps" / names[i], panel)
                     save_thumbnail(stage / thumbnail_name(names[i]), panel, image.shape[-1])
                     i += 1
@@ -291,7 +291,7 @@ def score_new_images(args: argparse.Namespace) -> None:
                 else:
                     rgb = to_rgb(image)
                 vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
-                panel = heatmap_panel(rgb, anomaly_map, None, vmin, vmax, pixel_threshold)
+                panel = heatmap_panel(rgb, anomaly_map, vmin, vmax, pixel_threshold)
                 save_heatmap(stage / "anomaly_maps" / name, panel)
                 save_thumbnail(stage / thumbnail_name(name), panel, rgb.shape[1])
                 record = {"path": str(paths[index]), "heatmap": f"anomaly_maps/{name}", "score": float(value)}
@@ -325,12 +325,7 @@ def main() -> None:
         score_new_images(args)
         return
     categories = resolve_categories(Path(args.data_path), args.category)
-    untrained = [c for c in categories if not bank_path(args.output_dir, c).is_file()]
-    if untrained:  # before any work, so that 'all' does not stop halfway
-        raise BankError(
-            f"no memory bank for {', '.join(untrained)} in {args.output_dir}: run `python train.py --data_path {args.data_path} "
-            f"--category {','.join(untrained)} --output_dir {args.output_dir}` first"
-        )
+    require_banks(args.output_dir, categories, args.data_path)  # before any work, so that 'all' does not stop halfway
     results = [evaluate_category(args, category) for category in categories]
     print(f"\n{write_summary(Path(args.output_dir), results)}")
     page = write_report_page(Path(args.output_dir), results)

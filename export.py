@@ -16,7 +16,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from bank import BANK_FILE, BankError, bank_path
+from bank import BANK_FILE, BankError, bank_path, require_banks
 from cli import ArgumentParser, run_main
 from onnx_export import PROTOBUF_LIMIT, export_onnx
 from onnx_model import model_path
@@ -30,6 +30,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--category", default="bottle", help="a category, a comma list, or 'all' (every bank under OUTPUT_DIR; default: bottle)"
     )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="where the training weights are now, if moved (default: as stored in the bank); must be the same weights",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser.parse_args()
 
@@ -42,12 +47,7 @@ def categories(output_dir: Path, spec: str) -> list[str]:
             raise BankError(f"no memory banks under {output_dir}: run train.py first, or give the --output_dir it wrote to")
         return found
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
-    missing = [name for name in wanted if not bank_path(output_dir, name).is_file()] or ([] if wanted else [repr(spec)])
-    if missing:
-        raise BankError(
-            f"no memory bank for {', '.join(missing)} in {output_dir}: run `python train.py --data_path DATA_PATH "
-            f"--category {','.join(missing)} --output_dir {output_dir}` first"
-        )
+    require_banks(output_dir, wanted or [repr(spec)])
     return wanted
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     for category in categories(output_dir, args.category):
         start = time.perf_counter()
-        done = export_onnx(bank_path(output_dir, category), model_path(output_dir, category))
+        done = export_onnx(bank_path(output_dir, category), model_path(output_dir, category), weights=args.weights)
         seconds = time.perf_counter() - start
         where = (
             f"with its tensors in {done['data'].name} beside it: they exceed one protobuf file's {PROTOBUF_LIMIT / 1e9:.1f} GB limit"

@@ -4,13 +4,16 @@ runner (predict_onnx.py).
   load_rgb      any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB
   find_images   the image files of a folder or a glob, each checked readable
   model_input   an image on the model's input grid as uint8, exactly as dataset.Preprocess resizes and crops it
-  heatmap_panel input | heatmap | predicted region | colour bar, drawn without matplotlib
+  heatmap_panel input | heatmap | predicted region | colour bar, drawn without matplotlib (evaluate.py's and the runner's)
+  heatmap_names the heatmap file of each image (evaluate.py's and the runner's)
+  resize_map    an anomaly map resized onto its original image as maps.resize_map does, without torch
 """
 
 from __future__ import annotations
 
 import glob
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,26 +26,38 @@ class DataError(Exception):
     """The data on disk is not what MVTec's layout promises."""
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": how older Pillow versions open a 16-bit PNG
+# The rule to_8bit follows, for the exported model's metadata (onnx_export.py) so that a caller in another language can follow it
+COLOR_RULE = (
+    "8-bit RGB. The 8-bit value of a 16-bit grey image (PIL modes I;16, I;16B, I;16L, I;16N, and I, PIL's 32-bit integer "
+    "mode, read as 16-bit) is (v + 128) // 257 in integers, i.e. v * 255 / 65535 rounded half up, after clipping v to "
+    "0..65535: by the mode, whatever the image holds, so 65535 -> 255, 32768 -> 128, 200 -> 1. A 32-bit float grey "
+    "image (mode F) is read on 0..1: floor(clip(v, 0, 1) * 255 + 0.5). Then grey, palette and RGBA (alpha dropped) "
+    "become RGB with PIL's convert('RGB')"
+)
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit single-channel images rescaled to 8 bits (rounded), other modes as they are.
-    The scale they are read on: 0..1 for a float image whose values all lie within [0, 1];
-    0..65535 for an integer image with a value above 255; else 0..255 (values beyond it clipped)."""
-    if image.mode not in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return image
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and 0 <= values.min() and values.max() <= 1:
-        top = 1.0
-    elif image.mode.startswith("I") and values.max() > 255:
-        top = 65535.0
-    else:
-        top = 255.0
-    return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    """16-bit and 32-bit single-channel images rescaled to 8 bits by their mode, never by what they hold (COLOR_RULE):
+    integer modes as 16-bit, (v + 128) // 257 after clipping to 0..65535, which rounds v * 255 / 65535 half up;
+    float images on 0..1, floor(clip(v, 0, 1) * 255 + 0.5). Other modes as they are."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    if image.mode == "F":
+        values = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+        return Image.fromarray(np.floor(values * 255.0 + 0.5).astype(np.uint8))
+    return image
 
 
 def open_image(path: Path) -> Image.Image:
-    """An image file, fully read, in the mode it is stored in."""
-    with Image.open(path) as image:
-        image.load()
+    """An image file, fully read, in the mode it is stored in. A file that cannot be decoded (a truncated JPEG,
+    which check_readable cannot see: PIL's verify() checks nothing for JPEG) is a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as err:
+        raise DataError(f"cannot read image {path} ({err}): replace or remove the file") from err
     return image
 
 
@@ -117,13 +132,17 @@ _JET = (
 
 
 def jet(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] as jet colours [..., 3] in 0..255."""
+    """Values in [0, 1] as jet colours [..., 3] in 0..255: matplotlib's segments, interpolated linearly (matplotlib
+    looks the same line up in a 256-entry table)."""
     return np.stack([np.interp(values, *zip(*channel)) for channel in _JET], axis=-1) * 255
 
 
-def heatmap_panel(rgb: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float | None) -> Image.Image:
-    """[input | heatmap overlay | predicted region at the pixel threshold (when there is one) | colour bar],
-    as report.heatmap_panel draws it for evaluate.py --images, with PIL and numpy only."""
+def heatmap_panel(
+    rgb: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, threshold: float | None, outline: np.ndarray | None = None
+) -> Image.Image:
+    """[input | heatmap overlay | predicted region at the pixel threshold (when there is one) | colour bar], with PIL
+    and numpy only: the one drawing of evaluate.py and the torch-free runner. rgb [H, W, 3] in 0..255; outline: bool
+    [H, W], pixels drawn white on the overlay and the region (the ground truth's edge, report.mask_outline)."""
     rgb = np.asarray(rgb, np.float64)
     heat = jet(np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1))
     panels = [rgb, 0.5 * rgb + 0.5 * heat]
@@ -132,6 +151,9 @@ def heatmap_panel(rgb: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: f
         hit = anomaly_map >= threshold
         predicted[hit] = 0.4 * predicted[hit] + 0.6 * np.array([255.0, 0, 0])
         panels.append(predicted)
+    if outline is not None:
+        for panel in panels[1:]:
+            panel[outline] = 255
     height = rgb.shape[0]
     bar = np.full((height, 72, 3), 255.0)
     bar[:, 4:16] = jet(np.linspace(1, 0, height))[:, None, :]
@@ -144,3 +166,32 @@ def heatmap_panel(rgb: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: f
         draw.line((x, y, x + 18, y), fill=(0, 0, 0), width=2)
         draw.text((x + 19, min(max(y - 5, 12), height - 23)), f"thr {threshold:.3g}", fill=(0, 0, 0))
     return image
+
+
+def heatmap_names(images: list[Path]) -> list[Path]:
+    """Each image's heatmap name beside its folder: <stem>.png, or <name>.png where two images of one folder share a
+    stem (a.png and a.jpg), so that neither overwrites the other's heatmap. The one naming rule of evaluate.py (test
+    split and --images) and the torch-free runner."""
+    stems = Counter(p.with_suffix("") for p in images)
+    return [p.with_suffix(".png") if stems[p.with_suffix("")] == 1 else p.with_name(p.name + ".png") for p in images]
+
+
+def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and the second one's weight along one axis, as torch's bilinear (align_corners=False) finds
+    them: output pixel i samples x = max(scale * (i + 0.5) - 0.5, 0), scale = n_in / n_out, both rounded to float32 as
+    torch rounds them, between its two neighbours (the last one repeated at the edge)."""
+    scale = np.float64(np.float32(n_in / n_out))
+    x = np.maximum((scale * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32), np.float32(0))
+    first = np.minimum(np.floor(x).astype(np.int64), n_in - 1)
+    return first, np.minimum(first + 1, n_in - 1), np.clip(x - first.astype(np.float32), 0, 1).astype(np.float64)
+
+
+def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image, float32:
+    torch's F.interpolate(mode='bilinear', align_corners=False), no antialiasing: its sample positions, then the
+    weighted sums in float64 with numpy.
+    The runner's twin of maps.resize_map (tests/test_export.py shows them equal to float32 rounding)."""
+    rows, cols = _bilinear_axis(anomaly_map.shape[0], size[1]), _bilinear_axis(anomaly_map.shape[1], size[0])
+    values = np.asarray(anomaly_map, np.float64)
+    across = values[:, cols[0]] * (1 - cols[2]) + values[:, cols[1]] * cols[2]
+    return (across[rows[0]] * (1 - rows[2])[:, None] + across[rows[1]] * rows[2][:, None]).astype(np.float32)

@@ -36,6 +36,8 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> tor
 
 
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image."""
+    """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image. The rule is
+    image_io.resize_map's, which the torch-free runner uses: this one stays because evaluate.py's pixel metrics at the
+    original resolution come from it, and the two agree to float32 rounding, not bit for bit (tests/test_export.py)."""
     tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
     return F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -25,6 +25,7 @@ from torchvision.transforms import functional as TF
 from bank import FORMAT_VERSION as BANK_FORMAT_VERSION
 from bank import BankError, load_bank
 from dataset import IMAGENET_MEAN, IMAGENET_STD
+from image_io import COLOR_RULE
 from onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
 from patchcore import AnomalyScorer, PatchCore
 from search import ScanSearch
@@ -121,7 +122,7 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
             else f"the whole image resized to {config.image_size} x {config.image_size}, aspect not kept"
         ),
         "filter": "PIL's Image.resize with Image.BILINEAR (antialiased when shrinking) on the 8-bit RGB image; none when the size is right",
-        "color": "8-bit RGB; grey, palette and RGBA converted with PIL's convert('RGB'); 16-bit grey scaled to 8 bits first",
+        "color": COLOR_RULE,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
         "in_graph": "x / 255, then (x - mean) / std per channel (torchvision's ToTensor and Normalize)",
@@ -177,13 +178,14 @@ def check_against_predict(path: Path, model: PatchCore, images: np.ndarray) -> f
     return error
 
 
-def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT) -> dict:
+def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, weights: str | None = None) -> dict:
     """Write the model of memory bank `bank` to `output` (an .onnx file, with its tensors in `output`.data when
-    they exceed `protobuf_limit`): atomically, checked against predict() first. Returns what was done."""
+    they exceed `protobuf_limit`): atomically, checked against predict() first. weights: where the bank's backbone
+    weights file is now, if it moved (the same weights: their checksum is checked). Returns what was done."""
     bank, output = Path(bank), Path(output)
     header = load_bank(bank)[1]  # a damaged or foreign bank is refused here, in one line
     check_single_model(bank, header)
-    model = PatchCore.from_bank(bank, device="cpu")
+    model = PatchCore.from_bank(bank, device="cpu", weights=weights)
     if model.amp != "none":  # ONNX runtimes on CPUs run convolutions in fp32, as PatchCore does where bf16/fp16 is not native
         warn_once(f"the bank's backbone runs in {model.amp} here (--amp {model.config.amp}); the exported graph runs it in fp32, "
                   "as PatchCore does where the CPU lacks it: scores differ from this machine's by about 1e-3 relative")  # fmt: skip

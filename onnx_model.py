@@ -12,7 +12,8 @@ The graph, B images a call (any B), S = the bank's image_size:
            defect_masks       bool [B, S, S]       true: the pixel is at or above the pixel threshold
   The last three exist only where the bank has calibrated thresholds (metadata 'patchcore.calibration').
 
-Metadata (ONNX metadata_props, each a string; JSON where marked):
+Metadata (ONNX metadata_props, each a string; JSON where marked). A reader needs REQUIRED_METADATA (format,
+format_version, preprocessing, config, calibration) and refuses a file without one of them, naming it:
   patchcore.format, patchcore.format_version   FORMAT, FORMAT_VERSION
   patchcore.preprocessing                      JSON: input layout, resize, crop, image_size, filter, mean, std
   patchcore.config                             JSON: the bank's PatchCoreConfig
@@ -40,6 +41,8 @@ OUTPUTS = ("scores", "maps")
 DECISION_OUTPUTS = ("normalized_scores", "decisions", "defect_masks")  # where the bank has calibrated thresholds
 RUNTIMES = ("onnxruntime", "openvino")
 KEY = "patchcore."  # the prefix of every metadata key
+REQUIRED_METADATA = ("format", "format_version", "preprocessing", "config", "calibration")  # what a caller reads; KEY before each
+PREPROCESSING_FIELDS = ("resize", "image_size", "crop")  # what image_io.model_input needs of 'patchcore.preprocessing'
 
 
 class ExportError(Exception):
@@ -91,14 +94,14 @@ class DeployedModel:
             self.output_names = [o.get_any_name() for o in model.outputs]
             self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         self._check(again)
-        self.config = json.loads(self.metadata[KEY + "config"])
-        self.preprocessing = json.loads(self.metadata[KEY + "preprocessing"])
-        self.calibration = json.loads(self.metadata[KEY + "calibration"])
+        self.config, self.preprocessing, self.calibration = (self._json(name, again) for name in ("config", "preprocessing", "calibration"))
+        lacking = [name for name in PREPROCESSING_FIELDS if name not in self.preprocessing]
+        if lacking:
+            raise ExportError(f"{self.path}: its metadata '{KEY}preprocessing' lacks {', '.join(lacking)}; {again}")
         self.image_size = int(self.preprocessing["image_size"])
-        threshold = self.metadata.get(KEY + "image_threshold")
-        pixel = self.metadata.get(KEY + "pixel_threshold")
-        self.image_threshold = None if threshold is None else float(threshold)
-        self.pixel_threshold = None if pixel is None else float(pixel)
+        self.image_threshold, self.pixel_threshold = (self._number(name, again) for name in ("image_threshold", "pixel_threshold"))
+        if any(name in self.output_names for name in DECISION_OUTPUTS) and self.image_threshold is None:
+            raise ExportError(f"{self.path} has decision outputs but no '{KEY}image_threshold' metadata; {again}")
 
     def _check(self, again: str) -> None:
         if self.metadata.get(KEY + "format") != FORMAT:
@@ -106,9 +109,32 @@ class DeployedModel:
         version = self.metadata.get(KEY + "format_version")
         if version != str(FORMAT_VERSION):
             raise ExportError(f"{self.path} is export format {version}, this code reads {FORMAT_VERSION}; {again}")
+        absent = [KEY + name for name in REQUIRED_METADATA if KEY + name not in self.metadata]
+        if absent:
+            raise ExportError(f"{self.path} lacks the metadata {', '.join(absent)}, which every export has; {again}")
         missing = [name for name in OUTPUTS if name not in self.output_names]
         if missing:
             raise ExportError(f"{self.path} lacks the output(s) {', '.join(missing)}; {again}")
+
+    def _json(self, name: str, again: str) -> dict:
+        """A JSON object of the metadata, or a one-line ExportError naming the key."""
+        try:
+            value = json.loads(self.metadata[KEY + name])
+        except ValueError as err:
+            raise ExportError(f"{self.path}: its metadata '{KEY}{name}' is not valid JSON ({err}); {again}") from err
+        if not isinstance(value, dict):
+            raise ExportError(f"{self.path}: its metadata '{KEY}{name}' is not a JSON object; {again}")
+        return value
+
+    def _number(self, name: str, again: str) -> float | None:
+        """An optional number of the metadata (a threshold), or a one-line ExportError naming the key."""
+        text = self.metadata.get(KEY + name)
+        if text is None:
+            return None
+        try:
+            return float(text)
+        except ValueError as err:
+            raise ExportError(f"{self.path}: its metadata '{KEY}{name}' is not a number ({text!r}); {again}") from err
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs by name for a batch of model inputs, uint8 [B, S, S, 3]."""

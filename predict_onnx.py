@@ -7,7 +7,8 @@
 Each image is read, resized and cropped as training did (the model file's metadata says how; image_io.py does
 it with PIL's filters), then scored in batches by the model, which also decides at the thresholds calibrated
 at training. Writes OUTPUT_DIR/scores.json (default OUTPUT_DIR: inference_onnx/ beside the model file), as
-`evaluate.py --images` writes its own, and with --heatmaps one PNG per image in OUTPUT_DIR/anomaly_maps/.
+`evaluate.py --images` writes its own, and with --heatmaps one PNG per image in OUTPUT_DIR/anomaly_maps/, drawn and
+named as evaluate.py draws and names them (image_io.heatmap_panel, image_io.heatmap_names: a.png and a.jpg keep apart).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from cli import ArgumentParser, now, run_main
 from files import staging, write_json
-from image_io import find_images, heatmap_panel, load_rgb, model_input
+from image_io import find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map
 from onnx_model import RUNTIMES, DeployedModel
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     resize, size, crop = (model.preprocessing[key] for key in ("resize", "image_size", "crop"))
     scale = model.calibration.get("heatmap_scale")  # a fixed colour scale; else each heatmap its own
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
+    names = [name.as_posix() for name in heatmap_names([p.absolute().relative_to(base) for p in paths])]  # as evaluate.py names them
     records = []
     start = time.perf_counter()
     with staging(out_dir) as stage:
@@ -74,11 +75,11 @@ def main() -> None:
                     record["normalized_score"] = float(outputs["normalized_scores"][i])
                     record["decision"] = "defective" if outputs["decisions"][i] else "good"
                 if args.heatmaps:
-                    name = path.absolute().relative_to(base).with_suffix(".png").as_posix()
+                    name = names[first + i]
                     anomaly_map, rgb = outputs["maps"][i], images[i]
                     if crop == "none":  # drawn over the whole photo, at its own resolution
                         photo = load_rgb(path)
-                        rgb, anomaly_map = np.asarray(photo), np.asarray(Image.fromarray(anomaly_map).resize(photo.size, Image.BILINEAR))
+                        rgb, anomaly_map = np.asarray(photo), resize_map(anomaly_map, photo.size)
                     vmin, vmax = scale or (float(anomaly_map.min()), float(anomaly_map.max()))
                     panel = heatmap_panel(rgb, anomaly_map, vmin, vmax, model.pixel_threshold)
                     (stage / "anomaly_maps" / name).parent.mkdir(parents=True, exist_ok=True)

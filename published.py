@@ -29,7 +29,9 @@ WR50 = {"backbone": "wide_resnet50_2", "layers": ("layer2", "layer3")}
 IM224 = {"protocol": "official", "resize": 256, "image_size": 224, "pretrain_dim": 1024}
 IM320 = {"protocol": "official", "resize": 366, "image_size": 320, "pretrain_dim": 1024}
 
-# name: (settings, their --log_group, the means sample_training.sh states: image AUROC, pixel AUROC, PRO)
+# name: (settings, their --log_group, the means the comment above the run in sample_training.sh states: image AUROC, pixel
+# AUROC, PRO). Those comments are not the runs' results.csv: the segmentation ensemble's repeats the IM320 ensemble's line,
+# and the others differ in the last digit; results_means gives what the runs' results.csv (below) average to.
 RUNS = {
     "official-im224": ({**IM224, **WR50, "coreset_ratio": 0.1, "target_dim": 1024, "patch_size": 3, "num_nn": 1, "seed": 0},
                        "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1_S0", (0.992, 0.981, 0.944)),
@@ -164,6 +166,13 @@ def _table(text: str) -> dict[str, tuple[float, ...]]:
 RUN_RESULTS = {name: _table(text) for name, text in _RESULTS.items()}
 
 
+def results_means(run: str) -> tuple[float, float, float]:
+    """What a run's results.csv averages to over its categories: image AUROC (instance_auroc), pixel AUROC
+    (full_pixel_auroc) and PRO (anomaly_pro), fractions. summary.md's published means are these."""
+    rows = list(RUN_RESULTS[run].values())
+    return tuple(sum(row[column] for row in rows) / len(rows) for column in (0, 1, 3))
+
+
 def results_file(run: str) -> str:
     """Where a run's per-category figures come from."""
     return f"{RELEASED}, models/{RUNS[run][1].rsplit('_S', 1)[0]}/results.csv"
@@ -199,6 +208,9 @@ def source_text(key: str) -> str:
                 "at resize 256 and crop 256, for both protocols (no published paper-protocol numbers per object; "
                 "see docs/architecture.md)")  # fmt: skip
     image, pixel, pro = RUNS[key][2]
+    mean_image, mean_pixel, mean_pro = results_means(key)
     return (f"MVTec AD: the released code's run {RUNS[key][1]} ({key}), {results_file(key)} (instance_auroc, full_pixel_auroc, "
-            f"anomaly_pixel_auroc, anomaly_pro; sample_training.sh states means {image:.1%} / {pixel:.1%} / PRO {pro:.1%}). "
+            f"anomaly_pixel_auroc, anomaly_pro; their means over its {len(RUN_RESULTS[key])} categories: {mean_image:.2%} / "
+            f"{mean_pixel:.2%} / PRO {mean_pro:.2%}; the comment in sample_training.sh states {image:.1%} / {pixel:.1%} / "
+            f"PRO {pro:.1%}{', which repeats the IM320 ensemble line' if key == 'official-im320-seg-ensemble' else ''}). "
             "Their PRO code is unreleased; anomaly_pro is compared with our AUPRO@0.3 on the defective images only")  # fmt: skip

@@ -1,19 +1,17 @@
-"""What a person looks at: heatmap panels with a colour bar, ROC and histogram plots, and the
-summary table of all categories beside the published numbers (published.py).
+"""What a person looks at: the ground truth's outline on heatmap panels (image_io.heatmap_panel draws them), ROC and
+histogram plots, and the summary table of all categories beside the published numbers (published.py).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from collections import Counter
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_curve
 
@@ -28,48 +26,13 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return np.clip((image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255, 0, 255)
 
 
-def colour_bar(height: int, vmin: float, vmax: float, threshold: float | None) -> np.ndarray:
-    """A vertical jet colour bar with the score range, and the pixel threshold marked."""
-    bar = np.full((height, 72, 3), 255.0)
-    bar[:, 4:16] = matplotlib.colormaps["jet"](np.linspace(1, 0, height))[:, None, :3] * 255
-    image = Image.fromarray(bar.astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    draw.text((19, 0), f"{vmax:.3g}", fill=(0, 0, 0))
-    draw.text((19, height - 11), f"{vmin:.3g}", fill=(0, 0, 0))
-    if threshold is not None and vmax > vmin:
-        y = int(round((vmax - threshold) / (vmax - vmin) * (height - 1)))
-        draw.line((0, y, 18, y), fill=(0, 0, 0), width=2)
-        draw.text((19, min(max(y - 5, 12), height - 23)), f"thr {threshold:.3g}", fill=(0, 0, 0))
-    return np.asarray(image, dtype=np.float64)
-
-
-def heatmap_panel(
-    rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, vmin: float, vmax: float, threshold: float | None
-) -> Image.Image:
-    """[input | heatmap overlay | predicted region at the pixel threshold | colour bar]; ground truth outlined in white."""
-    heat = matplotlib.colormaps["jet"](np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1))[..., :3] * 255
-    outline = None
-    if mask is not None and mask.any():
-        region = mask > 0.5
-        outline = region & ~ndimage.binary_erosion(region, iterations=2)
-    panels = [rgb, 0.5 * rgb + 0.5 * heat]
-    if threshold is not None:
-        predicted = rgb.copy()
-        hit = anomaly_map >= threshold
-        predicted[hit] = 0.4 * predicted[hit] + 0.6 * np.array([255.0, 0, 0])
-        panels.append(predicted)
-    if outline is not None:
-        for panel in panels[1:]:
-            panel[outline] = 255
-    panels.append(colour_bar(rgb.shape[0], vmin, vmax, threshold))
-    return Image.fromarray(np.concatenate(panels, axis=1).astype(np.uint8))
-
-
-def heatmap_names(images: list[Path]) -> list[Path]:
-    """Each image's heatmap name beside its folder: <stem>.png, or <name>.png where two images of one
-    folder share a stem (a.png and a.jpg), so that neither overwrites the other's heatmap."""
-    stems = Counter(p.with_suffix("") for p in images)
-    return [p.with_suffix(".png") if stems[p.with_suffix("")] == 1 else p.with_name(p.name + ".png") for p in images]
+def mask_outline(mask: np.ndarray | None) -> np.ndarray | None:
+    """The ground truth's edge, bool [H, W], 2 px wide inside the defect (image_io.heatmap_panel draws it white); None
+    without a defect."""
+    if mask is None or not mask.any():
+        return None
+    region = mask > 0.5
+    return region & ~ndimage.binary_erosion(region, iterations=2)
 
 
 def save_heatmap(path: Path, panel: Image.Image) -> None:

@@ -7,7 +7,7 @@ the run's files beside it by relative paths, so that the folder can be zipped an
 - their thumbnails, thumbnails/<name>.jpg: the heatmap-over-input tile, 128 px, written by
   save_thumbnail in the loop that draws the panels (nothing per image is kept in memory).
 
-The page embeds each image's scalars (name, defect type, label, score) and the thresholds; the
+The page embeds each image's scalars (name, thumbnail, defect type, label, score) and the thresholds; the
 slider starts at the calibrated threshold and recomputes in the browser which images are flagged
 (score >= threshold, as metrics.rates_at), the false-alarm rate, the recall and the counts.
 
@@ -37,8 +37,14 @@ def thumbnail_name(name: str | Path) -> Path:
     return Path("thumbnails") / Path(name).with_suffix(".jpg")
 
 
+def _thumbnails(records: list[dict]) -> list[str]:
+    """Each record's thumbnail, relative to the page's folder for the category: the page takes them as they are
+    (thumbnail_name is the one rule; the page's script does not derive them)."""
+    return [thumbnail_name(r["heatmap"].removeprefix("anomaly_maps/")).as_posix() for r in records]
+
+
 def save_thumbnail(path: Path, panel: Image.Image, tile_width: int) -> None:
-    """The panel's second tile (heatmap over the input, report.heatmap_panel), its longer side at most
+    """The panel's second tile (heatmap over the input, image_io.heatmap_panel), its longer side at most
     THUMBNAIL_SIDE px, as a JPEG at path (inside a staging folder). tile_width: the input image's width."""
     tile = panel.crop((tile_width, 0, 2 * tile_width, panel.height))
     tile.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
@@ -226,6 +232,7 @@ def _category(folder: Path, metrics: dict) -> dict:
         "labelled": True,
         "base": metrics["category"] + "/",
         "names": [r["heatmap"].removeprefix("anomaly_maps/") for r in records],
+        "thumbs": _thumbnails(records),
         "defects": defects,
         "defect": [defects.index(r["defect_type"]) for r in records],
         "label": [int(r["label"]) for r in records],
@@ -295,6 +302,7 @@ def write_images_page(folder: Path, category: str, scored: dict, calibrated: flo
         "labelled": False,
         "base": "",
         "names": [r["heatmap"].removeprefix("anomaly_maps/") for r in records],
+        "thumbs": _thumbnails(records),
         "score": scores,
         "marks": marks,
         "start": _start([used, calibrated, f1], scores),

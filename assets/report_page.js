@@ -58,7 +58,7 @@
       img.loading = "lazy";
       img.decoding = "async";
       img.alt = name;
-      img.src = base + "thumbnails/" + encodePath(name.replace(/\.[^./]*$/, "") + ".jpg");
+      img.src = base + encodePath(data.thumbs[i]);  // named in Python (report_page.thumbnail_name)
       const label = document.createElement("span");
       label.className = "label";
       label.textContent = name;

@@ -3,7 +3,7 @@
     python benchmarks/review_page.py --images 2000 --out benchmarks/review_page.json
 
 Writes one synthetic category of --images test records, as evaluate.py would leave it: a heatmap
-panel (report.heatmap_panel) and a thumbnail (report_page.save_thumbnail) per image, drawn from
+panel (image_io.heatmap_panel) and a thumbnail (report_page.save_thumbnail) per image, drawn from
 smooth random 224 px images and maps, scores.json, summary.md and metrics.json (metrics.py's
 image metrics on the synthetic scores), then report_page.write_report_page. No model runs: the
 page depends only on these files. Then, in headless Chromium (tests/browser.py), --loads fresh
@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from browser import chromium, missing  # noqa: E402
 from files import write_json  # noqa: E402
+from image_io import heatmap_panel  # noqa: E402
 from metrics import compute_metrics  # noqa: E402
-from report import heatmap_panel, save_heatmap, write_summary  # noqa: E402
+from report import save_heatmap, write_summary  # noqa: E402
 from report_page import save_thumbnail, thumbnail_name, write_report_page  # noqa: E402
 
 DEFECTS = ("good", "crack", "scratch", "spot", "stain", "contamination")
@@ -71,7 +72,7 @@ def write_category(out: Path, n: int, size: int, seed: int) -> tuple[dict, float
         rgb = (rgb - rgb.min()) / max(np.ptp(rgb), 1e-9) * 255
         anomaly_map = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), 8) * 40 + scores[i] * 0.7
         name = Path(defects[i]) / f"{i:05d}.png"
-        panel = heatmap_panel(rgb, anomaly_map, None, 0.0, 16.0, 9.0)
+        panel = heatmap_panel(rgb, anomaly_map, 0.0, 16.0, 9.0)
         save_heatmap(folder / "anomaly_maps" / name, panel)
         start = time.perf_counter()
         save_thumbnail(folder / thumbnail_name(name), panel, size)

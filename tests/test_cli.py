@@ -311,6 +311,23 @@ def test_unreadable_image_is_named(tmp_path):
     assert "001.png" in one_line_error(train(tmp_path / "data", tmp_path / "out"))
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_truncated_jpeg_is_named_in_one_line(tmp_path, workers):
+    """A truncated JPEG passes the structural check (PIL's verify() checks nothing for JPEG) and fails when decoded:
+    one line naming the file, also when a DataLoader worker decodes it (issue 28, item 12)."""
+    make_synthetic_category(tmp_path / "data", "widget", n_train=3, n_test_good=1, n_per_defect=1, size=48)
+    truncated = tmp_path / "data" / "widget" / "train" / "good" / "002.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), np.uint8)).save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[:800])
+    result = train(tmp_path / "data", tmp_path / "out", "--backbone", "resnet18", "--num_workers", workers)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]  # the rest: progress bars
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], result.stderr
+    line = errors[0]
+    assert line.startswith(f"error: cannot read image {truncated} (image file is truncated"), line
+    assert line.endswith("): replace or remove the file")
+
+
 def test_evaluate_before_train_names_the_command(synthetic_root, tmp_path):
     assert "python train.py" in one_line_error(evaluate(synthetic_root, tmp_path))
 

@@ -137,6 +137,28 @@ def test_image_modes_become_8bit_rgb(tmp_path, name, make, expected):
     np.testing.assert_allclose(np.asarray(rgb)[4, 4], expected, atol=2)  # JPEG may round
 
 
+def test_16_bit_images_are_scaled_by_their_mode_not_their_content(tmp_path):
+    """Two 16-bit frames with the same pixel value 200, one whose largest value is 250 and one 300, give that pixel the
+    same 8-bit value, 200 * 255 / 65535 rounded = 1 (issue 28, item 3); hand-computed values of each mode."""
+    for name, top in (("dark.png", 250), ("brighter.png", 300)):
+        values = np.full((8, 8), 200, np.uint16)
+        values[0, 0] = top
+        Image.fromarray(values).save(tmp_path / name)
+        assert Image.open(tmp_path / name).mode == "I;16"
+        assert np.asarray(load_rgb(tmp_path / name))[4, 4].tolist() == [1, 1, 1], name
+    # v * 255 / 65535 rounded half up: 128 -> 0.498, 129 -> 0.502, 32767 -> 127.498, 32768 -> 127.502, 65535 -> 255
+    sixteen = np.array([[0, 128, 129, 32767, 32768, 65535]], np.uint16)
+    Image.fromarray(sixteen).save(tmp_path / "ramp.tif")
+    assert np.asarray(load_rgb(tmp_path / "ramp.tif"))[0, :, 0].tolist() == [0, 0, 1, 127, 128, 255]
+    wide = np.array([[-5, 200, 16448, 70000]], np.int32)  # PIL's 32-bit mode 'I', read as 16-bit: clipped to 0..65535
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    assert Image.open(tmp_path / "wide.tif").mode == "I"
+    assert np.asarray(load_rgb(tmp_path / "wide.tif"))[0, :, 0].tolist() == [0, 1, 64, 255]
+    floats = np.array([[-1.0, 0.2, 0.5, 0.8, 1.0, 2.0, 200.0]], np.float32)  # mode F on 0..1, whatever its largest value
+    Image.fromarray(floats).save(tmp_path / "float.tif")
+    assert np.asarray(load_rgb(tmp_path / "float.tif"))[0, :, 0].tolist() == [0, 51, 128, 204, 255, 255, 255]
+
+
 def _category_with_mask(tmp_path, mask_image):
     cat = tmp_path / "cat"
     for folder in ("train/good", "test/crack", "ground_truth/crack"):

@@ -94,3 +94,15 @@ def test_ensemble_settings_and_their_refusals(data, tmp_path):
     assert result.returncode == 2 and "combines its members by their thresholds" in result.stderr
     result = train(data, tmp_path, "--preset", "official-im320", "--coreset_ratio", "0.1")
     assert result.returncode == 2 and "--coreset_ratio 0.1 (the preset has 0.01)" in result.stderr
+
+
+def test_an_ensembles_weights_are_split_and_stripped_as_its_networks_are():
+    """--weights "none, none" gives each network 'none', not ' none' read as a file path (issue 28, item 14)."""
+    from ensemble import member_configs
+    from patchcore import PatchCoreConfig
+
+    config = PatchCoreConfig(backbone="resnet18, resnet18", layers=("0.layer2", "1.layer2"), weights="none, none")
+    assert [m.weights for m in member_configs(config)] == ["none", "none"]
+    assert [m.backbone for m in member_configs(config)] == ["resnet18", "resnet18"]
+    config = PatchCoreConfig(backbone="resnet18,resnet18", layers=("0.layer2", "1.layer2"), weights=" none ")  # one for all
+    assert [m.weights for m in member_configs(config)] == ["none", "none"]

@@ -89,6 +89,9 @@ def test_export_writes_one_file_with_the_metadata(exported):
     pre = model.preprocessing
     assert (pre["resize"], pre["image_size"], pre["crop"]) == (72, 64, "center")
     assert pre["mean"] == list(IMAGENET_MEAN) and pre["std"] == list(IMAGENET_STD)
+    # the 16-bit rule, written out for another language (issue 28, item 3): by the mode, and how to compute it
+    assert "(v + 128) // 257" in pre["color"] and "floor(clip(v, 0, 1) * 255 + 0.5)" in pre["color"]
+    assert "by the mode, whatever the image holds" in pre["color"] and "I;16" in pre["color"]
     assert set(json.loads(meta["patchcore.outputs"])) == {*OUTPUTS, *DECISION_OUTPUTS}
     (images,) = model.session.get_inputs()
     assert (
@@ -311,3 +314,102 @@ def test_the_runner_refuses_bad_input_in_one_line(exported, tmp_path):
     assert "cannot read image" in runner(path, tmp_path / "broken.png")
     assert "pip install -r requirements-deploy.txt" in runner(path, images, blocked=(*TRAINING_STACK, "onnxruntime"))
     assert not out.exists()
+
+
+def _tiny_export(path, metadata):
+    """A two-output ONNX file (scores, maps: identities of the input) with the given metadata_props."""
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("images", TensorProto.UINT8, ["B", 4, 4, 3])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.UINT8, ["B", 4, 4, 3]) for name in ("scores", "maps")]
+    nodes = [helper.make_node("Identity", ["images"], [name]) for name in ("scores", "maps")]
+    model = helper.make_model(helper.make_graph(nodes, "tiny", [x], outputs))
+    helper.set_model_props(model, metadata)
+    save(model, path)
+    return path
+
+
+def test_every_required_metadata_key_is_checked_and_named(tmp_path):
+    """A file with the format keys but without patchcore.config (or with a damaged one) is refused naming the key,
+    not with a bare KeyError "'patchcore.config'" (issue 28, item 11)."""
+    complete = {
+        "patchcore.format": "patchcore-onnx", "patchcore.format_version": "1", "patchcore.config": "{}", "patchcore.calibration": "{}",
+        "patchcore.preprocessing": json.dumps({"resize": 4, "image_size": 4, "crop": "center"}),
+    }  # fmt: skip
+    assert DeployedModel(_tiny_export(tmp_path / "complete.onnx", complete)).image_size == 4
+    for key in ("patchcore.config", "patchcore.preprocessing", "patchcore.calibration"):
+        path = _tiny_export(tmp_path / f"without {key}.onnx", {k: v for k, v in complete.items() if k != key})
+        with pytest.raises(ExportError, match=f"lacks the metadata {key}, which every export has"):
+            DeployedModel(path)
+    path = _tiny_export(tmp_path / "bad json.onnx", {**complete, "patchcore.config": "{not json"})
+    with pytest.raises(ExportError, match="metadata 'patchcore.config' is not valid JSON"):
+        DeployedModel(path)
+    path = _tiny_export(tmp_path / "no crop.onnx", {**complete, "patchcore.preprocessing": json.dumps({"resize": 4, "image_size": 4})})
+    with pytest.raises(ExportError, match="metadata 'patchcore.preprocessing' lacks crop"):
+        DeployedModel(path)
+    path = _tiny_export(tmp_path / "bad threshold.onnx", {**complete, "patchcore.image_threshold": "high"})
+    with pytest.raises(ExportError, match="metadata 'patchcore.image_threshold' is not a number"):
+        DeployedModel(path)
+    no_config = tmp_path / "without patchcore.config.onnx"
+    line = one_line_error(run_without(TRAINING_STACK, "predict_onnx.py", no_config, tmp_path, "--output_dir", tmp_path / "out"))
+    assert line == f"error: {no_config} lacks the metadata patchcore.config, which every export has; export it again with export.py"
+
+
+def test_a_bank_whose_weights_file_moved_exports_with_weights(synthetic_root, tmp_path):
+    """A bank trained with --weights PATH exports once the file has moved, given --weights NEW_PATH, as evaluate.py
+    does (issue 28, item 13); without it, one line that says to pass --weights."""
+    import torchvision
+
+    weights = tmp_path / "resnet18 weights.pt"
+    torch.manual_seed(5)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    model = PatchCore(weights=str(weights), device="cpu", backbone="resnet18", resize=72, image_size=64)
+    model.fit(torch.utils.data.DataLoader(CategoryDataset(synthetic_root, "widget", "train", Preprocess(72, 64)), batch_size=6))
+    model.save(tmp_path / "out" / "widget" / "memory_bank.npz", category="widget", train={})
+    moved = tmp_path / "moved.pt"
+    weights.rename(moved)
+    line = one_line_error(run("export.py", "--output_dir", tmp_path / "out", "--category", "widget"))
+    assert f"--weights {weights}: no such file" in line
+    result = run("export.py", "--output_dir", tmp_path / "out", "--category", "widget", "--weights", moved)
+    assert result.returncode == 0, result.stderr
+    tensors, uint8 = _test_images(synthetic_root)
+    expected, _ = model.predict(tensors)
+    np.testing.assert_allclose(DeployedModel(tmp_path / "out" / "widget" / "patchcore.onnx")(uint8)["scores"], expected, rtol=1e-4)
+
+
+def test_the_runners_map_resize_is_evaluates():
+    """image_io.resize_map (numpy, the runner's) against a hand-computed case of torch's bilinear rule
+    (align_corners=False) and against maps.resize_map (torch, evaluate.py's), up and down, to float32 rounding
+    (issue 28, item 18: one rule for --crop none heatmaps, where the runner used PIL's antialiased filter)."""
+    from image_io import resize_map
+    from maps import resize_map as torch_resize_map
+
+    a, b, c, d = 1.0, 5.0, 3.0, 11.0
+    # 2 -> 4 samples at max((i + 0.5) / 2 - 0.5, 0) = 0, 0.25, 0.75, 1.25 (the last clamped to the edge)
+    row = lambda p, q: [p, 0.75 * p + 0.25 * q, 0.25 * p + 0.75 * q, q]  # noqa: E731
+    top, bottom = row(a, b), row(c, d)
+    expected = np.array([row(top[j], bottom[j]) for j in range(4)]).T
+    np.testing.assert_allclose(resize_map(np.array([[a, b], [c, d]], np.float32), (4, 4)), expected, rtol=1e-7)
+    rng = np.random.default_rng(4)
+    for shape, size in (((64, 64), (80, 80)), ((64, 64), (123, 80)), ((64, 64), (48, 30)), ((224, 224), (900, 600)), ((7, 5), (3, 11))):
+        anomaly_map = (rng.standard_normal(shape) * 10 + 20).astype(np.float32)
+        got, want = resize_map(anomaly_map, size), torch_resize_map(anomaly_map, size)
+        assert got.dtype == np.float32 and got.shape == want.shape == size[::-1]
+        np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * np.abs(want).max())  # measured: 1.3e-7 (one float32 step)
+
+
+def test_the_runner_keeps_the_heatmaps_of_images_sharing_a_stem(exported, tmp_path):
+    """a.png and a.jpg both get a heatmap, named as evaluate.py names them (image_io.heatmap_names; issue 28, item 4)."""
+    root, _, path, _ = exported
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = sorted((root / "widget" / "test").glob("*/*.png"))[:3]
+    shutil.copy(sources[0], images / "a.png")
+    Image.open(sources[1]).save(images / "a.jpg", quality=95)
+    shutil.copy(sources[2], images / "b.png")
+    result = run_without(TRAINING_STACK, "predict_onnx.py", path, images, "--output_dir", tmp_path / "out", "--heatmaps")
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "out" / "scores.json").read_text())["images"]
+    assert [r["heatmap"] for r in records] == ["anomaly_maps/a.jpg.png", "anomaly_maps/a.png.png", "anomaly_maps/b.png"]
+    drawn = [np.asarray(Image.open(tmp_path / "out" / r["heatmap"])) for r in records]
+    assert not np.array_equal(drawn[0], drawn[1])  # two images, two heatmaps: neither overwrote the other

@@ -57,3 +57,23 @@ def test_no_import_cycles():
 
     for module in sorted(graph):
         visit(module)
+
+
+def test_each_shared_rule_is_written_once():
+    """Issue 28, item 18: the heatmap drawing, its colour map and the heatmap names live in one torch-free module that
+    evaluate.py and the runner both import; the missing-bank message in one function; the page's JS takes the
+    thumbnail names from Python instead of deriving them again."""
+    defined = {}
+    for module in RANK:
+        tree = ast.parse((REPO / f"{module}.py").read_text())
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef):
+                defined.setdefault(node.name, []).append(module)
+    for name in ("heatmap_panel", "heatmap_names", "jet", "thumbnail_name"):
+        assert len(defined.get(name, [])) == 1, (name, defined.get(name))
+    assert "colour_bar" not in defined, defined.get("colour_bar")
+    assert defined["heatmap_panel"] == defined["heatmap_names"] == ["image_io"]  # torch-free: the runner imports it
+    sources = {module: (REPO / f"{module}.py").read_text() for module in RANK}
+    assert [m for m, text in sources.items() if "colormaps[" in text] == []  # one jet: image_io's
+    assert [m for m, text in sources.items() if "no memory bank for" in text] == ["bank"]
+    assert ".jpg" not in (REPO / "assets" / "report_page.js").read_text()

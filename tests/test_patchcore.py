@@ -592,3 +592,28 @@ def test_scoring_module_is_one_torch_graph_equal_to_predict_with_faiss(protocol,
     np.testing.assert_allclose(maps.numpy(), expected_maps, rtol=2.5e-4, atol=2.5e-4 * expected_maps.max())
     with pytest.raises(Exception, match="numpy"):
         torch.export.export(with_faiss.scorer, (test,))
+
+
+def test_readme_states_when_the_threshold_guarantee_holds():
+    """Issue 28, item 7: README's false-alarm promise names its conditions, and its numbers are what calibrate() and
+    the hold-out give: the rate 1/(n + 1) below 19 held-out images, 5 % from 19, reached from 93 training images."""
+    import re
+
+    from scripts import REPO
+
+    section = (REPO / "README.md").read_text().split("## Deciding on a production line")[1].split("\n## ")[0]
+    assert "flag a new good part with probability at most `--target_fpr`" not in section  # the unqualified claim
+    for condition in ("single model", "held-out", "1/(n + 1)", "Eq. 7", "ensembles", "approximate", "`expected_fpr`"):
+        assert condition in section, condition
+
+    def rate(n: int, target: float = 0.05) -> float:
+        scores = np.arange(n, dtype=float)
+        return calibrate(scores, scores, 0.0, target).expected_fpr
+
+    n_needed, n_images = (int(v) for v in re.search(r"Reaching 5 % needs n ≥ (\d+), i.e. at least (\d+) training", section).groups())
+    assert rate(n_needed) == pytest.approx(0.05) and rate(n_needed - 1) == pytest.approx(1 / n_needed) and 1 / n_needed > 0.05
+    assert len(holdout_images(n_images, 0.2, 0)) == n_needed and len(holdout_images(n_images - 1, 0.2, 0)) == n_needed - 1
+    for n_held, shown in re.findall(r"holds out (\d+): 1/\d+ = ([\d.]+) %", section):
+        assert round(100 * rate(int(n_held)), 1) == float(shown)
+    assert len(re.findall(r"holds out (\d+): 1/\d+ = ([\d.]+) %", section)) == 2
+    assert len(holdout_images(30, 0.2, 0)) == 6 and len(holdout_images(60, 0.2, 0)) == 12  # the demo's category; 60 images

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from report import heatmap_names, heatmap_panel, summary_rows, write_summary
+from image_io import heatmap_names, heatmap_panel
+from report import mask_outline, summary_rows, write_summary
 
 
 def _result(category, image, pixel, pro, protocol="paper", shots=0):
@@ -100,10 +101,46 @@ def test_heatmap_panel_layout_outline_and_region():
     anomaly_map[:, 16:] = 1.0
     mask = np.zeros((32, 32))
     mask[8:24, 8:24] = 1
-    panel = np.asarray(heatmap_panel(rgb, anomaly_map, mask, 0.0, 1.0, threshold=0.5))
+    panel = np.asarray(heatmap_panel(rgb, anomaly_map, 0.0, 1.0, threshold=0.5, outline=mask_outline(mask)))
     assert panel.shape == (32, 3 * 32 + 72, 3)
     overlay, region = panel[:, 32:64], panel[:, 64:96]
     assert (overlay[8, 8] == 255).all() and not (overlay[16, 16] == 255).all()  # outline, not the inside
     assert region[2, 20, 0] > 100 and region[2, 20, 1] == 0  # above the threshold: red
     assert (region[2, 4] == 0).all()  # below: the input as it was
     assert (overlay[2, 4] != overlay[2, 20]).any()  # one fixed scale: low and high differ in colour
+
+
+def test_the_heatmaps_jet_is_matplotlibs():
+    """image_io.jet, the one colour map of every heatmap, against matplotlib's jet at the 256 entries of its table."""
+    import matplotlib
+
+    from image_io import jet
+
+    x = np.linspace(0, 1, 256)
+    np.testing.assert_allclose(jet(x), matplotlib.colormaps["jet"](x)[:, :3] * 255, atol=1e-9)
+
+
+def test_published_means_are_the_runs_results_csv_beside_the_scripts_comment():
+    """Issue 28, item 10: README and summary.md show what each run's results.csv averages to beside what the comment in
+    sample_training.sh states, and say which is which. The means: the issue's hand computation for three runs, numpy
+    over the embedded rows for all."""
+    from published import RUN_RESULTS, RUNS, source_text
+    from scripts import REPO
+
+    by_hand = {"official-im320-seg-ensemble": (99.03, 98.44, 94.11), "official-im320-seg": (98.92, 98.32, None),
+               "official-im224-ensemble": (None, None, 94.33)}  # fmt: skip
+    readme = (REPO / "README.md").read_text()
+    assert "| `--preset` | their run | mean of the run's results.csv | `sample_training.sh`'s comment |" in readme
+    for run, rows in RUN_RESULTS.items():
+        means = np.mean(np.array(list(rows.values())), axis=0)[[0, 1, 3]] * 100
+        for mean, hand in zip(means, by_hand.get(run, (None,) * 3)):
+            assert hand is None or round(mean, 2) == hand, (run, mean, hand)
+        comment = " / ".join(f"{100 * v:.1f}" for v in RUNS[run][2])
+        (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{run}` |")]
+        cells = row.split(" | ")
+        assert cells[2] == " / ".join(f"{v:.2f}" for v in means) and cells[3].startswith(comment), row
+        text = source_text(run)
+        assert f"their means over its 15 categories: {means[0]:.2f}% / {means[1]:.2f}% / PRO {means[2]:.2f}%" in text
+        assert f"the comment in sample_training.sh states {100 * RUNS[run][2][0]:.1f}%" in text
+    assert "repeats the IM320 ensemble line" in source_text("official-im320-seg-ensemble")
+    assert RUNS["official-im320-seg-ensemble"][2] == RUNS["official-im320-ensemble"][2]  # the script's comment, as it is

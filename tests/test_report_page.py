@@ -11,7 +11,8 @@ from html.parser import HTMLParser
 import numpy as np
 from PIL import Image
 
-from report import heatmap_panel, write_summary
+from image_io import heatmap_panel
+from report import write_summary
 from report_page import THUMBNAIL_SIDE, save_thumbnail, summary_html, thumbnail_name
 from scripts import REPO
 
@@ -22,12 +23,12 @@ def test_thumbnail_is_the_heatmap_tile_at_most_128_px(tmp_path):
 
     rgb = np.full((300, 200, 3), 100.0)
     anomaly_map = np.full((300, 200), 0.9)
-    panel = heatmap_panel(rgb, anomaly_map, None, 0.0, 1.0, threshold=0.5)
+    panel = heatmap_panel(rgb, anomaly_map, 0.0, 1.0, threshold=0.5)
     save_thumbnail(tmp_path / thumbnail_name("good/001.png"), panel, 200)
     path = tmp_path / "thumbnails" / "good" / "001.jpg"
     thumb = np.asarray(Image.open(path).convert("RGB"), np.float64)
     assert Image.open(path).format == "JPEG" and thumb.shape == (THUMBNAIL_SIDE, round(THUMBNAIL_SIDE * 200 / 300), 3)
-    expected = 0.5 * 100 + 0.5 * np.array(matplotlib.colormaps["jet"](0.9)[:3]) * 255  # report.heatmap_panel's overlay
+    expected = 0.5 * 100 + 0.5 * np.array(matplotlib.colormaps["jet"](0.9)[:3]) * 255  # image_io.heatmap_panel's overlay
     assert np.abs(thumb - expected).max() < 6  # JPEG rounding
 
 
@@ -109,3 +110,16 @@ def test_without_calibration_the_slider_starts_at_the_f1_threshold(tmp_path):
     assert start == 2.0 and low < 1.0 and high > 4.0  # every score reachable, and beyond: nothing flagged
     assert re.findall(r'<button type="button" class="mark" data-value="([^"]+)">([^<]+)</button>', page) == [("2.0", "F1 2")]
     assert "<td>dent</td><td>2</td><td>75.00</td>" in page and "<td>good</td><td>2</td>" in page
+
+
+def test_the_page_takes_each_thumbnails_name_from_python(tmp_path):
+    """Issue 28, item 18: the thumbnail naming rule is thumbnail_name alone; the page carries the names it makes, by
+    hand here: heatmap anomaly_maps/<name> -> thumbnails/<name without its last suffix>.jpg."""
+    from report_page import write_images_page
+
+    heatmaps = ["crack/a.png.png", "crack/a.jpg.png", "good/b.png", "c.d e.png"]
+    scored = {"images": [{"path": f"/x/{h}", "heatmap": f"anomaly_maps/{h}", "score": 1.0} for h in heatmaps]}
+    page = write_images_page(tmp_path, "w", scored, calibrated=None, f1=None).read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page).group(1))
+    expected = ["thumbnails/crack/a.png.jpg", "thumbnails/crack/a.jpg.jpg", "thumbnails/good/b.jpg", "thumbnails/c.d e.jpg"]
+    assert data[0]["thumbs"] == expected

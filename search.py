@@ -90,11 +90,11 @@ class ExactSearch(torch.nn.Module):
         self.dims = (min(sketch_dims[0], width), min(sketch_dims[1], width))
         self.register_buffer("basis", vectors.flip(1)[:, : self.dims[1]].T.contiguous())
         sketches = [self.sketches(rows) for rows in bank.split(4096)]  # float64, made once
-        scan, second = (torch.cat(level).float() for level in zip(*sketches))
-        self.register_buffer("scan_sketch", scan)  # [M, d1 + 1], float32: the scan's product
-        self.register_buffer("scan_sq", (scan.double() ** 2).sum(1).float())
-        self.register_buffer("second_sketch", second)  # [M, d2 + 1], float32
-        self.register_buffer("norm_max", (bank.double() - self.mean).norm(dim=1).max())  # ||y|| = ||s(y)|| for every y
+        scan, second = (torch.cat(level) for level in zip(*sketches))
+        self.register_buffer("norm_max", second.norm(dim=1).max())  # ||y|| = ||s(y)|| for every y
+        # the scan's product, one matrix: (s(x), 1) . (-2 s(y), ||s(y)||^2) = ||s(y)||^2 - 2 s(x).s(y), float32 [M, d1 + 2]
+        self.register_buffer("scan_rows", torch.cat([-2 * scan, (scan**2).sum(1, keepdim=True)], 1).float())
+        self.register_buffer("second_sketch", second.float())  # [M, d2 + 1], float32
 
     def sketches(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s(x) of centred rows on the first d1 and on all d2 directions, in float64: ([n, d1 + 1], [n, d2 + 1])."""
@@ -106,7 +106,7 @@ class ExactSearch(torch.nn.Module):
         left_out_all = (squared - (projected * projected).sum(1, keepdim=True)).clamp_min(0).sqrt()
         return torch.cat([short, left_out], 1), torch.cat([projected, left_out_all], 1)
 
-    def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**24) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**26) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (squared ones if asked) and bank indices, each [n, k]. Queries go in blocks whose scan
         ([rows, M] float32) stays under `block_bytes`."""
         if not 1 <= k <= len(self.bank):
@@ -119,61 +119,73 @@ class ExactSearch(torch.nn.Module):
     def search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances (float64) and bank indices [n, k] of one block of queries."""
         n, n_rows = len(q), len(self.bank)
+        every = torch.arange(n, device=q.device)
         scan, second = self.sketches(q)
         scan32 = scan.float()
-        # 1. the scan: ||s(y)||^2 - 2 s(x).s(y) for every bank row; ||s(x)||^2 joins the threshold instead
-        partial = torch.addmm(self.scan_sq, scan32, self.scan_sketch.T, alpha=-2)
+        margin = FP32_EPS * self.norm_max + SLACK * (second.norm(dim=1) + self.norm_max)  # the stored sketches' rounding, float64's
+        # 1. the scan: ||s(y)||^2 - 2 s(x).s(y) for every bank row (||s(x)||^2 joins the threshold instead), its c + 1 smallest
+        partial = torch.cat([scan32, torch.ones(n, 1, device=q.device)], 1) @ self.scan_rows.T
         c = min(n_rows, max(self.candidates, k))
         smallest, nearest = partial.topk(min(n_rows, c + 1), dim=1, largest=False)
-        # 2. exact distances of the c candidates: an upper bound of the k-th nearest
-        d32 = self.exact_fp32(q, torch.arange(n, device=q.device).repeat_interleave(c), nearest[:, :c].flatten()).view(n, c)
-        upper = (d32.kthvalue(k, dim=1).values.double() * (1 + 2 * gamma(q.shape[1] + 2))).sqrt()
-        # 3. what the bounds leave: a row is out when sqrt(its sketch distance^2 - rounding) - margin > upper
-        scan_norm = scan32.double().norm(dim=1)
-        margin = FP32_EPS * self.norm_max + SLACK * (scan_norm + self.norm_max)  # the stored sketches' rounding, float64's
-        rounding = gamma(self.dims[0] + 4) * (scan_norm + self.norm_max) ** 2  # the float32 product's
+        nearest = nearest[:, :c]
+        # 2. the candidates' lower bounds on the finer sketch; the k lowest get their exact distance, whose largest,
+        #    raised by its rounding bound, bounds the k-th nearest distance from above
+        lower = self.lower_bounds(second, margin, every.repeat_interleave(c), nearest.flatten()).view(n, c)
+        first = nearest.gather(1, lower.topk(k, dim=1, largest=False).indices)
+        seen = self.exact_fp32(q, every.repeat_interleave(k), first.flatten()).view(n, k)
+        upper = (seen.amax(1).double() * (1 + 2 * gamma(q.shape[1] + 2))).sqrt() * (1 + SLACK)
+        # 3. a row is out when its lower bound exceeds `upper`; on the scan: sqrt(sketch distance^2 - rounding) - margin > upper.
+        #    The product is a sum of d1 + 2 terms whose magnitudes add up to at most (||s(x)|| + ||s(y)||)^2
+        rounding = gamma(self.dims[0] + 4) * (scan32.double().norm(dim=1) + self.norm_max) ** 2
         threshold = (upper + margin) ** 2 + rounding - (scan32.double() ** 2).sum(1)
         threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=q.device))
+        # certified: the scan's (c + 1)-th smallest is out, so every row but the candidates is
         certified = smallest[:, -1] > threshold if c < n_rows else torch.ones(n, dtype=torch.bool, device=q.device)
-        out_d = torch.empty(n, k, dtype=torch.float64, device=q.device)
-        out_i = torch.empty(n, k, dtype=torch.long, device=q.device)
-        if certified.any():
-            out_d[certified], out_i[certified] = self.k_nearest(q[certified], nearest[certified, :c], d32[certified], k)
+        which, slot = (certified[:, None] & (lower <= upper[:, None])).nonzero(as_tuple=True)
+        pair_query, pair_row = [which], [nearest[which, slot]]
         unsure = (~certified).nonzero()[:, 0]
-        if len(unsure):
-            pair_query, pair_row = (partial[unsure] <= threshold[unsure, None]).nonzero(as_tuple=True)
-            lower = (second[unsure][pair_query] - self.second_sketch[pair_row].double()).norm(dim=1) - margin[unsure][pair_query]
-            keep = lower <= upper[unsure][pair_query] * (1 + SLACK)
-            pair_query, pair_row = pair_query[keep], pair_row[keep]
-            counts = torch.bincount(pair_query, minlength=len(unsure))  # at least k each: the k nearest are never out
-            slot = torch.arange(len(pair_query), device=q.device) - (torch.cumsum(counts, 0) - counts)[pair_query]
-            rows = torch.full((len(unsure), int(counts.max())), n_rows, dtype=torch.long, device=q.device)  # n_rows: padding
-            rows[pair_query, slot] = pair_row
-            d = torch.full(rows.shape, float("inf"), device=q.device)
-            d[pair_query, slot] = self.exact_fp32(q, unsure[pair_query], pair_row)
-            out_d[unsure], out_i[unsure] = self.k_nearest(q[unsure], rows, d, k)
-        return out_d, out_i
+        if len(unsure):  # the scan's rows not ruled out, then ruled out or kept by the finer sketch
+            which, row = (partial[unsure] <= threshold[unsure, None]).nonzero(as_tuple=True)
+            which = unsure[which]
+            keep = self.lower_bounds(second, margin, which, row) <= upper[which]
+            pair_query.append(which[keep])
+            pair_row.append(row[keep])
+        pair_query, pair_row = torch.cat(pair_query), torch.cat(pair_row)
+        order = torch.argsort(pair_query, stable=True)
+        return self.k_nearest(q, pair_query[order], pair_row[order], k)
 
-    def exact_fp32(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    def lower_bounds(self, second: torch.Tensor, margin: torch.Tensor, which: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """||s(x) - s(y)|| - margin on the finer sketch, in float64, for the pairs (queries[which], bank[rows])."""
+        return (second[which] - self.second_sketch[rows].double()).norm(dim=1) - margin[which]
+
+    def exact_fp32(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """sum_i (q_i - m_i)^2 in float32, directly (no expansion), for the pairs (q[which], bank[rows]), `chunk`
         pairs at a time. Within gamma(C + 2) of the exact value, relatively."""
         out = torch.empty(len(which), device=q.device)
         for lo in range(0, len(which), chunk):
-            diff = q[which[lo : lo + chunk]] - self.bank[rows[lo : lo + chunk]]
-            out[lo : lo + chunk] = (diff * diff).sum(1)
+            diff = q.index_select(0, which[lo : lo + chunk]).sub_(self.bank.index_select(0, rows[lo : lo + chunk]))
+            out[lo : lo + chunk] = diff.square_().sum(1)
         return out
 
-    def k_nearest(self, q: torch.Tensor, rows: torch.Tensor, d32: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k nearest of each query's `rows` [n, w] by (float64 distance, bank index): the rows within float32's
-        rounding of the k-th get their distance in float64, the others cannot be among the k."""
+    def k_nearest(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest bank rows of each query among its pairs (which, rows), `which` sorted, by (float64 distance,
+        bank index): squared distances (float64) and indices [n, k]. Pairs within float32's rounding of the k-th get
+        their distance in float64; the others cannot be among the k."""
+        n = len(q)
+        counts = torch.bincount(which, minlength=n)  # k or more each: the k nearest are never ruled out
+        slot = torch.arange(len(which), device=q.device) - (torch.cumsum(counts, 0) - counts)[which]
+        d32 = torch.full((n, int(counts.max())), float("inf"), device=q.device)
+        d32[which, slot] = self.exact_fp32(q, which, rows)
+        index = torch.full(d32.shape, len(self.bank), dtype=torch.long, device=q.device)  # past the bank: padding
+        index[which, slot] = rows
         band = d32 <= d32.kthvalue(k, dim=1).values[:, None] * (1 + 4 * gamma(q.shape[1] + 2))
-        d64 = torch.full(rows.shape, float("inf"), dtype=torch.float64, device=q.device)
+        d64 = torch.full(d32.shape, float("inf"), dtype=torch.float64, device=q.device)
         which, slot = band.nonzero(as_tuple=True)
-        d64[which, slot] = ((q[which].double() - self.bank[rows[which, slot]].double()) ** 2).sum(1)
-        by_index = rows.argsort(dim=1, stable=True)
-        rows, d64 = rows.gather(1, by_index), d64.gather(1, by_index)
+        d64[which, slot] = ((q[which].double() - self.bank[index[which, slot]].double()) ** 2).sum(1)
+        by_index = index.argsort(dim=1, stable=True)
+        index, d64 = index.gather(1, by_index), d64.gather(1, by_index)
         order = d64.argsort(dim=1, stable=True)[:, :k]
-        return d64.gather(1, order), rows.gather(1, order)
+        return d64.gather(1, order), index.gather(1, order)
 
     def describe(self) -> str:
         return (f"exact: sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "

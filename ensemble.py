@@ -80,33 +80,37 @@ class PatchCoreEnsemble:
     @torch.no_grad()
     def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Each member fits (its own coreset, bank and thresholds); then the ensemble's thresholds are set on the
-        held-out images' combined scores against the members' calibration banks."""
-        facts = [m.fit(dataloader, feature_memory_gb) for m in self.members]
+        held-out images' combined scores, from what each member's fit scored against its calibration bank."""
+        facts = [m.fit(dataloader, feature_memory_gb, keep_held_out=True) for m in self.members]
         self.train_facts = {k: v for k, v in facts[0].items() if k not in ("fit", "memory_bank_size", "calibration_bank_size")}
         self.train_facts["memory_bank_sizes"] = [f["memory_bank_size"] for f in facts]
-        self.calibration = self._calibrate(dataloader)
+        self.calibration = self._calibrate(dataloader.batch_size or 1)
         return {**self.train_facts, "fit": facts[0]["fit"]}
 
-    def _calibrate(self, dataloader) -> Calibration:
+    def _calibrate(self, batch: int) -> Calibration:
+        """calibrate() on the members' held-out scores and maps combined, `batch` images at a time; each member's
+        are released after."""
+        outputs = [m.held_out_outputs for m in self.members]
+        for m in self.members:
+            m.held_out_outputs = None
         if not all(m.calibration.calibrated for m in self.members):
             return Calibration(reason=self.members[0].calibration.reason)
-        held_out = self.members[0].train_facts["held_out"]
-        streams = [
-            m.score_held_out(m.memory_bank[: m.train_facts["calibration_bank_size"]], dataloader, held_out) for m in self.members
-        ]
         summary = []
-        for outputs in zip(*streams):  # one batch of the held-out images, scored by every member
-            scores, maps = self.combine(np.stack([s for s, _ in outputs]), np.stack([m for _, m in outputs]))
+        for lo in range(0, len(outputs[0][0]), batch):
+            part = slice(lo, lo + batch)
+            scores, maps = self.combine(np.stack([s[part] for s, _ in outputs]), np.stack([m[part] for _, m in outputs]))
             summary.append((scores, maps.reshape(len(maps), -1).max(1), maps.min()))
         scores, peaks, lows = zip(*summary)
-        return calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        calibration.note = self.members[0].calibration.note
+        return calibration
 
     @torch.no_grad()
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Every member grows its bank (PatchCore.add); the thresholds stay, as the members' do."""
         facts = [m.add(dataloader, feature_memory_gb) for m in self.members]
         if self.calibration.calibrated:
-            self.calibration.note = note_on_growth(facts[0]["n_images"], bool(self.config.reweight_b))
+            self.calibration.note = note_on_growth(facts[0]["n_images"], bool(self.config.reweight_b), self.config.protocol == "paper")
         counts = {k: self.members[0].train_facts[k] for k in ("n_images", "n_patches")}
         self.train_facts = {**self.train_facts, **counts, "memory_bank_sizes": [f["memory_bank_size"] for f in facts]}
         return {**facts[0], "added": [f["added"] for f in facts], "memory_bank_size": self.train_facts["memory_bank_sizes"],
@@ -131,7 +135,8 @@ class PatchCoreEnsemble:
         return (scores / image).mean(axis=0), (maps / pixel).mean(axis=0)
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores [B] and anomaly maps [B, H, W] of the ensemble, one image at a time (combine)."""
+        """Image scores [B] and anomaly maps [B, H, W] of the ensemble for a batch of images [B, 3, H, W]: each image's
+        from its own members' outputs alone (combine), so that a score does not depend on the rest of the batch."""
         return self.combine(*self.predict_members(images))
 
     # ------------------------------------------------------------------ the bank file

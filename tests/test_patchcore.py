@@ -14,7 +14,8 @@ import system
 from backbone import WeightsError
 from coreset import k_center_greedy_dense, k_center_greedy_pruned
 from maps import gaussian_blur
-from patchcore import PatchCore
+from patchcore import PatchCore, PatchCoreConfig
+from published import PRESETS
 from references import naive_greedy
 from search import TorchSearch
 from system import resolve_device
@@ -518,6 +519,46 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     assert torch.equal(model.memory_bank[: len(reference.memory_bank)], reference.memory_bank)
     assert len(model.memory_bank) == model.bank_size(6 * model.patches_per_image) > len(reference.memory_bank)
     assert (model.predict(images[held])[0] <= scores + 1e-6).all()
+
+
+def test_official_bank_is_plain_alg1_over_every_image_whatever_the_calibration():
+    """--protocol official, which every preset is: the saved bank is Alg. 1 over every training patch, as the released
+    code builds it, with calibration as without; the thresholds come from a calibration bank of its own, and say so."""
+    assert all(PatchCoreConfig.from_options(preset=name).protocol == "official" for name in PRESETS)
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(22))
+    settings = {"weights": "none", "device": "cpu", "protocol": "official", "image_size": 64, "resize": 64, "seed": 3,
+                "target_fpr": 0.25}  # fmt: skip
+    model = PatchCore(calibration_holdout=0.5, **settings)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
+    # the reference: every patch's feature, the seeded projection and start, the naive greedy loop, no restriction
+    features = model.aggregate_patches(model.extract_features(images)).reshape(-1, 1024).numpy()
+    projection = (torch.randn(1024, 128, generator=torch.Generator().manual_seed(3)) / np.sqrt(128)).numpy()
+    n = len(features)
+    expected = features[naive_greedy(features @ projection, n // 10, _seeded_start(n, 3))]
+    np.testing.assert_allclose(model.memory_bank.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # the thresholds: the held-out images against Alg. 1 over the kept images alone; k = 3 of n = 3 at 25 %
+    held = holdout_images(6, 0.5, 3)
+    kept = [i for i in range(6) if i not in held]
+    reference = PatchCore(calibration_holdout=0, **settings)
+    reference.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[kept]), batch_size=3))
+    scores, maps = reference.predict(images[held])
+    assert model.calibration.image_threshold == pytest.approx(scores.max(), rel=1e-4)
+    assert model.calibration.pixel_threshold == pytest.approx(maps.reshape(3, -1).max(1).max(), rel=1e-4)
+    assert "approximate" in model.calibration.note and model.train_facts["calibration_bank_size"] == len(reference.memory_bank)
+
+
+@pytest.mark.parametrize("b", [0, 3])
+def test_a_fresh_eq7_calibration_says_its_target_is_approximate(b):
+    """docs/architecture.md: the saved bank contains the calibration bank, so max scores can only fall and the thresholds
+    are conservative; Eq. 7's weight can move either way, which a --reweight_b bank's note says from fit on."""
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(23))
+    model = PatchCore(weights="none", device="cpu", image_size=64, calibration_holdout=0.5, reweight_b=b)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4))
+    assert model.calibration.calibrated
+    if b:
+        assert "Eq. 7" in model.calibration.note and "approximate" in model.calibration.note
+    else:
+        assert model.calibration.note is None
 
 
 def test_pixel_threshold_is_the_conformal_rank_of_the_map_maxima_at_the_target():

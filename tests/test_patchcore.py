@@ -12,7 +12,7 @@ import torchvision
 
 import system
 from backbone import WeightsError
-from coreset import k_center_greedy_dense, k_center_greedy_pruned
+from coreset import k_center_greedy_dense, k_center_greedy_pruned, nearest_center
 from maps import gaussian_blur
 from patchcore import PatchCore, PatchCoreConfig
 from published import PRESETS
@@ -584,6 +584,19 @@ def test_greedy_continues_from_existing_centers_as_the_naive_loop(n_existing):
         min_dist = np.minimum(min_dist, ((points.astype(np.float64) - points[expected[-1]]) ** 2).sum(1))
     for greedy in (k_center_greedy_pruned, k_center_greedy_dense):
         assert greedy(torch.from_numpy(points), 60, existing=torch.from_numpy(existing)).tolist() == expected
+
+
+def test_nearest_center_keeps_its_temporaries_under_the_byte_budget():
+    """A grown bank's every new patch against its nearest bank patch: equal to float64 brute force, and no single
+    allocation (as torch's profiler records them) above block_bytes, however many centers there are."""
+    rng = np.random.default_rng(8)
+    points, centers = rng.normal(size=(5000, 8)).astype(np.float32), rng.normal(size=(3000, 8)).astype(np.float32)
+    d = ((points[:, None, :].astype(np.float64) - centers[None].astype(np.float64)) ** 2).sum(-1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        value, index = nearest_center(torch.from_numpy(points), torch.from_numpy(centers), block_bytes=2**20)
+    assert max(event.cpu_memory_usage for event in profile.events()) <= 2**20  # 4,096 rows at once: 98 MB
+    assert index.tolist() == d.argmin(1).tolist()
+    np.testing.assert_allclose(value.numpy(), d.min(1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("search", ["torch", "fast"])

@@ -45,12 +45,16 @@ def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
 def normalise_over_test_set(scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The released code's ensemble: scores [M, N] and maps [M, N, H, W] of M members over a whole test set ->
     (scores [N], maps [N, H, W]): each member min-max normalised over the test set (its maps by one min and max
-    over all of them), then the members' mean."""
-    low, high = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
-    scores = ((scores - low) / (high - low)).mean(axis=0)
-    flat = maps.reshape(len(maps), -1)
-    low, high = flat.min(axis=1).reshape(-1, 1, 1, 1), flat.max(axis=1).reshape(-1, 1, 1, 1)
-    return scores, ((maps - low) / (high - low)).mean(axis=0)
+    over all of them), then the members' mean. A member whose values are all equal (a one-image test set) gives 0
+    where the released code divides by zero (docs/architecture.md)."""
+
+    def min_max(values: np.ndarray) -> np.ndarray:  # each member's values to [0, 1] by its own min and max
+        flat = values.reshape(len(values), -1)
+        low, span = flat.min(axis=1), flat.max(axis=1) - flat.min(axis=1)
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        return (values - low.reshape(shape)) / np.where(span > 0, span, 1.0).reshape(shape)
+
+    return min_max(scores).mean(axis=0), min_max(maps).mean(axis=0)
 
 
 class PatchCoreEnsemble:

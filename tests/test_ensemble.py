@@ -11,7 +11,7 @@ import torch
 
 from bank import BankError, load_bank
 from dataset import CategoryDataset
-from ensemble import build_model, load_model
+from ensemble import build_model, load_model, normalise_over_test_set
 from files import save_npz
 from patchcore import PatchCore, PatchCoreConfig
 from scripts import evaluate, run, train
@@ -139,3 +139,15 @@ def test_ensemble_settings_and_their_refusals(data, tmp_path):
     assert result.returncode == 2 and "combines its members by their thresholds" in result.stderr
     result = train(data, tmp_path, "--preset", "official-im320", "--coreset_ratio", "0.1")
     assert result.returncode == 2 and "--coreset_ratio 0.1 (the preset has 0.01)" in result.stderr
+
+
+def test_test_set_normalisation_of_constant_members_is_zero_not_nan():
+    """A one-image test set (or a member that scores every image alike): its min-max range is 0. Hand-computed:
+    member 0 is constant and contributes 0; member 1 goes from [2, 4] to [0, 1]; their mean is half of that."""
+    scores = np.array([[5.0, 5.0], [2.0, 4.0]])
+    maps = np.stack([np.full((2, 2, 2), 7.0), np.array([[[1.0, 1.0], [1.0, 3.0]], [[2.0, 2.0], [2.0, 2.0]]])])
+    combined_scores, combined_maps = normalise_over_test_set(scores, maps)
+    np.testing.assert_array_equal(combined_scores, [0.0, 0.5])
+    np.testing.assert_array_equal(combined_maps, [[[0.0, 0.0], [0.0, 0.5]], [[0.25, 0.25], [0.25, 0.25]]])
+    one_image_scores, one_image_maps = normalise_over_test_set(scores[:, :1], maps[:, :1])
+    assert one_image_scores.tolist() == [0.0] and np.isfinite(one_image_maps).all()

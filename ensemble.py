@@ -70,6 +70,7 @@ class PatchCoreEnsemble:
         self.weights = "; ".join(f"{m.config.backbone}: {m.weights}" for m in self.members)
         self.calibration = Calibration(reason="no memory bank yet")
         self.train_facts: dict = {}
+        self.bank_sha256: str | None = None  # the bank file's checksum, once saved or loaded (bank.py)
 
     @property
     def memory_bank(self) -> list[torch.Tensor] | None:
@@ -151,7 +152,7 @@ class PatchCoreEnsemble:
         members = [{"model": m.provenance(), "calibration": m.calibration.to_dict(), "train": m.train_facts} for m in self.members]
         header = {"config": self.config.to_dict(), "members": members, "calibration": self.calibration.to_dict(),
                   "train": self.train_facts, **sections, "environment": environment()}  # fmt: skip
-        save_bank(Path(path), [bank.cpu().numpy() for bank in self.memory_bank], header)
+        self.bank_sha256 = save_bank(Path(path), [bank.cpu().numpy() for bank in self.memory_bank], header)
 
     @classmethod
     def from_header(cls, banks: list[np.ndarray], header: dict, path: Path, *, weights: str | None = None, **runtime) -> PatchCoreEnsemble:
@@ -166,6 +167,7 @@ class PatchCoreEnsemble:
             member.restore(bank, saved["model"], path)
             member.calibration, member.train_facts = Calibration.from_dict(saved["calibration"]), saved["train"]
         model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
+        model.bank_sha256 = header["sha256"]
         return model
 
 

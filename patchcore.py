@@ -314,6 +314,7 @@ class PatchCore:
         self.calibration = Calibration(reason="no memory bank yet")  # thresholds set on held-out good images (calibrate)
         self.train_facts: dict = {}  # what the bank was built from: counts, held-out images (fit, add, from_bank)
         self.held_out_outputs: tuple[np.ndarray, np.ndarray] | None = None  # fit(keep_held_out=True): (scores, maps)
+        self.bank_sha256: str | None = None  # the bank file's checksum, once saved or loaded (bank.py)
 
     # ------------------------------------------------------------------ patch features (Sec. 3.1)
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -527,7 +528,7 @@ class PatchCore:
             **sections,
             "environment": environment(),
         }
-        save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
+        self.bank_sha256 = save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
     def from_bank(
@@ -549,6 +550,7 @@ class PatchCore:
         model = cls(config_from_header(header, path), **runtime, **({"weights": weights} if weights else {}))
         model.restore(memory_bank, header["model"], path)
         model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
+        model.bank_sha256 = header["sha256"]
         return model
 
     def restore(self, memory_bank: np.ndarray, built: dict, path: Path) -> None:

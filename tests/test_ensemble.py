@@ -14,7 +14,7 @@ from dataset import CategoryDataset
 from ensemble import build_model, load_model, normalise_over_test_set
 from files import save_npz
 from patchcore import PatchCore, PatchCoreConfig
-from scripts import evaluate, run, train
+from scripts import evaluate, one_line_error, run, train
 from synthetic import make_synthetic_category
 from thresholds import holdout_images
 
@@ -70,6 +70,14 @@ def test_an_ensemble_trains_evaluates_and_scores_like_one_model(data, tmp_path, 
     for record in inference["images"]:
         test_path = "widget/test/good/" + record["path"].rsplit("/", 1)[1]
         assert record["score"] == pytest.approx(inductive[paths.index(test_path)], rel=1e-5)
+    page = (tmp_path / "widget" / "inference" / "report.html").read_text()
+    f1 = json.loads((tmp_path / "widget" / "metrics.json").read_text())["image_f1_threshold"]
+    if protocol == "official":  # its F1 threshold lies on the test-set min-max scale: neither a mark nor a decision here
+        assert 'class="mark"' in page and ">F1 " not in page
+        result = evaluate(data, tmp_path, "--images", data / "widget" / "test" / "good", "--threshold", "f1")
+        assert "a scale that new images do not have" in one_line_error(result)
+    else:
+        assert f'data-value="{f1!r}">F1 ' in page
 
 
 def test_an_ensemble_grows_and_its_file_is_checked_whole(data, tmp_path):

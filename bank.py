@@ -75,14 +75,16 @@ def _names(count: int | None) -> list[str]:
     return ["memory_bank"] if count is None else [f"memory_bank_{i}" for i in range(count)]
 
 
-def save_bank(path: Path, memory_bank: np.ndarray | list[np.ndarray], header: dict) -> None:
-    """Write the bank atomically: one array, or an ensemble's list of them; `header` holds the sections listed above."""
+def save_bank(path: Path, memory_bank: np.ndarray | list[np.ndarray], header: dict) -> str:
+    """Write the bank atomically: one array, or an ensemble's list of them; `header` holds the sections listed above.
+    Returns its checksum, the header's sha256 (evaluate.py records it in metrics.json)."""
     ensemble = isinstance(memory_bank, list)
     banks = [np.ascontiguousarray(b, dtype=np.float32) for b in (memory_bank if ensemble else [memory_bank])]
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, **header}
     header["sha256"] = _checksum(banks, header)
     arrays = dict(zip(_names(len(banks) if ensemble else None), banks))
     save_npz(path, {**arrays, "header": np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)})
+    return header["sha256"]
 
 
 def load_bank(path: Path) -> tuple[np.ndarray | list[np.ndarray], dict]:

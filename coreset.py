@@ -41,15 +41,18 @@ def squared_distances_blocked(points: torch.Tensor, center: torch.Tensor, rows: 
     return out
 
 
-def nearest_center(points: torch.Tensor, centers: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_center(points: torch.Tensor, centers: torch.Tensor, block_bytes: int = 2**28) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance (float32) of every point to its nearest center, and that center's index; computed
-    in float64 as ||p||^2 - 2 p.c + ||c||^2 in row blocks, so it is exact to float32 rounding."""
+    in float64 as ||p||^2 - 2 p.c + ||c||^2 in row blocks, so it is exact to float32 rounding. A block's
+    float64 temporaries (its rows, and their distances to every center) stay under `block_bytes`, as the
+    greedy loop's do: a grown bank has as many centers as it has rows."""
+    rows = max(1, block_bytes // (8 * (len(centers) + points.shape[1])))
     centers64 = centers.double()
     centers_sq = (centers64**2).sum(1)
     best, which = [], []
     for block in points.split(rows):
         block64 = block.double()
-        d = ((block64**2).sum(1, keepdim=True) - 2 * block64 @ centers64.T + centers_sq).clamp_min(0)
+        d = (block64 @ centers64.T).mul_(-2).add_((block64**2).sum(1, keepdim=True)).add_(centers_sq).clamp_min_(0)
         value, index = d.min(1)
         best.append(value.float())
         which.append(index)

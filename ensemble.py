@@ -46,12 +46,16 @@ def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:
 def normalise_over_test_set(scores: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The released code's ensemble: scores [M, N] and maps [M, N, H, W] of M members over a whole test set ->
     (scores [N], maps [N, H, W]): each member min-max normalised over the test set (its maps by one min and max
-    over all of them), then the members' mean."""
-    low, high = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
-    scores = ((scores - low) / (high - low)).mean(axis=0)
-    flat = maps.reshape(len(maps), -1)
-    low, high = flat.min(axis=1).reshape(-1, 1, 1, 1), flat.max(axis=1).reshape(-1, 1, 1, 1)
-    return scores, ((maps - low) / (high - low)).mean(axis=0)
+    over all of them), then the members' mean. A member whose values are all equal (a one-image test set) gives 0
+    where the released code divides by zero (docs/architecture.md)."""
+
+    def min_max(values: np.ndarray) -> np.ndarray:  # each member's values to [0, 1] by its own min and max
+        flat = values.reshape(len(values), -1)
+        low, span = flat.min(axis=1), flat.max(axis=1) - flat.min(axis=1)
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        return (values - low.reshape(shape)) / np.where(span > 0, span, 1.0).reshape(shape)
+
+    return min_max(scores).mean(axis=0), min_max(maps).mean(axis=0)
 
 
 class PatchCoreEnsemble:
@@ -67,6 +71,7 @@ class PatchCoreEnsemble:
         self.weights = "; ".join(f"{m.config.backbone}: {m.weights}" for m in self.members)
         self.calibration = Calibration(reason="no memory bank yet")
         self.train_facts: dict = {}
+        self.bank_sha256: str | None = None  # the bank file's checksum, once saved or loaded (bank.py)
 
     @property
     def memory_bank(self) -> list[torch.Tensor] | None:
@@ -81,33 +86,37 @@ class PatchCoreEnsemble:
     @torch.no_grad()
     def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Each member fits (its own coreset, bank and thresholds); then the ensemble's thresholds are set on the
-        held-out images' combined scores against the members' calibration banks."""
-        facts = [m.fit(dataloader, feature_memory_gb) for m in self.members]
+        held-out images' combined scores, from what each member's fit scored against its calibration bank."""
+        facts = [m.fit(dataloader, feature_memory_gb, keep_held_out=True) for m in self.members]
         self.train_facts = {k: v for k, v in facts[0].items() if k not in ("fit", "memory_bank_size", "calibration_bank_size")}
         self.train_facts["memory_bank_sizes"] = [f["memory_bank_size"] for f in facts]
-        self.calibration = self._calibrate(dataloader)
+        self.calibration = self._calibrate(dataloader.batch_size or 1)
         return {**self.train_facts, "fit": facts[0]["fit"]}
 
-    def _calibrate(self, dataloader) -> Calibration:
+    def _calibrate(self, batch: int) -> Calibration:
+        """calibrate() on the members' held-out scores and maps combined, `batch` images at a time; each member's
+        are released after."""
+        outputs = [m.held_out_outputs for m in self.members]
+        for m in self.members:
+            m.held_out_outputs = None
         if not all(m.calibration.calibrated for m in self.members):
             return Calibration(reason=self.members[0].calibration.reason)
-        held_out = self.members[0].train_facts["held_out"]
-        streams = [
-            m.score_held_out(m.memory_bank[: m.train_facts["calibration_bank_size"]], dataloader, held_out) for m in self.members
-        ]
         summary = []
-        for outputs in zip(*streams):  # one batch of the held-out images, scored by every member
-            scores, maps = self.combine(np.stack([s for s, _ in outputs]), np.stack([m for _, m in outputs]))
+        for lo in range(0, len(outputs[0][0]), batch):
+            part = slice(lo, lo + batch)
+            scores, maps = self.combine(np.stack([s[part] for s, _ in outputs]), np.stack([m[part] for _, m in outputs]))
             summary.append((scores, maps.reshape(len(maps), -1).max(1), maps.min()))
         scores, peaks, lows = zip(*summary)
-        return calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        calibration.note = self.members[0].calibration.note
+        return calibration
 
     @torch.no_grad()
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
         """Every member grows its bank (PatchCore.add); the thresholds stay, as the members' do."""
         facts = [m.add(dataloader, feature_memory_gb) for m in self.members]
         if self.calibration.calibrated:
-            self.calibration.note = note_on_growth(facts[0]["n_images"], bool(self.config.reweight_b))
+            self.calibration.note = note_on_growth(facts[0]["n_images"], bool(self.config.reweight_b), self.config.protocol == "paper")
         counts = {k: self.members[0].train_facts[k] for k in ("n_images", "n_patches")}
         self.train_facts = {**self.train_facts, **counts, "memory_bank_sizes": [f["memory_bank_size"] for f in facts]}
         return {**facts[0], "added": [f["added"] for f in facts], "memory_bank_size": self.train_facts["memory_bank_sizes"],
@@ -132,7 +141,8 @@ class PatchCoreEnsemble:
         return (scores / image).mean(axis=0), (maps / pixel).mean(axis=0)
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores [B] and anomaly maps [B, H, W] of the ensemble, one image at a time (combine)."""
+        """Image scores [B] and anomaly maps [B, H, W] of the ensemble for a batch of images [B, 3, H, W]: each image's
+        from its own members' outputs alone (combine), so that a score does not depend on the rest of the batch."""
         return self.combine(*self.predict_members(images))
 
     # ------------------------------------------------------------------ the bank file
@@ -143,7 +153,7 @@ class PatchCoreEnsemble:
         members = [{"model": m.provenance(), "calibration": m.calibration.to_dict(), "train": m.train_facts} for m in self.members]
         header = {"config": self.config.to_dict(), "members": members, "calibration": self.calibration.to_dict(),
                   "train": self.train_facts, **sections, "environment": environment()}  # fmt: skip
-        save_bank(Path(path), [bank.cpu().numpy() for bank in self.memory_bank], header)
+        self.bank_sha256 = save_bank(Path(path), [bank.cpu().numpy() for bank in self.memory_bank], header)
 
     @classmethod
     def from_header(cls, banks: list[np.ndarray], header: dict, path: Path, *, weights: str | None = None, **runtime) -> PatchCoreEnsemble:
@@ -158,6 +168,7 @@ class PatchCoreEnsemble:
             member.restore(bank, saved["model"], path)
             member.calibration, member.train_facts = Calibration.from_dict(saved["calibration"]), saved["train"]
         model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
+        model.bank_sha256 = header["sha256"]
         return model
 
 

@@ -35,7 +35,7 @@ from patchcore import PatchCore, PatchCoreConfig
 from report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
 from report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 from search import SEARCHES
-from system import device_name
+from system import device_name, warn_once
 
 
 def parse_args() -> argparse.Namespace:
@@ -207,7 +207,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "gpu": device_name(model.device),
             "fp32_precision": model.fp32_precision,
             "weights": model.weights,
-            "memory_bank": {"path": str(bank_path(args.output_dir, category)), **model.train_facts, "config": config.to_dict()},
+            "memory_bank": {"path": str(bank_path(args.output_dir, category)), "sha256": model.bank_sha256, **model.train_facts,
+                            "config": config.to_dict()},  # fmt: skip
             "environment": environment(),
             "created": now(),
         }
@@ -248,10 +249,34 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     return metrics
 
 
+def labelled_values(args: argparse.Namespace, model: PatchCore | PatchCoreEnsemble) -> dict:
+    """What --images may take from the category's metrics.json (a test-split evaluation: the F1 thresholds, the
+    heatmap scale): its contents, when it was computed with this very bank (the checksum bank.py records) and on the
+    scale --images decides on; else {}, and --threshold f1, which needs them, is refused in one line."""
+    other = "or decide with the calibrated thresholds (the default) or --threshold VALUE"
+    if isinstance(model, PatchCoreEnsemble) and model.config.protocol == "official":  # documented: nothing to warn of
+        if args.threshold == "f1":
+            raise ValueError(
+                f"--threshold f1: {args.category}'s official-protocol ensemble finds its F1 thresholds on its members' scores "
+                f"min-max normalised over the test set, a scale that new images do not have; {other}"
+            )
+        return {}
+    path = Path(args.output_dir) / args.category / "metrics.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if not known or (known.get("memory_bank") or {}).get("sha256") == model.bank_sha256:
+        return known
+    stale = (f"{path} was computed with another memory bank than {bank_path(args.output_dir, args.category)} holds now "
+             f"(trained again since): run evaluate.py on {args.category}'s test split again")  # fmt: skip
+    if args.threshold == "f1":
+        raise ValueError(f"--threshold f1: {stale}, {other}")
+    warn_once(f"{stale}; until then its F1 mark and heatmap scale are not used")
+    return {}
+
+
 def decision_thresholds(
     args: argparse.Namespace, model: PatchCore | PatchCoreEnsemble, known: dict
 ) -> tuple[float | None, float | None, str]:
-    """(image threshold, pixel threshold, where they come from) for --images."""
+    """(image threshold, pixel threshold, where they come from) for --images; known: labelled_values."""
     calibration = model.calibration
     if args.threshold == "f1":
         if known.get("image_f1_threshold") is None:
@@ -271,7 +296,7 @@ def score_new_images(args: argparse.Namespace) -> None:
     out_dir = Path(args.output_dir) / category
     paths = find_images(args.images)
     model = load(args, category)
-    known = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
+    known = labelled_values(args, model)
     threshold, pixel_threshold, source = decision_thresholds(args, model, known)
     scale = model.calibration.heatmap_scale or known.get("heatmap_scale")  # a fixed scale; else each heatmap its own
     dataset = ImageFiles(paths, model.config.preprocess())

@@ -34,7 +34,7 @@ from official import official_patches
 from published import PRESETS
 from search import ExactSearch, FaissSearch, ScanSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
-from thresholds import Calibration, calibrate, holdout_images, note_on_growth
+from thresholds import Calibration, calibrate, holdout_images, note_on_fit, note_on_growth
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
@@ -313,6 +313,8 @@ class PatchCore:
         self.scorer: AnomalyScorer | None = None  # built around the memory bank by set_memory_bank
         self.calibration = Calibration(reason="no memory bank yet")  # thresholds set on held-out good images (calibrate)
         self.train_facts: dict = {}  # what the bank was built from: counts, held-out images (fit, add, from_bank)
+        self.held_out_outputs: tuple[np.ndarray, np.ndarray] | None = None  # fit(keep_held_out=True): (scores, maps)
+        self.bank_sha256: str | None = None  # the bank file's checksum, once saved or loaded (bank.py)
 
     # ------------------------------------------------------------------ patch features (Sec. 3.1)
     def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -325,16 +327,21 @@ class PatchCore:
 
     # ------------------------------------------------------------------ the memory bank (Sec. 3.2)
     @torch.no_grad()
-    def fit(self, dataloader, feature_memory_gb: float | None = None) -> dict:
+    def fit(self, dataloader, feature_memory_gb: float | None = None, keep_held_out: bool = False) -> dict:
         """Build the memory bank from the normal training images; returns counts.
 
         Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit;
         the selected rows are then taken from the kept chunks, or from a second pass. Both ways
         give the same memory bank. With calibration_holdout > 0, a seeded part of the images is
-        held out of the coreset's first bank_size(kept patches) picks: that prefix is Alg. 1 over
-        the other images (the calibration bank), and the held-out images' scores against it set
-        `self.calibration` (calibrate). Alg. 1 then goes on over every patch to the full bank, which
-        holds every image and contains the calibration bank, so its scores are never higher.
+        held out, and their scores against the calibration bank, Alg. 1 over the other images,
+        set `self.calibration` (calibrate). How that bank relates to the saved one (docs/architecture.md):
+        - paper: it is the first bank_size(kept patches) picks of the saved bank's own Alg. 1, whose
+          picks are held to the kept images until then; the saved bank then goes on over every patch,
+          holds every image and contains the calibration bank, so its scores are never higher;
+        - official: the saved bank is plain Alg. 1 over every image, as the released code builds it,
+          whatever the calibration; the calibration bank is a coreset of its own, used only to calibrate.
+        keep_held_out: keep the held-out images' (scores, maps) against it in `held_out_outputs`
+        (an ensemble combines its members' by them); otherwise only what calibrate() needs is kept.
         """
         n_images = len(dataloader.dataset)
         if n_images == 0:
@@ -342,27 +349,33 @@ class PatchCore:
         per_image = self.patches_per_image
         self._check_bank_size(self.bank_size(n_images * per_image))
         held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
-        first_from = None
-        if held_out:  # the calibration bank: the first picks, all from the kept images
+        nested = self.config.protocol == "paper"  # the calibration bank is the saved bank's first picks
+        kept, calibration_size = None, 0
+        if held_out:
             kept = image_rows(sorted(set(range(n_images)) - set(held_out)), per_image)
-            first_from = (kept, self.bank_size(len(kept)))
-            self._check_bank_size(first_from[1])
+            calibration_size = self.bank_size(len(kept))
+            self._check_bank_size(calibration_size)
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
-        picked = self._coreset(projected, first_from=first_from)  # Alg. 1
+        wanted = {"bank": self._coreset(projected, first_from=(kept, calibration_size) if held_out and nested else None)}  # Alg. 1
+        if held_out and not nested:  # Alg. 1 over the kept images alone, apart from the saved bank
+            wanted["calibration"] = kept[self._coreset(projected[kept])]
         del projected
-        bank = gather_rows(full_patches(self.features, chunks, dataloader), {"bank": picked})["bank"]
-        self.calibration = self._calibrate(bank, held_out, first_from, dataloader)
+        rows = gather_rows(full_patches(self.features, chunks, dataloader), wanted)
+        bank = rows["bank"]
+        self.calibration = self._calibrate(rows.get("calibration", bank[:calibration_size]), held_out, dataloader, keep_held_out)
+        del rows
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
-        if held_out:  # the bank's first rows are the calibration bank
-            facts["calibration_bank_size"] = first_from[1]
+        if held_out:  # paper: the bank's first rows are the calibration bank; official: it is not saved
+            facts["calibration_bank_size"] = calibration_size
         self.train_facts = {**facts, "held_out": held_out}
         return {**self.train_facts, "fit": path}
 
-    def _calibrate(self, bank: torch.Tensor, held_out: list[int], first_from, dataloader) -> Calibration:
-        """The held-out images run again, in batches of their own, and scored against the calibration bank
-        (the bank's first picks), then thresholds.calibrate; or why there are no thresholds. Running them
-        again rather than keeping their features makes the thresholds the same whichever fit path ran."""
+    def _calibrate(self, calibration_bank: torch.Tensor, held_out: list[int], dataloader, keep: bool) -> Calibration:
+        """The held-out images run again, in batches of their own, and scored against the calibration bank,
+        then thresholds.calibrate; or why there are no thresholds. Running them again rather than keeping
+        their features makes the thresholds the same whichever fit path ran."""
+        self.held_out_outputs = None
         share = self.config.calibration_holdout
         if share == 0:
             return Calibration(reason="calibration off (--calibration_holdout 0): no thresholds")
@@ -371,11 +384,18 @@ class PatchCore:
                 reason=f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
                 "for calibration: no thresholds stored; decide with evaluate.py --threshold"
             )
-        summary = []  # of each batch's maps, only what calibrate() needs: their maxima and the smallest value
-        for scores, maps in self.score_held_out(bank[: first_from[1]], dataloader, held_out):
-            summary.append((scores, maps.reshape(len(maps), -1).max(1), maps.min()))
-        scores, peaks, lows = zip(*summary)
-        return calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        scores, peaks, lows, maps_kept = [], [], [], []  # of each batch's maps, only what calibrate() needs, unless kept
+        for batch_scores, maps in self.score_held_out(calibration_bank, dataloader, held_out):
+            scores.append(batch_scores)
+            peaks.append(maps.reshape(len(maps), -1).max(1))
+            lows.append(maps.min())
+            if keep:
+                maps_kept.append(maps)
+        if keep:
+            self.held_out_outputs = (np.concatenate(scores), np.concatenate(maps_kept))
+        calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
+        calibration.note = note_on_fit(self.config.protocol == "paper", bool(self.config.reweight_b))
+        return calibration
 
     def score_held_out(self, calibration_bank: torch.Tensor, dataloader, held_out: list[int]):
         """(image scores, maps) of the held-out training images, a batch at a time, against the calibration bank."""
@@ -417,7 +437,7 @@ class PatchCore:
         self.train_facts = {**facts, "n_images": facts.get("n_images", 0) + n_images, "memory_bank_size": len(self.memory_bank),
                             "n_patches": facts.get("n_patches", 0) + n_images * self.patches_per_image}  # fmt: skip
         if self.calibration.calibrated:
-            self.calibration.note = note_on_growth(n_images, bool(self.config.reweight_b))
+            self.calibration.note = note_on_growth(n_images, bool(self.config.reweight_b), self.config.protocol == "paper")
         return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
                 "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
 
@@ -508,7 +528,7 @@ class PatchCore:
             **sections,
             "environment": environment(),
         }
-        save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
+        self.bank_sha256 = save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
     def from_bank(
@@ -530,6 +550,7 @@ class PatchCore:
         model = cls(config_from_header(header, path), **runtime, **({"weights": weights} if weights else {}))
         model.restore(memory_bank, header["model"], path)
         model.calibration, model.train_facts = Calibration.from_dict(header["calibration"]), header["train"]
+        model.bank_sha256 = header["sha256"]
         return model
 
     def restore(self, memory_bank: np.ndarray, built: dict, path: Path) -> None:

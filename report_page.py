@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from pathlib import Path
 
@@ -108,9 +109,20 @@ def summary_html(markdown: str) -> str:
     return "\n".join(out)
 
 
+def _finite(value: object) -> object:
+    """The page's data with every NaN or infinity as null: JSON.parse accepts neither, and one would blank the page."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _slider_range(scores: list[float], marks: list[float]) -> tuple[float, float]:
-    """The slider's ends: every score and mark inside, with 2 % of the span to spare on each side."""
-    values = scores + marks
+    """The slider's ends: every finite score and mark inside, with 2 % of the span to spare on each side."""
+    values = [v for v in scores + marks if math.isfinite(v)]
     if not values:
         return 0.0, 1.0
     lo, hi = min(values), max(values)
@@ -119,8 +131,9 @@ def _slider_range(scores: list[float], marks: list[float]) -> tuple[float, float
 
 
 def _start(thresholds: list[float | None], scores: list[float]) -> float:
-    """Where the slider starts: the first threshold given, else the median score."""
-    chosen = [t for t in thresholds if t is not None] or [sorted(scores)[len(scores) // 2] if scores else 0.0]
+    """Where the slider starts: the first finite threshold given, else the median finite score."""
+    scores = [s for s in scores if math.isfinite(s)]
+    chosen = [t for t in thresholds if t is not None and math.isfinite(t)] or [sorted(scores)[len(scores) // 2] if scores else 0.0]
     return float(chosen[0])
 
 
@@ -176,7 +189,7 @@ def _gallery_controls(labelled: bool, defects: list[str]) -> str:
 def _page(title: str, intro: str, sections: list[str], data: list[dict]) -> str:
     css = (ASSETS / "report_page.css").read_text()
     js = (ASSETS / "report_page.js").read_text()
-    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False).replace("<", "\\u003c")
+    payload = json.dumps(_finite(data), separators=(",", ":"), ensure_ascii=False, allow_nan=False).replace("<", "\\u003c")
     nav = ""
     if len(data) > 1:
         nav = "<nav>" + " ".join(f'<a href="#c{i}">{_text(d["category"])}</a>' for i, d in enumerate(data)) + "</nav>"

@@ -1,9 +1,10 @@
 """Decision thresholds from good images only: split-conformal calibration on held-out good training images.
 
-PatchCore.fit holds a seeded share of the good training images out of the first picks of its
-coreset (the calibration bank, a subset of the saved bank), scores them against it, and calibrate()
-turns their scores into the image and pixel thresholds that a production line decides with
-(docs/architecture.md, "Decisions on unlabelled parts").
+PatchCore.fit holds a seeded share of the good training images out of the calibration bank (Alg. 1
+over the other images: the paper protocol's saved bank begins with it, the official protocol's is
+built apart from it), scores them against it, and calibrate() turns their scores into the image and
+pixel thresholds that a production line decides with (docs/architecture.md, "Decisions on
+unlabelled parts").
 """
 
 from __future__ import annotations
@@ -97,10 +98,28 @@ def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_
     )
 
 
-def note_on_growth(n_images: int, reweighted: bool) -> str:
+def note_on_fit(nested: bool, reweighted: bool) -> str | None:
+    """What fresh thresholds mean for the saved bank, where that is less than calibrate() says: none when the saved
+    bank contains the calibration bank (nested, the paper protocol) and scores by the max or the k-nearest mean,
+    which can then only fall, so that the thresholds are conservative."""
+    if not nested:
+        return ("set against a calibration bank of its own (Alg. 1 over the kept images), which the saved bank, Alg. 1 over "
+                "every image as the released code builds it, does not contain: scores against the saved bank can be higher "
+                "as well as lower, so the false-alarm target is approximate")  # fmt: skip
+    if reweighted:
+        return ("set against the calibration bank, the saved bank's first rows; with Eq. 7 scores the larger saved bank can "
+                "score an image higher as well as lower, so the false-alarm target is approximate")  # fmt: skip
+    return None
+
+
+def note_on_growth(n_images: int, reweighted: bool, nested: bool = True) -> str:
     """What kept thresholds mean for a grown bank: it holds the old one, so every patch's k nearest distances can
-    only fall, and with them the max (or mean) image score and every map pixel; Eq. 7's weight can move either way."""
+    only fall, and with them the max (or mean) image score and every map pixel; Eq. 7's weight can move either way.
+    nested: the thresholds were conservative for the bank before (note_on_fit)."""
     if reweighted:
         return (f"kept after adding {n_images} good images; with Eq. 7 scores a larger bank can score an image "
                 "higher as well as lower, so recalibrate (train anew) to keep the false-alarm target")  # fmt: skip
+    if not nested:
+        return (f"kept after adding {n_images} good images: a larger bank can only lower scores; they were set against a "
+                "calibration bank the saved bank does not contain, so the false-alarm target stays approximate")  # fmt: skip
     return f"kept after adding {n_images} good images: a larger bank can only lower scores, so these thresholds are conservative"

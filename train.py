@@ -5,7 +5,8 @@
     python train.py --data_path DIR --category bottle --add "confirmed_good/*.png"
 
 A seeded part of train/good is held out to set decision thresholds on good images only
-(--calibration_holdout, --target_fpr); the bank itself holds every training image.
+(--calibration_holdout, --target_fpr); the bank itself holds every training image (under
+--protocol official and its presets, exactly as Alg. 1 over all of them builds it).
 --add grows an existing bank with newly confirmed good images.
 
 Every memory-bank setting below is stored in the bank; evaluate.py rebuilds the model from it.
@@ -72,6 +73,8 @@ def say_calibration(category: str, calibration: Calibration) -> None:
         f"false alarms (expected {calibration.expected_fpr:.1%}): image {calibration.image_threshold:.4g}, "
         f"pixel {calibration.pixel_threshold:.4g}"
     )
+    if calibration.note:
+        print(f"{category}: thresholds {calibration.note}")
 
 
 def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
@@ -128,8 +131,6 @@ def add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         f"{facts['previous_size']} -> {facts['memory_bank_size']} in {seconds:.1f}s, saved to {path}"
     )
     say_calibration(args.category, model.calibration)
-    if model.calibration.note:
-        print(f"{args.category}: thresholds {model.calibration.note}")
 
 
 def main() -> None:

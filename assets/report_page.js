@@ -9,7 +9,7 @@
 
   const encodePath = (path) => path.split("/").map(encodeURIComponent).join("/");
   const pct = (x) => (x === null ? "n/a" : (100 * x).toFixed(2) + " %");
-  const short = (x) => String(Number(x.toPrecision(5)));
+  const short = (x) => (x === null ? "none" : String(Number(x.toPrecision(5))));  // null: a value that was not finite
   const OUTCOME_TEXT = { "false-alarm": "false alarm", missed: "missed defect", correct: "correct", flagged: "flagged", passed: "passed" };
 
   function svg(parent, tag, attrs, text) {
@@ -31,7 +31,7 @@
     const digits = Math.max(0, -Math.floor(Math.log10((hi - lo) / 1000)));  // slider positions: span/1000 or finer
 
     state.heatmap = (i) => base + "anomaly_maps/" + encodePath(data.names[i]);
-    state.isFlagged = (i) => data.score[i] >= state.threshold;  // as metrics.rates_at: score >= threshold is defective
+    state.isFlagged = (i) => data.score[i] !== null && data.score[i] >= state.threshold;  // as metrics.rates_at: score >= threshold is defective
     state.outcome = (i) => {
       const flagged = state.isFlagged(i);
       if (!data.labelled) return flagged ? "flagged" : "passed";

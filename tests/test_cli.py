@@ -132,6 +132,28 @@ def test_scoring_new_images(evaluated, tmp_path):
     assert "--threshold takes a number or f1" in one_line_error(evaluate(root, out, "--images", root, "--threshold", "high"), code=2)
 
 
+def test_values_from_another_banks_metrics_json_are_refused(evaluated, tmp_path):
+    """metrics.json records the checksum of the bank it was computed with; after a retrain --threshold f1 is refused in
+    one line, and an --images run neither marks that file's F1 threshold nor takes its heatmap scale, and says so once."""
+    root, out, _ = evaluated
+    shutil.copytree(out, tmp_path / "out")
+    out = tmp_path / "out"
+    _, header = load_bank(out / "widget" / "memory_bank.npz")
+    assert json.loads((out / "widget" / "metrics.json").read_text())["memory_bank"]["sha256"] == header["sha256"]
+    assert train(root, out, "--seed", "1").returncode == 0  # metrics.json stays: the old bank's
+    result = evaluate(root, out, "--images", root / "widget" / "test" / "good", "--threshold", "f1")
+    assert "computed with another memory bank" in one_line_error(result)
+    result = evaluate(root, out, "--images", root / "widget" / "test" / "good")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "metrics.json" in line] == [
+        f"WARNING: {out / 'widget' / 'metrics.json'} was computed with another memory bank than {out / 'widget' / 'memory_bank.npz'} "
+        "holds now (trained again since): run evaluate.py on widget's test split again; until then its F1 mark and heatmap scale "
+        "are not used"
+    ]
+    page = (out / "widget" / "inference" / "report.html").read_text()
+    assert 'class="mark"' in page and ">F1 " not in page
+
+
 def test_metrics_at_the_calibrated_thresholds(evaluated):
     root, out, _ = evaluated
     metrics = json.loads((out / "widget" / "metrics.json").read_text())

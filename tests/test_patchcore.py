@@ -12,9 +12,10 @@ import torchvision
 
 import system
 from backbone import WeightsError
-from coreset import k_center_greedy_dense, k_center_greedy_pruned
+from coreset import k_center_greedy_dense, k_center_greedy_pruned, nearest_center
 from maps import gaussian_blur
-from patchcore import AnomalyScorer, PatchCore
+from patchcore import AnomalyScorer, PatchCore, PatchCoreConfig
+from published import PRESETS
 from references import naive_greedy
 from search import ExactSearch, ScanSearch
 from system import resolve_device
@@ -549,6 +550,46 @@ def test_calibration_scores_held_out_images_against_a_bank_without_them():
     assert (model.predict(images[held])[0] <= scores + 1e-6).all()
 
 
+def test_official_bank_is_plain_alg1_over_every_image_whatever_the_calibration():
+    """--protocol official, which every preset is: the saved bank is Alg. 1 over every training patch, as the released
+    code builds it, with calibration as without; the thresholds come from a calibration bank of its own, and say so."""
+    assert all(PatchCoreConfig.from_options(preset=name).protocol == "official" for name in PRESETS)
+    images = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(22))
+    settings = {"weights": "none", "device": "cpu", "protocol": "official", "image_size": 64, "resize": 64, "seed": 3,
+                "target_fpr": 0.25}  # fmt: skip
+    model = PatchCore(calibration_holdout=0.5, **settings)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=6))
+    # the reference: every patch's feature, the seeded projection and start, the naive greedy loop, no restriction
+    features = model.aggregate_patches(model.extract_features(images)).reshape(-1, 1024).numpy()
+    projection = (torch.randn(1024, 128, generator=torch.Generator().manual_seed(3)) / np.sqrt(128)).numpy()
+    n = len(features)
+    expected = features[naive_greedy(features @ projection, n // 10, _seeded_start(n, 3))]
+    np.testing.assert_allclose(model.memory_bank.numpy(), expected, rtol=1e-5, atol=1e-5)
+    # the thresholds: the held-out images against Alg. 1 over the kept images alone; k = 3 of n = 3 at 25 %
+    held = holdout_images(6, 0.5, 3)
+    kept = [i for i in range(6) if i not in held]
+    reference = PatchCore(calibration_holdout=0, **settings)
+    reference.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[kept]), batch_size=3))
+    scores, maps = reference.predict(images[held])
+    assert model.calibration.image_threshold == pytest.approx(scores.max(), rel=1e-4)
+    assert model.calibration.pixel_threshold == pytest.approx(maps.reshape(3, -1).max(1).max(), rel=1e-4)
+    assert "approximate" in model.calibration.note and model.train_facts["calibration_bank_size"] == len(reference.memory_bank)
+
+
+@pytest.mark.parametrize("b", [0, 3])
+def test_a_fresh_eq7_calibration_says_its_target_is_approximate(b):
+    """docs/architecture.md: the saved bank contains the calibration bank, so max scores can only fall and the thresholds
+    are conservative; Eq. 7's weight can move either way, which a --reweight_b bank's note says from fit on."""
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(23))
+    model = PatchCore(weights="none", device="cpu", image_size=64, calibration_holdout=0.5, reweight_b=b)
+    model.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4))
+    assert model.calibration.calibrated
+    if b:
+        assert "Eq. 7" in model.calibration.note and "approximate" in model.calibration.note
+    else:
+        assert model.calibration.note is None
+
+
 def test_pixel_threshold_is_the_conformal_rank_of_the_map_maxima_at_the_target():
     rng = np.random.default_rng(5)
     scores, peaks = rng.normal(size=19), rng.normal(size=19) + 3
@@ -572,6 +613,19 @@ def test_greedy_continues_from_existing_centers_as_the_naive_loop(n_existing):
         min_dist = np.minimum(min_dist, ((points.astype(np.float64) - points[expected[-1]]) ** 2).sum(1))
     for greedy in (k_center_greedy_pruned, k_center_greedy_dense):
         assert greedy(torch.from_numpy(points), 60, existing=torch.from_numpy(existing)).tolist() == expected
+
+
+def test_nearest_center_keeps_its_temporaries_under_the_byte_budget():
+    """A grown bank's every new patch against its nearest bank patch: equal to float64 brute force, and no single
+    allocation (as torch's profiler records them) above block_bytes, however many centers there are."""
+    rng = np.random.default_rng(8)
+    points, centers = rng.normal(size=(5000, 8)).astype(np.float32), rng.normal(size=(3000, 8)).astype(np.float32)
+    d = ((points[:, None, :].astype(np.float64) - centers[None].astype(np.float64)) ** 2).sum(-1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        value, index = nearest_center(torch.from_numpy(points), torch.from_numpy(centers), block_bytes=2**20)
+    assert max(event.cpu_memory_usage for event in profile.events()) <= 2**20  # 4,096 rows at once: 98 MB
+    assert index.tolist() == d.argmin(1).tolist()
+    np.testing.assert_allclose(value.numpy(), d.min(1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("protocol, b", [("paper", 0), ("paper", 3), ("official", 0)])

@@ -123,3 +123,21 @@ def test_the_page_takes_each_thumbnails_name_from_python(tmp_path):
     data = json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page).group(1))
     expected = ["thumbnails/crack/a.png.jpg", "thumbnails/crack/a.jpg.jpg", "thumbnails/good/b.jpg", "thumbnails/c.d e.jpg"]
     assert data[0]["thumbs"] == expected
+
+
+def test_a_score_that_is_not_finite_is_null_in_the_pages_data(tmp_path):
+    """JSON.parse throws on NaN and Infinity, and then every category's section stays blank: the page's data has null
+    there, as a strict JSON parser reads it, and the slider's ends and start come from the finite values."""
+    from report_page import write_images_page
+
+    images = [{"path": f"{i}.png", "heatmap": f"anomaly_maps/{i}.png", "score": s} for i, s in enumerate([1.0, float("nan"), 3.0])]
+    scored = {"images": images, "threshold": float("inf"), "thresholds_from": "--threshold"}
+    page = write_images_page(tmp_path, "w", scored, calibrated=2.0, f1=float("nan")).read_text()
+    payload = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page).group(1)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    (data,) = json.loads(payload, parse_constant=refuse)
+    assert data["score"] == [1.0, None, 3.0] and data["start"] == 2.0 and all(np.isfinite(data["range"]))
+    assert data["range"][0] < 1.0 and data["range"][1] > 3.0

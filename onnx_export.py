@@ -1,9 +1,9 @@
 """A memory bank as one ONNX file that scores as PatchCore.predict does, for runtimes without torch.
 
 export_onnx(bank, output) rebuilds the model from the bank (PatchCore.from_bank), gives its AnomalyScorer a
-ScanSearch (fp32 product candidates re-ranked by direct fp32 distances, exportable: one scan over blocks of patches, the bank stored once),
-wraps it with the input step and the decisions (DeployedScorer), exports that with torch's ONNX exporter
-(torch.onnx.export(dynamo=True), onnxscript), writes the metadata, runs the file once with onnxruntime
+GraphSearch (ExactSearch, certified exact, as one custom operation per block of patches in a scan), wraps it with
+the input step and the decisions (DeployedScorer), exports that with torch's ONNX exporter (torch.onnx.export(dynamo=True),
+onnxscript; onnx_search.py writes the search's operation in ONNX ops), writes the metadata, runs the file once with onnxruntime
 against predict() and only then renames it into place. The scoring itself is patchcore.py's; nothing here
 re-implements it. onnx_model.py holds the file's contract (input, outputs, metadata keys) and reads it.
 """
@@ -27,12 +27,13 @@ from bank import BankError, load_bank
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from image_io import COLOR_RULE
 from onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
+from onnx_search import translation_table
 from patchcore import AnomalyScorer, PatchCore
-from search import ScanSearch
+from search import GraphSearch
 from system import warn_once
 
 PROTOBUF_LIMIT = 2**31  # bytes: one protobuf file holds at most 2 GB; a larger model keeps its tensors in a .data file beside it
-BLOCK_BYTES = 2**28  # the largest distance block the graph's search holds at once
+BLOCK_BYTES = 2**28  # the largest scan block [rows, M] float32 the graph's search holds at once
 SINGLE_MODEL_SECTIONS = {"format", "format_version", "sha256", "config", "model", "calibration", "category", "train", "environment"}
 CHECK_IMAGES = 2  # images the written file is run on, against predict(), before it is renamed into place
 CHECK_TOLERANCE = 1e-4  # relative to the largest value; measured on the tests' banks: below 1e-6 against the torch search
@@ -63,7 +64,7 @@ class DeployedScorer(torch.nn.Module):
 
 
 def scan_rows(patches_per_image: int, bank_rows: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Query rows per step of the graph's search: the largest divisor of an image's patch count whose distance
+    """Query rows per step of the graph's search: the largest divisor of an image's patch count whose scan
     block [rows, bank_rows] fits in block_bytes (one image per step at bottle's size: 784 x 40,964 x 4 B = 122.5 MiB)."""
     fits = [d for d in range(1, patches_per_image + 1) if patches_per_image % d == 0 and d * bank_rows * 4 <= block_bytes]
     return max(fits, default=1)
@@ -94,7 +95,7 @@ def project_version() -> str:
     return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
 
 
-def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, str]:
+def metadata(model: PatchCore, header: dict, search: GraphSearch) -> dict[str, str]:
     """The file's metadata_props (onnx_model.py lists the keys)."""
     config, calibration = model.config, model.calibration
     outputs = {
@@ -152,9 +153,9 @@ def metadata(model: PatchCore, header: dict, search: ScanSearch) -> dict[str, st
     return {KEY + key: value for key, value in properties.items()}
 
 
-def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, ScanSearch]:
+def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, GraphSearch]:
     """The model's scoring module with the exportable search, wrapped with the input step and the decisions."""
-    search = ScanSearch(model.memory_bank.cpu(), scan_rows(model.patches_per_image, len(model.memory_bank)))
+    search = GraphSearch(model.memory_bank.cpu(), scan_rows(model.patches_per_image, len(model.memory_bank)))
     scorer = AnomalyScorer(model.features, search, model.config)
     calibration = model.calibration
     thresholds = (calibration.image_threshold, calibration.pixel_threshold) if calibration.calibrated else (None, None)
@@ -195,7 +196,7 @@ def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, 
     names = [*OUTPUTS, *(DECISION_OUTPUTS if deployed.image_threshold is not None else ())]
     program = torch.onnx.export(
         deployed, (example,), dynamo=True, input_names=[INPUT], output_names=names, verbose=False,
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), custom_translation_table=translation_table(),
     )  # fmt: skip
     program.model.metadata_props.update(metadata(model, header, search))
     program.model.doc_string = (

@@ -32,7 +32,7 @@ from dataset import Preprocess
 from maps import gaussian_blur
 from official import official_patches
 from published import PRESETS
-from search import ExactSearch, FaissSearch, ScanSearch, make_search, resolve_search
+from search import ExactSearch, FaissSearch, GraphSearch, make_search, resolve_search
 from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 from thresholds import Calibration, calibrate, holdout_images, note_on_fit, note_on_growth
 
@@ -225,15 +225,15 @@ class AnomalyScorer(torch.nn.Module):
     """Scoring (Sec. 3.3) as one module: forward(images [B, 3, H, W]) -> (image scores [B], anomaly maps [B, H, W]).
 
     It holds the patch features and a search over the memory bank (a buffer of the search): ExactSearch by
-    default, or ScanSearch, with which every step is a torch operation and the module exports as one graph
-    (onnx_export.py), or FaissSearch.
+    default, or GraphSearch, the same search as one torch operation per block, with which the module exports as
+    one graph (onnx_export.py), or FaissSearch.
     paper: L2 distances (Eq. 6), maps blurred with mirror padding; official: squared L2
     distances, as faiss returns them to the released code, blurred as scipy's default ('reflect').
     With num_nn = k > 1 a patch's score is the mean of its k nearest distances, in the image score
     and the map alike (the released code's --anomaly_scorer_num_nn).
     """
 
-    def __init__(self, features: PatchFeatures, index: ExactSearch | ScanSearch | FaissSearch, config: PatchCoreConfig) -> None:
+    def __init__(self, features: PatchFeatures, index: ExactSearch | GraphSearch | FaissSearch, config: PatchCoreConfig) -> None:
         super().__init__()
         self.features, self.index, self.config = features, index, config
 

@@ -4,8 +4,8 @@ Three searches, all torch.nn.Modules holding the bank as a buffer, called as sea
 - ExactSearch (the default, on every device): the k rows nearest by exact distance, certified. Cheap
   lower bounds (a sketch of each row, below) rule out most of the bank; only rows they cannot rule
   out get their distance computed, and the answer is the same as a float64 brute force would give;
-- ScanSearch: the fp32 distance product with an fp32 re-rank of its candidates, as a graph an ONNX
-  runtime can run (onnx_export.py): one scan over blocks of queries, the bank stored once;
+- GraphSearch: ExactSearch as an exportable graph (onnx_export.py): a scan over blocks of queries,
+  each block one custom operation, patchcore::exact_knn, that onnx_search.py writes in ONNX ops;
 - FaissSearch: faiss's IndexFlatL2 (on the GPU where faiss has GPUs): its fp32 distance expansion,
   without a re-rank; it leaves torch for numpy.
 resolve_search decides which one runs for a device.
@@ -22,7 +22,6 @@ import torch
 
 SEARCHES = ("exact", "faiss")
 SKETCH_DIMS = (32, 128)  # the sketches' principal directions: the scan over the whole bank, the second look at what it left
-RERANK_MARGIN = 4  # ScanSearch re-ranks at least k + this many candidates, so that k neighbours are never all it sees
 CANDIDATES = 8  # rows per query whose exact distance bounds the k-th nearest before the scan's rows are ruled out
 FP32_EPS = 2.0**-24  # float32's unit roundoff u
 SLACK = 1e-9  # relative to the norms: more than any float64 rounding in the bounds
@@ -95,6 +94,17 @@ class ExactSearch(torch.nn.Module):
         # the scan's product, one matrix: (s(x), 1) . (-2 s(y), ||s(y)||^2) = ||s(y)||^2 - 2 s(x).s(y), float32 [M, d1 + 2]
         self.register_buffer("scan_rows", torch.cat([-2 * scan, (scan**2).sum(1, keepdim=True)], 1).float())
         self.register_buffer("second_sketch", second.float())  # [M, d2 + 1], float32
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor], candidates: int = CANDIDATES) -> ExactSearch:
+        """The search over buffers an ExactSearch made (its state_dict), without computing them again."""
+        search = cls.__new__(cls)
+        torch.nn.Module.__init__(search)
+        for name, value in buffers.items():
+            search.register_buffer(name, value)
+        search.candidates = candidates
+        search.dims = (buffers["scan_rows"].shape[1] - 2, buffers["basis"].shape[0])
+        return search
 
     def sketches(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s(x) of centred rows on the first d1 and on all d2 directions, in float64: ([n, d1 + 1], [n, d2 + 1])."""
@@ -192,55 +202,54 @@ class ExactSearch(torch.nn.Module):
                 f"the rest ranked by exact distance (float64 where float32 could tie)")
 
 
-class ScanSearch(torch.nn.Module):
-    """The exported graph's search (onnx_export.py): candidates from the fp32 distance product on features centred
-    on the bank's mean, re-ranked by their direct fp32 distances ||q - m||^2. Not certified as ExactSearch is:
-    it returns the exact nearest whenever the true one is among the candidates, which on near-ties of the
-    product is not guaranteed. `candidates` rows re-ranked per query, and always k + RERANK_MARGIN at least.
+@torch.library.custom_op("patchcore::exact_knn", mutates_args=())
+def exact_knn(queries: torch.Tensor, k: int, candidates: int, bank: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor,
+              scan_rows: torch.Tensor, second_sketch: torch.Tensor, norm_max: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """ExactSearch.search_block as one torch operation over its buffers: squared distances (float64) and bank
+    indices [n, k]. torch.export sees one node with these static output shapes; onnx_search.py gives its ONNX ops."""
+    buffers = {"bank": bank, "mean": mean, "basis": basis, "scan_rows": scan_rows,
+               "second_sketch": second_sketch, "norm_max": norm_max}  # fmt: skip
+    return ExactSearch.from_buffers(buffers, candidates).search_block(queries.float(), k)
 
-    - Queries go through torch's scan in blocks of `rows` (fewer when there are fewer queries; the last block
-      padded): a runtime holds one block's [rows, M] distances at a time, whatever the batch. A Python loop over
-      a query-dependent number of chunks would be unrolled for one batch size by an export.
-    - The centred bank is computed from the bank inside each block step rather than stored beside it, so the
-      file holds the bank once. Inside the step, because OpenVINO cannot convert a scan whose body reads a value
-      computed outside it.
-    """
+
+@exact_knn.register_fake
+def _(queries, k, candidates, bank, mean, basis, scan_rows, second_sketch, norm_max):
+    return queries.new_empty(len(queries), k, dtype=torch.float64), queries.new_empty(len(queries), k, dtype=torch.long)
+
+
+class GraphSearch(ExactSearch):
+    """ExactSearch as the exported graph runs it (onnx_export.py): torch's scan (ONNX Scan) over blocks of `rows`
+    queries (fewer when there are fewer; the last block padded), each block one patchcore::exact_knn operation, which
+    the export writes as ONNX ops (onnx_search.py). A runtime holds one block's [rows, M] scan at a time, whatever
+    the batch: a Python loop over a query-dependent number of blocks would be unrolled for one batch size by an export.
+    Same answers as ExactSearch: the k nearest by (float64 distance, bank index)."""
 
     def __init__(self, bank: torch.Tensor, rows: int, candidates: int = CANDIDATES) -> None:
-        super().__init__()
-        bank = bank.float()
-        mean = bank.mean(0)
-        self.register_buffer("bank", bank)
-        self.register_buffer("mean", mean)
-        self.register_buffer("centered_sq", ((bank - mean) ** 2).sum(1))
-        self.candidates, self.rows = candidates, rows
-
-    def search_block(self, q: torch.Tensor, k: int, n_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared L2 distances and bank indices [len(q), k] of one block: the `n_candidates` nearest rows by the
-        product, re-ranked by their direct fp32 distances."""
-        centered = q - self.mean
-        d2 = (centered @ (self.bank - self.mean).T).mul_(-2).add_(self.centered_sq).add_((centered**2).sum(1, keepdim=True))
-        index = d2.topk(n_candidates, dim=1, largest=False).indices
-        exact = torch.stack([((q - self.bank[index[:, j]]) ** 2).sum(1) for j in range(n_candidates)], dim=1)
-        value, order = exact.topk(k, dim=1, largest=False)
-        return value, index.gather(1, order)
+        super().__init__(bank, candidates)
+        self.rows = rows
 
     def forward(self, queries: torch.Tensor, k: int, squared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (squared ones if asked) and bank indices, each [n, k]."""
         from torch._higher_order_ops.scan import scan  # torch's loop operator; exported as ONNX Scan
 
-        n_candidates = min(len(self.bank), max(self.candidates, k + RERANK_MARGIN))
+        if not 1 <= k <= len(self.bank):
+            raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.bank)}")
         n, width = queries.shape
         rows = min(self.rows, n)
         blocks = (n + rows - 1) // rows
         padded = torch.cat([queries.float(), queries.new_zeros(blocks * rows - n, width)]).reshape(blocks, rows, width)
-        _, (value, index) = scan(lambda carry, q: (carry.clone(), self.search_block(q, k, n_candidates)), queries.new_zeros(1), padded)
-        value, index = value.reshape(-1, k)[:n], index.reshape(-1, k)[:n]
-        return (value if squared else value.sqrt()), index
+        buffers = (self.bank, self.mean, self.basis, self.scan_rows, self.second_sketch, self.norm_max)
+
+        def step(carry: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+            return carry.clone(), torch.ops.patchcore.exact_knn(q, k, self.candidates, *buffers)
+
+        _, (distances, indices) = scan(step, queries.new_zeros(1), padded)
+        distances, indices = distances.reshape(-1, k)[:n], indices.reshape(-1, k)[:n]
+        return (distances if squared else distances.sqrt()).float(), indices
 
     def describe(self) -> str:
-        return (f"torch scan over blocks of {self.rows} queries, fp32 product candidates ({self.candidates} per patch, "
-                f"k + {RERANK_MARGIN} at least) re-ranked by direct fp32 distances; not certified")
+        return super().describe() + f"; in the graph: blocks of {self.rows} patches, float64 steps in float64 where the runtime has it"
 
 
 @functools.cache

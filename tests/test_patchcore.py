@@ -17,7 +17,7 @@ from maps import gaussian_blur
 from patchcore import AnomalyScorer, PatchCore, PatchCoreConfig
 from published import PRESETS
 from references import naive_greedy
-from search import ExactSearch, ScanSearch
+from search import ExactSearch, GraphSearch
 from system import resolve_device
 from thresholds import calibrate, holdout_images
 
@@ -301,16 +301,6 @@ def test_exact_search_does_not_depend_on_the_block_or_the_threads():
             assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     finally:
         torch.set_num_threads(threads)
-
-
-def test_scan_search_re_ranks_more_candidates_than_neighbours():
-    """The exported graph's search: a product alone cannot rank near-ties; its fp32 re-rank of k + margin candidates can."""
-    queries, bank = _near_ties()
-    for k in (1, 8, 9):
-        distances, indices = ScanSearch(bank, rows=7)(queries, k=k)
-        expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), k)
-        assert np.array_equal(indices.numpy(), expected_i)
-        np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-6)  # measured: 1.2e-7
 
 
 def test_low_precision_never_runs_where_the_cpu_lacks_it(model, monkeypatch, capsys):
@@ -630,7 +620,7 @@ def test_nearest_center_keeps_its_temporaries_under_the_byte_budget():
 
 @pytest.mark.parametrize("protocol, b", [("paper", 0), ("paper", 3), ("official", 0)])
 def test_scoring_module_is_one_torch_graph_equal_to_predict_with_faiss(protocol, b):
-    """AnomalyScorer with the scan search exports as one graph (torch.export refuses a step that leaves torch, as the
+    """AnomalyScorer with the graph search exports as one graph (torch.export refuses a step that leaves torch, as the
     faiss search's numpy round trip does), and that graph scores as predict() does with faiss: both protocols, and Eq. 7."""
     settings = {"weights": "none", "device": "cpu", "protocol": protocol, "reweight_b": b, "image_size": 64, "resize": 64}
     generator = torch.Generator().manual_seed(30)
@@ -638,7 +628,7 @@ def test_scoring_module_is_one_torch_graph_equal_to_predict_with_faiss(protocol,
     with_faiss = PatchCore(search="faiss", **settings)
     with_faiss.set_memory_bank(with_faiss.aggregate_patches(with_faiss.extract_features(train)).flatten(0, 1))
     expected_scores, expected_maps = with_faiss.predict(test)
-    scorer = AnomalyScorer(with_faiss.features, ScanSearch(with_faiss.memory_bank, rows=64), with_faiss.config)
+    scorer = AnomalyScorer(with_faiss.features, GraphSearch(with_faiss.memory_bank, rows=64), with_faiss.config)
     graph = torch.export.export(scorer, (test,)).module()
     scores, maps = graph(test)
     # measured largest error relative to the largest value, against faiss: 2.8e-5 (scores), 4.4e-5 (maps)

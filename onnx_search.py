@@ -1,0 +1,179 @@
+"""ExactSearch in ONNX ops: the translation of search.exact_knn (patchcore::exact_knn, one block of queries) that
+onnx_export.py gives torch's ONNX exporter, so that the exported graph searches as ExactSearch does, without torch.
+
+The steps are ExactSearch.search_block's (search.py explains the bound), with the same rounding margins:
+  1. the queries' sketches in float64, the scan's float32 product (Gemm), its CANDIDATES + 1 smallest (TopK);
+  2. the candidates' direct float32 distances and UB, the k-th of them raised by its rounding bound (search_block
+     computes only the k candidates lowest on the finer sketch: a UB as valid, not lower; every candidate here gets
+     its distance, which step 4 needs anyway);
+  3. for the queries the scan cannot certify, the rows whose scan bound does not exceed UB (NonZero), less the
+     candidates, and of those the rows the second sketch keeps (float64): their direct float32 distances,
+     placed beside the candidates' (ScatterND);
+  4. the rows within float32's rounding of the k-th get their distance in float64; then the rows sorted by bank
+     index and the k smallest distances taken with TopK, which puts the lower index first on ties: the ranking is
+     (float64 distance, bank index), float64 brute force's.
+Two steps are written differently, with the same guarantee: the threshold is rounded up to float32 by a relative
+margin of 2^-22 (ONNX has no nextafter), and every query's uncertain rows join its candidates in one padded
+matrix, where search_block ranks the certified and the uncertain queries apart. Pair distances are computed
+PAIR_CHUNK pairs at a time (an ONNX Loop). A block holds its [rows, M] scan, and for its uncertain queries their
+rows of it, a mask and the (query, row) pairs the mask leaves: as many as the bounds cannot rule out, [rows, M] at
+the very worst.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import DOUBLE as DOUBLE_T
+from onnxscript import FLOAT as FLOAT_T
+from onnxscript import INT64 as INT64_T
+from onnxscript import opset18 as op  # the exporter's default opset: the function is inlined into its graph
+from onnxscript import script
+
+from search import FP32_EPS, SLACK, gamma
+
+FLOAT, DOUBLE = 1, 11  # ONNX's element types
+PAIR_CHUNK = 2048  # pairs whose distance one Loop step computes: [PAIR_CHUNK, C] differences at a time (written out in pair_distances)
+
+
+def constant(value, dtype) -> ir.Value:
+    return op.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+
+
+def pair_distances(left, right, which, rows, float64: bool):
+    """sum_i (left[which]_i - right[rows]_i)^2 for each pair, directly (no expansion), in float64 or float32,
+    PAIR_CHUNK pairs a Loop step."""
+    return (pair_distances64 if float64 else pair_distances32)(left, right, which, rows)
+
+
+@script()
+def pair_distances32(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...], rows: INT64_T[...]) -> FLOAT_T[...]:
+    chunk = op.Constant(value_ints=[2048])
+    steps = op.Reshape(op.Div(op.Add(op.Shape(which), op.Constant(value_ints=[2047])), chunk), op.Constant(value_ints=[]))
+    out = op.Cast(op.ConstantOfShape(op.Sub(op.Shape(which), op.Shape(which))), to=1)  # [0], of a size no inference fixes
+    for i in range(steps):
+        lo = op.Mul(op.Reshape(i, op.Constant(value_ints=[1])), chunk)
+        hi = op.Add(lo, chunk)
+        diff = op.Sub(op.Gather(left, op.Slice(which, lo, hi), axis=0), op.Gather(right, op.Slice(rows, lo, hi), axis=0))
+        out = op.Concat(out, op.ReduceSum(op.Mul(diff, diff), op.Constant(value_ints=[1]), keepdims=0), axis=0)
+    return out
+
+
+@script()
+def pair_distances64(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...], rows: INT64_T[...]) -> DOUBLE_T[...]:
+    chunk = op.Constant(value_ints=[2048])
+    steps = op.Reshape(op.Div(op.Add(op.Shape(which), op.Constant(value_ints=[2047])), chunk), op.Constant(value_ints=[]))
+    out = op.Cast(op.ConstantOfShape(op.Sub(op.Shape(which), op.Shape(which))), to=11)  # [0], of a size no inference fixes
+    for i in range(steps):
+        lo = op.Mul(op.Reshape(i, op.Constant(value_ints=[1])), chunk)
+        hi = op.Add(lo, chunk)
+        diff = op.Sub(op.Cast(op.Gather(left, op.Slice(which, lo, hi), axis=0), to=11),
+                      op.Cast(op.Gather(right, op.Slice(rows, lo, hi), axis=0), to=11))  # fmt: skip
+        out = op.Concat(out, op.ReduceSum(op.Mul(diff, diff), op.Constant(value_ints=[1]), keepdims=0), axis=0)
+    return out
+
+
+def exact_knn(queries, k: int, candidates: int, bank, mean, basis, scan_rows, second_sketch, norm_max):
+    """patchcore::exact_knn in ONNX ops: squared distances (float64) and bank indices [n, k] of one block of queries."""
+    n_rows, width = (int(d) for d in bank.shape)
+    d1 = int(scan_rows.shape[1]) - 2
+    one, zero = ints(1), ints(0)
+    n = op.Shape(queries, start=0, end=1)
+
+    # 1. the sketches of the queries (float64) and the scan
+    x = op.Sub(op.Cast(queries, to=DOUBLE), mean)
+    projected = op.MatMul(x, op.Transpose(basis))
+    squared = op.ReduceSum(op.Mul(x, x), one, keepdims=1)
+    short = op.Slice(projected, zero, ints(d1), one)
+    left_out = op.Sqrt(op.Relu(op.Sub(squared, op.ReduceSum(op.Mul(short, short), one, keepdims=1))))
+    left_out_all = op.Sqrt(op.Relu(op.Sub(squared, op.ReduceSum(op.Mul(projected, projected), one, keepdims=1))))
+    scan32 = op.Cast(op.Concat(short, left_out, axis=1), to=FLOAT)
+    second = op.Concat(projected, left_out_all, axis=1)
+    ones = op.Cast(op.Expand(constant(1, np.int64), op.Concat(n, ints(1), axis=0)), to=FLOAT)
+    partial = op.Gemm(op.Concat(scan32, ones, axis=1), scan_rows, transB=1)  # (s(x), 1).(-2 s(y), ||s(y)||^2)
+    c = min(n_rows, max(candidates, k))
+    smallest, nearest = op.TopK(partial, ints(min(n_rows, c + 1)), axis=1, largest=0, sorted=1)
+    cand = op.Slice(nearest, zero, ints(c), one)
+
+    # 2. the candidates' exact float32 distances: UB
+    each = flat(op.Expand(op.Unsqueeze(arange(n), one), op.Concat(n, ints(c), axis=0)))
+    d32 = op.Reshape(pair_distances(queries, bank, each, flat(cand), float64=False), ints(-1, c))
+    upper = op.Sqrt(op.Mul(op.Cast(kth(d32, k), to=DOUBLE), f64(1 + 2 * gamma(width + 2))))  # [n, 1]
+
+    # 3. what the bounds leave
+    scan64 = op.Cast(scan32, to=DOUBLE)
+    scan_sq_q = op.ReduceSum(op.Mul(scan64, scan64), one, keepdims=1)
+    spread = op.Add(op.Sqrt(scan_sq_q), norm_max)
+    margin = op.Add(op.Mul(f64(FP32_EPS), norm_max), op.Mul(f64(SLACK), spread))
+    rounding = op.Mul(f64(gamma(d1 + 4)), op.Mul(spread, spread))
+    bound = op.Add(upper, margin)
+    threshold = op.Sub(op.Add(op.Mul(bound, bound), rounding), scan_sq_q)
+    # rounded up to float32: a relative 2^-22 is more than float32's half ulp, 1e-30 more than its smallest spacing
+    threshold32 = op.Cast(op.Add(op.Add(threshold, op.Mul(op.Abs(threshold), f64(2.0**-22))), f64(1e-30)), to=FLOAT)  # [n, 1]
+    rows_all, d32_all = cand, d32
+    if c < n_rows:  # else every row is a candidate: all certified
+        certified = op.Greater(op.Slice(smallest, ints(c), ints(c + 1), one), threshold32)
+        unsure = flat(op.NonZero(op.Not(flat(certified))))
+        u_cand = op.Gather(cand, unsure, axis=0)
+        infinite = op.Expand(constant(np.inf, np.float32), op.Shape(u_cand))
+        u_partial = op.ScatterElements(op.Gather(partial, unsure, axis=0), u_cand, infinite, axis=1)  # the candidates: out
+        pairs = op.NonZero(op.LessOrEqual(u_partial, op.Gather(threshold32, unsure, axis=0)))
+        pair_query, pair_row = (flat(op.Slice(pairs, ints(i), ints(i + 1), zero)) for i in (0, 1))
+        second_sq = pair_distances(op.Gather(second, unsure, axis=0), second_sketch, pair_query, pair_row, float64=True)
+        lower = op.Sub(op.Sqrt(second_sq), op.Gather(flat(op.Gather(margin, unsure, axis=0)), pair_query))
+        keep = op.LessOrEqual(lower, op.Mul(op.Gather(flat(op.Gather(upper, unsure, axis=0)), pair_query), f64(1 + SLACK)))
+        query = op.Gather(unsure, op.Compress(pair_query, keep, axis=0))  # the block's query of each pair, ascending
+        row = op.Compress(pair_row, keep, axis=0)
+        # each pair's slot in its query's row of a padded [n, w] matrix; padding: row n_rows, distance inf
+        counts = op.ScatterElements(op.Expand(constant(0, np.int64), n), query, op.Expand(constant(1, np.int64), op.Shape(query)),
+                                    reduction="add")  # fmt: skip
+        slot = op.Sub(arange(op.Shape(query)), op.Gather(op.CumSum(counts, constant(0, np.int64), exclusive=1), query))
+        shape = op.Concat(n, op.ReduceMax(op.Concat(counts, zero, axis=0), zero, keepdims=1), axis=0)
+        where = op.Concat(op.Unsqueeze(query, one), op.Unsqueeze(slot, one), axis=1)
+        extra_rows = op.ScatterND(op.Expand(constant(n_rows, np.int64), shape), where, row)
+        extra = pair_distances(queries, bank, query, row, float64=False)
+        extra_d32 = op.ScatterND(op.Expand(constant(np.inf, np.float32), shape), where, extra)
+        rows_all, d32_all = op.Concat(cand, extra_rows, axis=1), op.Concat(d32, extra_d32, axis=1)
+
+    # 4. the k nearest by (float64 distance, bank index)
+    band = op.LessOrEqual(d32_all, op.Mul(kth(d32_all, k), constant(1 + 4 * gamma(width + 2), np.float32)))
+    where = op.Transpose(op.NonZero(band))  # [B, 2]: (query, slot)
+    d64_band = pair_distances(queries, bank, flat(op.Slice(where, zero, one, one)), op.GatherND(rows_all, where), float64=True)
+    d64 = op.ScatterND(op.Expand(constant(np.inf, np.float64), op.Shape(rows_all)), where, d64_band)
+    _, by_index = op.TopK(rows_all, op.Shape(rows_all, start=1, end=2), axis=1, largest=0, sorted=1)
+    rows_all, d64 = op.GatherElements(rows_all, by_index, axis=1), op.GatherElements(d64, by_index, axis=1)
+    distances, order = op.TopK(d64, ints(k), axis=1, largest=0, sorted=1)  # ties: the lower index first
+    return distances, op.GatherElements(rows_all, order, axis=1)
+
+
+def kth(distances, k: int):
+    """The k-th smallest of each row, [n, 1]."""
+    values, _ = op.TopK(distances, ints(k), axis=1, largest=0, sorted=1)
+    return op.Slice(values, ints(k - 1), ints(k), ints(1))
+
+
+def ints(*values: int):
+    return constant(values, np.int64)
+
+
+def f64(value: float):
+    return constant(value, np.float64)
+
+
+def flat(x):
+    return op.Reshape(x, ints(-1))
+
+
+def arange(length):
+    """0, 1, ..., length - 1 for a length [1]."""
+    return op.Range(constant(0, np.int64), op.Reshape(length, constant(np.zeros(0), np.int64)), constant(1, np.int64))
+
+
+def translation_table() -> dict:
+    """custom_translation_table for torch.onnx.export: patchcore::exact_knn in the ops above."""
+    import torch
+
+    import search  # noqa: F401  (registers patchcore::exact_knn)
+
+    return {torch.ops.patchcore.exact_knn.default: exact_knn}
+

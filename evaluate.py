@@ -28,8 +28,7 @@ from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_a
 from dataset import CategoryDataset, ImageFiles, resolve_categories
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from files import NpzWriter, staging, write_json
-from image_io import find_images, heatmap_names, heatmap_panel, load_rgb
-from maps import resize_map
+from image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
 from metrics import compute_metrics
 from patchcore import PatchCore, PatchCoreConfig
 from report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary

@@ -6,7 +6,7 @@ runner (predict_onnx.py).
   model_input   an image on the model's input grid as uint8, exactly as dataset.Preprocess resizes and crops it
   heatmap_panel input | heatmap | predicted region | colour bar, drawn without matplotlib (evaluate.py's and the runner's)
   heatmap_names the heatmap file of each image (evaluate.py's and the runner's)
-  resize_map    an anomaly map resized onto its original image as maps.resize_map does, without torch
+  resize_map    an anomaly map resized onto its original image (torch's bilinear rule, without torch): evaluate.py's and the runner's
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image, float32:
     torch's F.interpolate(mode='bilinear', align_corners=False), no antialiasing: its sample positions, then the
     weighted sums in float64 with numpy.
-    The runner's twin of maps.resize_map (tests/test_export.py shows them equal to float32 rounding)."""
+    The one map resize of evaluate.py and the runner (tests/test_export.py checks it against torch's)."""
     rows, cols = _bilinear_axis(anomaly_map.shape[0], size[1]), _bilinear_axis(anomaly_map.shape[1], size[0])
     values = np.asarray(anomaly_map, np.float64)
     across = values[:, cols[0]] * (1 - cols[2]) + values[:, cols[1]] * cols[2]

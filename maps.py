@@ -1,9 +1,8 @@
 """Anomaly maps (Sec. 3.3): the Gaussian smoothing of upsampled patch scores, computed in torch as
-scipy.ndimage.gaussian_filter computes it, and the resizing of a map back onto its original image."""
+scipy.ndimage.gaussian_filter computes it. (A map resized back onto its original image: image_io.resize_map.)"""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,11 +32,3 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> tor
     cols = _border_indices(w, radius, mode).to(maps.device)
     maps = F.conv2d(maps[..., cols], kernel.view(1, 1, 1, -1))
     return F.conv2d(maps[..., rows, :], kernel.view(1, 1, -1, 1))
-
-
-def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An [H, W] anomaly map resized bilinearly to size (width, height), e.g. back onto the original image. The rule is
-    image_io.resize_map's, which the torch-free runner uses: this one stays because evaluate.py's pixel metrics at the
-    original resolution come from it, and the two agree to float32 rounding, not bit for bit (tests/test_export.py)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(anomaly_map, dtype=np.float32))[None, None]
-    return F.interpolate(tensor, size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0].numpy()

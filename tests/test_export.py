@@ -388,12 +388,16 @@ def test_a_bank_whose_weights_file_moved_exports_with_weights(synthetic_root, tm
     np.testing.assert_allclose(DeployedModel(tmp_path / "out" / "widget" / "patchcore.onnx")(uint8)["scores"], expected, rtol=1e-4)
 
 
-def test_the_runners_map_resize_is_evaluates():
-    """image_io.resize_map (numpy, the runner's) against a hand-computed case of torch's bilinear rule
-    (align_corners=False) and against maps.resize_map (torch, evaluate.py's), up and down, to float32 rounding
-    (issue 28, item 18: one rule for --crop none heatmaps, where the runner used PIL's antialiased filter)."""
+def test_the_map_resize_is_torchs_bilinear_rule():
+    """image_io.resize_map (numpy; evaluate.py's and the runner's, issue 28 item 18: one rule, where the runner used
+    PIL's antialiased filter and evaluate.py torch) against a hand-computed case of torch's bilinear rule
+    (align_corners=False) and against torch's F.interpolate itself, up and down, to float32 rounding."""
+    import torch.nn.functional as F
+
     from image_io import resize_map
-    from maps import resize_map as torch_resize_map
+
+    def torch_resize_map(anomaly_map, size):
+        return F.interpolate(torch.from_numpy(anomaly_map)[None, None], size=size[::-1], mode="bilinear", align_corners=False)[0, 0].numpy()
 
     a, b, c, d = 1.0, 5.0, 3.0, 11.0
     # 2 -> 4 samples at max((i + 0.5) / 2 - 0.5, 0) = 0, 0.25, 0.75, 1.25 (the last clamped to the edge)

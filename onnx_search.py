@@ -50,7 +50,8 @@ def pair_distances(left, right, which, rows, float64: bool):
 def pair_distances32(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...], rows: INT64_T[...]) -> FLOAT_T[...]:
     chunk = op.Constant(value_ints=[2048])
     steps = op.Reshape(op.Div(op.Add(op.Shape(which), op.Constant(value_ints=[2047])), chunk), op.Constant(value_ints=[]))
-    out = op.Cast(op.ConstantOfShape(op.Sub(op.Shape(which), op.Shape(which))), to=1)  # [0], of a size no inference fixes
+    empty = op.Max(op.Sub(op.Shape(which), op.Shape(which)), op.Constant(value_ints=[0]))  # [0], a size no inference fixes, >= 0
+    out = op.Cast(op.ConstantOfShape(empty), to=1)  # (OpenVINO needs the Loop's state of open size, and a size it can bound)
     for i in range(steps):
         lo = op.Mul(op.Reshape(i, op.Constant(value_ints=[1])), chunk)
         hi = op.Add(lo, chunk)
@@ -63,7 +64,8 @@ def pair_distances32(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...
 def pair_distances64(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...], rows: INT64_T[...]) -> DOUBLE_T[...]:
     chunk = op.Constant(value_ints=[2048])
     steps = op.Reshape(op.Div(op.Add(op.Shape(which), op.Constant(value_ints=[2047])), chunk), op.Constant(value_ints=[]))
-    out = op.Cast(op.ConstantOfShape(op.Sub(op.Shape(which), op.Shape(which))), to=11)  # [0], of a size no inference fixes
+    empty = op.Max(op.Sub(op.Shape(which), op.Shape(which)), op.Constant(value_ints=[0]))  # [0], a size no inference fixes, >= 0
+    out = op.Cast(op.ConstantOfShape(empty), to=11)  # (OpenVINO needs the Loop's state of open size, and a size it can bound)
     for i in range(steps):
         lo = op.Mul(op.Reshape(i, op.Constant(value_ints=[1])), chunk)
         hi = op.Add(lo, chunk)

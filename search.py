@@ -220,7 +220,7 @@ def _(queries, k, candidates, bank, mean, basis, scan_rows, second_sketch, norm_
 
 class GraphSearch(ExactSearch):
     """ExactSearch as the exported graph runs it (onnx_export.py): torch's scan (ONNX Scan) over blocks of `rows`
-    queries (fewer when there are fewer; the last block padded), each block one patchcore::exact_knn operation, which
+    queries (the last block padded with zeros), each block one patchcore::exact_knn operation, which
     the export writes as ONNX ops (onnx_search.py). A runtime holds one block's [rows, M] scan at a time, whatever
     the batch: a Python loop over a query-dependent number of blocks would be unrolled for one batch size by an export.
     Same answers as ExactSearch: the k nearest by (float64 distance, bank index)."""
@@ -236,9 +236,11 @@ class GraphSearch(ExactSearch):
         if not 1 <= k <= len(self.bank):
             raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.bank)}")
         n, width = queries.shape
-        rows = min(self.rows, n)
+        rows = self.rows  # static: the scan's blocks, and so the custom op's outputs, have one shape whatever the batch
         blocks = (n + rows - 1) // rows
-        padded = torch.cat([queries.float(), queries.new_zeros(blocks * rows - n, width)]).reshape(blocks, rows, width)
+        # padded with a whole block of zeros, then cut: a zero block of a computed size would be a ConstantOfShape whose
+        # size OpenVINO cannot prove non-negative
+        padded = torch.cat([queries.float(), queries.new_zeros(rows, width)])[: blocks * rows].reshape(blocks, rows, width)
         buffers = (self.bank, self.mean, self.basis, self.scan_rows, self.second_sketch, self.norm_max)
 
         def step(carry: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

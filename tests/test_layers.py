@@ -9,7 +9,7 @@ LAYERS = {  # lowest first: a module may import modules of its own layer or of a
     "machine": ["system"],
     "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
     "method": ["patchcore", "ensemble"],
-    "export": ["onnx_export"],
+    "export": ["onnx_search", "onnx_export"],
     "plumbing": ["cli", "report", "metrics", "report_page"],
     "drivers": ["train", "evaluate", "export", "predict_onnx"],
 }

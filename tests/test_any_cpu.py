@@ -33,8 +33,7 @@ def test_the_baseline_hides_avx512_vnni_bf16_and_amx(monkeypatch):
         cpu_flags.cache_clear()
 
 
-@pytest.mark.cpu_dependent
-@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("setting", list(SETTINGS))  # not cpu_dependent: it runs the baseline CPU itself
 def test_evaluate_answers_the_same_at_any_batch_thread_count_and_instruction_set(tmp_path_factory, setting):
     root = tmp_path_factory.mktemp("data")
     make_synthetic_category(root, "widget", n_train=5, n_test_good=3, n_per_defect=2, size=80, seed=5)

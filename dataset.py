@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit
+from plumbing.image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

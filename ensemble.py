@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bank import BankError, environment, load_bank, save_bank
+from method.thresholds import Calibration, calibrate, note_on_growth
 from patchcore import PatchCore, PatchCoreConfig, config_from_header
-from thresholds import Calibration, calibrate, note_on_growth
+from plumbing.bank import BankError, environment, load_bank, save_bank
 
 
 def member_configs(config: PatchCoreConfig) -> list[PatchCoreConfig]:

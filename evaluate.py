@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from bank import TRAIN_LOG, bank_path, environment, require_banks
-from cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from dataset import CategoryDataset, ImageFiles, resolve_categories
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
-from files import NpzWriter, staging, write_json
-from image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
-from metrics import compute_metrics
+from method.search import SEARCHES
 from patchcore import PatchCore, PatchCoreConfig
-from report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
-from report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
-from search import SEARCHES
-from system import device_name, warn_once
+from plumbing.bank import TRAIN_LOG, bank_path, environment, require_banks
+from plumbing.cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
+from plumbing.files import NpzWriter, staging, write_json
+from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
+from plumbing.system import device_name, warn_once
+from reporting.metrics import compute_metrics
+from reporting.report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from reporting.report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,10 +16,10 @@ import importlib.util
 import time
 from pathlib import Path
 
-from bank import BANK_FILE, BankError, bank_path, require_banks
-from cli import ArgumentParser, run_main
-from onnx_export import PROTOBUF_LIMIT, export_onnx
-from onnx_model import model_path
+from deploy.onnx_export import PROTOBUF_LIMIT, export_onnx
+from deploy.onnx_model import model_path
+from plumbing.bank import BANK_FILE, BankError, bank_path, require_banks
+from plumbing.cli import ArgumentParser, run_main
 
 
 def parse_args() -> argparse.Namespace:

@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from backbone import AMP_DTYPES, Backbone
-from bank import BankError, environment, load_bank, save_bank
-from coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
 from dataset import Preprocess
-from maps import gaussian_blur
-from official import official_patches
-from published import PRESETS
-from search import ExactSearch, FaissSearch, GraphSearch, make_search, resolve_search
-from system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
-from thresholds import Calibration, calibrate, holdout_images, note_on_fit, note_on_growth
+from method.backbone import AMP_DTYPES, Backbone
+from method.coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
+from method.maps import gaussian_blur
+from method.official import official_patches
+from method.presets import PRESETS
+from method.search import ExactSearch, FaissSearch, GraphSearch, make_search, resolve_search
+from method.thresholds import Calibration, calibrate, holdout_images, note_on_fit, note_on_growth
+from plumbing.bank import BankError, environment, load_bank, save_bank
+from plumbing.system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %

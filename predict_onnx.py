@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, now, run_main
-from files import staging, write_json
-from image_io import find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map
-from onnx_model import RUNTIMES, DeployedModel
+from deploy.onnx_model import RUNTIMES, DeployedModel
+from plumbing.cli import ArgumentParser, now, run_main
+from plumbing.files import staging, write_json
+from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map
 
 
 def parse_args() -> argparse.Namespace:

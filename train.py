@@ -18,8 +18,12 @@ import argparse
 import time
 from pathlib import Path
 
-from bank import TRAIN_LOG, bank_path
-from cli import (
+from dataset import CategoryDataset, ImageFiles, resolve_categories
+from ensemble import PatchCoreEnsemble, build_model, load_model
+from method.thresholds import Calibration
+from patchcore import PatchCoreConfig
+from plumbing.bank import TRAIN_LOG, bank_path
+from plumbing.cli import (
     ArgumentParser,
     add_config_args,
     add_data_args,
@@ -31,13 +35,9 @@ from cli import (
     now,
     run_main,
 )
-from dataset import CategoryDataset, ImageFiles, resolve_categories
-from ensemble import PatchCoreEnsemble, build_model, load_model
-from files import write_json
-from image_io import find_images
-from patchcore import PatchCoreConfig
-from system import device_name
-from thresholds import Calibration
+from plumbing.files import write_json
+from plumbing.image_io import find_images
+from plumbing.system import device_name
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:

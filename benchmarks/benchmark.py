@@ -49,12 +49,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bank import load_bank  # noqa: E402
-from coreset import greedy_coreset  # noqa: E402
 from dataset import CategoryDataset, Preprocess  # noqa: E402
+from method.coreset import greedy_coreset  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
+from plumbing.bank import load_bank  # noqa: E402
+from plumbing.system import cpu_kind  # noqa: E402
 from synthetic import make_synthetic_category  # noqa: E402
-from system import cpu_kind  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -348,8 +348,8 @@ def stage_search(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
     """Evaluation per image on this CPU (or GPU): faiss against the exact search, on the same bank and patches: the
     search alone, its top-1 agreement with a float64 brute force and score error; then the backbone alone and the
     whole per-image evaluation (backbone, search, maps) with each, and what share of the backbone's time the search takes."""
-    from metrics import auroc
-    from search import ExactSearch
+    from method.search import ExactSearch
+    from reporting.metrics import auroc
 
     device = torch.device(args.device)
     resize = args.image_size * 256 // 224
@@ -474,8 +474,8 @@ def per_image_ms(stdout: str) -> float:
 OPENVINO_PRECISIONS = (
     "import json, sys, time\n"
     "import numpy as np, openvino\n"
-    "from image_io import find_images, load_rgb, model_input\n"
-    "from onnx_model import DeployedModel\n"
+    "from plumbing.image_io import find_images, load_rgb, model_input\n"
+    "from deploy.onnx_model import DeployedModel\n"
     "path, spec, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
     "pre = DeployedModel(path, 'openvino').preprocessing\n"
     "images = np.stack([model_input(load_rgb(f), pre['resize'], pre['image_size'], pre['crop']) for f in find_images(spec)])\n"

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dataset import CategoryDataset  # noqa: E402
-from metrics import auroc, f1_max, rates_at  # noqa: E402
 from patchcore import PatchCore  # noqa: E402
+from reporting.metrics import auroc, f1_max, rates_at  # noqa: E402
 from synthetic import make_synthetic_category  # noqa: E402
 
 

@@ -30,11 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from official_reference import official_approx_greedy_coreset  # noqa: E402
-
 from dataset import CategoryDataset  # noqa: E402
-from metrics import compute_metrics  # noqa: E402
+from official_reference import official_approx_greedy_coreset  # noqa: E402
 from patchcore import PatchCore, PatchCoreConfig  # noqa: E402
+from reporting.metrics import compute_metrics  # noqa: E402
 from synthetic import make_synthetic_category  # noqa: E402
 
 

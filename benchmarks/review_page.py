@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from browser import chromium, missing  # noqa: E402
-from files import write_json  # noqa: E402
-from image_io import heatmap_panel  # noqa: E402
-from metrics import compute_metrics  # noqa: E402
-from report import save_heatmap, write_summary  # noqa: E402
-from report_page import save_thumbnail, thumbnail_name, write_report_page  # noqa: E402
+from plumbing.files import write_json  # noqa: E402
+from plumbing.image_io import heatmap_panel  # noqa: E402
+from reporting.metrics import compute_metrics  # noqa: E402
+from reporting.report import save_heatmap, write_summary  # noqa: E402
+from reporting.report_page import save_thumbnail, thumbnail_name, write_report_page  # noqa: E402
 
 DEFECTS = ("good", "crack", "scratch", "spot", "stain", "contamination")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ensemble import load_model
+from plumbing.system import BASELINE_ENV, cpu_flags, cpu_kind
 from scripts import evaluate, train
 from synthetic import make_synthetic_category
-from system import BASELINE_ENV, cpu_flags, cpu_kind
 
 # what `make test`'s second pass sets: the project's flags, and torch's and oneDNN's own kernel choice
 BASELINE = {BASELINE_ENV: "1", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

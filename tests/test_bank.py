@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bank import BankError, load_bank, save_bank
+from plumbing.bank import BankError, load_bank, save_bank
 from scripts import REPO
 
 
@@ -83,7 +83,7 @@ SAVER = """
 import sys
 import numpy as np
 from pathlib import Path
-from bank import save_bank
+from plumbing.bank import save_bank
 path = Path(sys.argv[1])
 save_bank(path, np.zeros((10, 4), np.float32), {"which": "old"})
 print("ready", flush=True)

@@ -16,8 +16,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from bank import load_bank, save_bank
-from cli import run_main
+from plumbing.bank import load_bank, save_bank
+from plumbing.cli import run_main
 from scripts import REPO, SMALL, evaluate, one_line_error, run, train
 from synthetic import make_synthetic_category
 
@@ -255,7 +255,7 @@ def test_settings_round_trip_through_the_bank(synthetic_root, tmp_path):
     """Non-default resize, crop, layers, amp and blur at training; evaluation, given none of them, uses the stored ones."""
     from dataset import CategoryDataset, Preprocess
     from patchcore import PatchCore
-    from system import cpu_supports
+    from plumbing.system import cpu_supports
 
     settings = ["--resize", "60", "--image_size", "48", "--layers", "layer1,layer2", "--amp", "bf16", "--blur_sigma", "2"]
     assert train(synthetic_root, tmp_path, *settings).returncode == 0
@@ -505,7 +505,7 @@ def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, mo
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("files.os.fsync", no_space)
+    monkeypatch.setattr("plumbing.files.os.fsync", no_space)
     argv = ["evaluate.py", "--data_path", str(root), "--category", "widget", "--output_dir", str(tmp_path), *SMALL]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
@@ -517,8 +517,8 @@ def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, mo
 
 
 def test_a_bank_of_another_feature_size_is_refused(evaluated, tmp_path):
-    from bank import BankError
     from patchcore import PatchCore
+    from plumbing.bank import BankError
 
     _, out, _ = evaluated
     bank, header = load_bank(out / "widget" / "memory_bank.npz")
@@ -633,7 +633,7 @@ def test_whole_image_maps_land_on_the_original_image(tmp_path):
 def test_config_options_are_parsed_by_each_fields_real_type():
     import dataclasses
 
-    from cli import ArgumentParser, add_config_args
+    from plumbing.cli import ArgumentParser, add_config_args
 
     @dataclasses.dataclass(frozen=True)
     class Config:

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from bank import BankError, load_bank
 from dataset import CategoryDataset
 from ensemble import build_model, load_model, normalise_over_test_set
-from files import save_npz
+from method.thresholds import holdout_images
 from patchcore import PatchCore, PatchCoreConfig
+from plumbing.bank import BankError, load_bank
+from plumbing.files import save_npz
 from scripts import evaluate, one_line_error, run, train
 from synthetic import make_synthetic_category
-from thresholds import holdout_images
 
 # two small networks keep the suite quick; the published ensembles' networks are checked in test_official.py
 NETWORKS = ["--backbone", "resnet18,densenet121", "--layers", "0.layer2,0.layer3,1.features.denseblock2,1.features.denseblock3"]

@@ -13,17 +13,17 @@ import torch
 from PIL import Image
 from test_patchcore import _brute_force, _hard_cases
 
-import onnx_export
-from bank import BankError, load_bank, save_bank
 from dataset import IMAGENET_MEAN, IMAGENET_STD, CategoryDataset, Preprocess
+from deploy import onnx_export
+from deploy.onnx_export import export_onnx
+from deploy.onnx_model import DECISION_OUTPUTS, OUTPUTS, DeployedModel, ExportError
+from deploy.onnx_search import translation_table
 from export import categories as export_categories
-from image_io import load_rgb, model_input
-from onnx_export import export_onnx
-from onnx_model import DECISION_OUTPUTS, OUTPUTS, DeployedModel, ExportError
-from onnx_search import translation_table
+from method.search import GraphSearch
 from patchcore import PatchCore
+from plumbing.bank import BankError, load_bank, save_bank
+from plumbing.image_io import load_rgb, model_input
 from scripts import REPO, THREADS, evaluate, one_line_error, run
-from search import GraphSearch
 
 # what a line PC has: onnxruntime, numpy, Pillow (requirements-deploy.txt); none of the training stack
 TRAINING_STACK = ("torch", "torchvision", "faiss", "scipy", "sklearn", "matplotlib", "tqdm", "onnx", "onnxscript", "onnx_ir")
@@ -394,7 +394,7 @@ def test_the_map_resize_is_torchs_bilinear_rule():
     (align_corners=False) and against torch's F.interpolate itself, up and down, to float32 rounding."""
     import torch.nn.functional as F
 
-    from image_io import resize_map
+    from plumbing.image_io import resize_map
 
     def torch_resize_map(anomaly_map, size):
         return F.interpolate(torch.from_numpy(anomaly_map)[None, None], size=size[::-1], mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import pytest
 
-from files import NpzWriter, atomic_write, save_npz, staging, write_json
+from plumbing.files import NpzWriter, atomic_write, save_npz, staging, write_json
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -34,7 +34,7 @@ def test_full_disk_gives_a_clear_error(tmp_path, monkeypatch):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("files.os.fsync", no_space)
+    monkeypatch.setattr("plumbing.files.os.fsync", no_space)
     with pytest.raises(OSError, match="could not write .*metrics.json \\(No space left on device\\): free some disk space"):
         write_json(tmp_path / "metrics.json", {"a": 1})
     assert list(tmp_path.iterdir()) == []

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import system
-from backbone import resolve_amp
-from coreset import k_center_greedy_dense
+from method.backbone import resolve_amp
+from method.coreset import k_center_greedy_dense
+from method.search import FaissSearch, gpu_resources
 from patchcore import PatchCore
+from plumbing import system
+from plumbing.system import set_cuda_fp32_precision
 from references import naive_greedy
-from search import FaissSearch, gpu_resources
-from system import set_cuda_fp32_precision
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: this path runs only on one")
 GPUS = [f"cuda:{i}" for i in range(max(1, torch.cuda.device_count()))]

@@ -1,38 +1,59 @@
-"""The modules' layers (docs/architecture.md, "Layers"): imports go downwards only, and none goes round in a circle."""
+"""The project's layout (docs/architecture.md, "Layers"): the top level holds the design card's files and what a user
+runs; every other module sits in a folder named for its job; imports go downwards only, and none goes round in a circle."""
 
 import ast
+import subprocess
 
 from scripts import REPO
 
 LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
-    "data and files": ["dataset", "synthetic", "bank", "files", "published", "image_io", "onnx_model"],
-    "machine": ["system"],
-    "helpers": ["backbone", "coreset", "search", "maps", "official", "thresholds"],
-    "method": ["patchcore", "ensemble"],
-    "export": ["onnx_search", "onnx_export"],
-    "plumbing": ["cli", "report", "metrics", "report_page"],
+    "plumbing": ["plumbing.files", "plumbing.bank", "plumbing.image_io", "plumbing.system", "plumbing.cli"],
+    "method's parts": ["method.presets", "method.backbone", "method.coreset", "method.search", "method.maps", "method.official",
+                       "method.thresholds"],
+    "model": ["dataset", "synthetic", "patchcore", "ensemble"],
+    "reporting": ["reporting.published", "reporting.metrics", "reporting.report", "reporting.report_page"],
+    "deploy": ["deploy.onnx_model", "deploy.onnx_search", "deploy.onnx_export"],
     "drivers": ["train", "evaluate", "export", "predict_onnx"],
 }
 RANK = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
+FOLDERS = ("plumbing", "method", "reporting", "deploy")
+TOP_LEVEL = {"patchcore.py", "dataset.py", "ensemble.py", "train.py", "evaluate.py", "export.py", "predict_onnx.py", "synthetic.py",
+             "visualization.ipynb", "docs", "tests", "benchmarks", "README.md", "Makefile", "pyproject.toml", "requirements.txt",
+             "requirements-test.txt", "requirements-deploy.txt", "constraints.txt", *FOLDERS}  # fmt: skip
+
+
+def source(module: str) -> str:
+    return (REPO / f"{module.replace('.', '/')}.py").read_text()
 
 
 def project_imports() -> dict[str, set[str]]:
-    """Each top-level module's imports of other top-level modules, those inside functions included."""
+    """Each module's imports of other project modules, those inside functions included (`from method import search`
+    counts as method.search)."""
     graph = {}
     for module in RANK:
-        tree = ast.parse((REPO / f"{module}.py").read_text())
         names = set()
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(source(module))):
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
         graph[module] = names & set(RANK)
     return graph
 
 
-def test_every_top_level_module_has_a_layer():
-    assert {p.stem for p in REPO.glob("*.py")} == set(RANK)
+def test_the_top_level_holds_the_card_and_what_a_user_runs():
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert {name.split("/")[0] for name in files if not name.startswith(".")} == TOP_LEVEL
+
+
+def test_every_module_has_a_layer_and_sits_in_its_folder():
+    in_folders = {f"{folder}.{p.stem}" for folder in FOLDERS for p in (REPO / folder).glob("*.py") if p.stem != "__init__"}
+    modules = {p.stem for p in REPO.glob("*.py")} | in_folders
+    assert modules == set(RANK)
+    for layer, members in LAYERS.items():
+        folders = {m.split(".")[0] if "." in m else "top level" for m in members}
+        assert len(folders) == 1, (layer, folders)
 
 
 def test_imports_go_downwards_only():
@@ -65,15 +86,14 @@ def test_each_shared_rule_is_written_once():
     thumbnail names from Python instead of deriving them again."""
     defined = {}
     for module in RANK:
-        tree = ast.parse((REPO / f"{module}.py").read_text())
-        for node in tree.body:
+        for node in ast.parse(source(module)).body:
             if isinstance(node, ast.FunctionDef):
                 defined.setdefault(node.name, []).append(module)
     for name in ("heatmap_panel", "heatmap_names", "jet", "thumbnail_name"):
         assert len(defined.get(name, [])) == 1, (name, defined.get(name))
     assert "colour_bar" not in defined, defined.get("colour_bar")
-    assert defined["heatmap_panel"] == defined["heatmap_names"] == ["image_io"]  # torch-free: the runner imports it
-    sources = {module: (REPO / f"{module}.py").read_text() for module in RANK}
+    assert defined["heatmap_panel"] == defined["heatmap_names"] == ["plumbing.image_io"]  # torch-free: the runner imports it
+    sources = {module: source(module) for module in RANK}
     assert [m for m, text in sources.items() if "colormaps[" in text] == []  # one jet: image_io's
-    assert [m for m, text in sources.items() if "no memory bank for" in text] == ["bank"]
-    assert ".jpg" not in (REPO / "assets" / "report_page.js").read_text()
+    assert [m for m, text in sources.items() if "no memory bank for" in text] == ["plumbing.bank"]
+    assert ".jpg" not in (REPO / "reporting" / "assets" / "report_page.js").read_text()

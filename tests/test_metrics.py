@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from metrics import aupro, auroc, compute_metrics, f1_max, per_defect_auroc, pro_curve
+from reporting.metrics import aupro, auroc, compute_metrics, f1_max, per_defect_auroc, pro_curve
 
 
 def test_auroc_hand_computed():

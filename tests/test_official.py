@@ -5,6 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
+from torchvision import transforms
+
+from ensemble import build_model, member_configs, normalise_over_test_set
+from method.presets import PRESETS
 from official_reference import (
     official_backbone_features,
     official_backbone_side_effect,
@@ -17,12 +22,7 @@ from official_reference import (
     official_network_features,
     official_patch_scores,
 )
-from PIL import Image
-from torchvision import transforms
-
-from ensemble import build_model, member_configs, normalise_over_test_set
 from patchcore import PatchCore, PatchCoreConfig
-from published import PRESETS
 
 SIZE = 64  # the model's input; the released code's chain does not depend on it
 
@@ -140,8 +140,8 @@ def test_official_protocol_end_to_end(synthetic_root, tmp_path):
 
     from sklearn.metrics import roc_auc_score
 
-    from bank import load_bank
     from dataset import CategoryDataset, Preprocess
+    from plumbing.bank import load_bank
     from scripts import evaluate, train
 
     assert train(synthetic_root, tmp_path, "--protocol", "official").returncode == 0

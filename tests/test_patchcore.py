@@ -10,16 +10,16 @@ import scipy.special
 import torch
 import torchvision
 
-import system
-from backbone import WeightsError
-from coreset import k_center_greedy_dense, k_center_greedy_pruned, nearest_center
-from maps import gaussian_blur
+from method.backbone import WeightsError
+from method.coreset import k_center_greedy_dense, k_center_greedy_pruned, nearest_center
+from method.maps import gaussian_blur
+from method.presets import PRESETS
+from method.search import ExactSearch, GraphSearch
+from method.thresholds import calibrate, holdout_images
 from patchcore import AnomalyScorer, PatchCore, PatchCoreConfig
-from published import PRESETS
+from plumbing import system
+from plumbing.system import resolve_device
 from references import naive_greedy
-from search import ExactSearch, GraphSearch
-from system import resolve_device
-from thresholds import calibrate, holdout_images
 
 
 def test_patch_features_have_the_papers_shapes(model):
@@ -60,7 +60,7 @@ def test_backbone_maps_equal_torchvisions_own_forward(model):
 def test_other_backbones_and_nested_layers_equal_torchvisions_own_forward(name, layers, tmp_path):
     """The published ensembles' backbones: a cut network (DenseNet's layers nested inside `features`) gives the maps
     of torchvision's unchanged network, and a state_dict file of the whole network loads into it."""
-    from backbone import Backbone
+    from method.backbone import Backbone
 
     network = torchvision.models.get_model(name)
     torch.save(network.state_dict(), tmp_path / "weights.pth")

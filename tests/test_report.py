@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_io import heatmap_names, heatmap_panel
-from report import mask_outline, summary_rows, write_summary
+from plumbing.image_io import heatmap_names, heatmap_panel
+from reporting.report import mask_outline, summary_rows, write_summary
 
 
 def _result(category, image, pixel, pro, protocol="paper", shots=0):
@@ -114,7 +114,7 @@ def test_the_heatmaps_jet_is_matplotlibs():
     """image_io.jet, the one colour map of every heatmap, against matplotlib's jet at the 256 entries of its table."""
     import matplotlib
 
-    from image_io import jet
+    from plumbing.image_io import jet
 
     x = np.linspace(0, 1, 256)
     np.testing.assert_allclose(jet(x), matplotlib.colormaps["jet"](x)[:, :3] * 255, atol=1e-9)
@@ -124,7 +124,7 @@ def test_published_means_are_the_runs_results_csv_beside_the_scripts_comment():
     """Issue 28, item 10: README and summary.md show what each run's results.csv averages to beside what the comment in
     sample_training.sh states, and say which is which. The means: the issue's hand computation for three runs, numpy
     over the embedded rows for all."""
-    from published import RUN_RESULTS, RUNS, source_text
+    from reporting.published import RUN_RESULTS, STATED_MEANS, source_text
     from scripts import REPO
 
     by_hand = {"official-im320-seg-ensemble": (99.03, 98.44, 94.11), "official-im320-seg": (98.92, 98.32, None),
@@ -135,12 +135,12 @@ def test_published_means_are_the_runs_results_csv_beside_the_scripts_comment():
         means = np.mean(np.array(list(rows.values())), axis=0)[[0, 1, 3]] * 100
         for mean, hand in zip(means, by_hand.get(run, (None,) * 3)):
             assert hand is None or round(mean, 2) == hand, (run, mean, hand)
-        comment = " / ".join(f"{100 * v:.1f}" for v in RUNS[run][2])
+        comment = " / ".join(f"{100 * v:.1f}" for v in STATED_MEANS[run])
         (row,) = [line for line in readme.splitlines() if line.startswith(f"| `{run}` |")]
         cells = row.split(" | ")
         assert cells[2] == " / ".join(f"{v:.2f}" for v in means) and cells[3].startswith(comment), row
         text = source_text(run)
         assert f"their means over its 15 categories: {means[0]:.2f}% / {means[1]:.2f}% / PRO {means[2]:.2f}%" in text
-        assert f"the comment in sample_training.sh states {100 * RUNS[run][2][0]:.1f}%" in text
+        assert f"the comment in sample_training.sh states {100 * STATED_MEANS[run][0]:.1f}%" in text
     assert "repeats the IM320 ensemble line" in source_text("official-im320-seg-ensemble")
-    assert RUNS["official-im320-seg-ensemble"][2] == RUNS["official-im320-ensemble"][2]  # the script's comment, as it is
+    assert STATED_MEANS["official-im320-seg-ensemble"] == STATED_MEANS["official-im320-ensemble"]  # the script's comment, as it is

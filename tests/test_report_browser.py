@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import browser
-from metrics import rates_at
-from report_page import save_thumbnail, thumbnail_name, write_images_page
+from reporting.metrics import rates_at
+from reporting.report_page import save_thumbnail, thumbnail_name, write_images_page
 from scripts import SMALL, run
 
 if browser.missing():

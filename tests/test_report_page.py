@@ -11,9 +11,9 @@ from html.parser import HTMLParser
 import numpy as np
 from PIL import Image
 
-from image_io import heatmap_panel
-from report import write_summary
-from report_page import THUMBNAIL_SIDE, save_thumbnail, summary_html, thumbnail_name
+from plumbing.image_io import heatmap_panel
+from reporting.report import write_summary
+from reporting.report_page import THUMBNAIL_SIDE, save_thumbnail, summary_html, thumbnail_name
 from scripts import REPO
 
 
@@ -96,7 +96,7 @@ def test_evaluate_writes_a_thumbnail_per_heatmap(evaluated):
 
 
 def test_without_calibration_the_slider_starts_at_the_f1_threshold(tmp_path):
-    from report_page import write_report_page
+    from reporting.report_page import write_report_page
 
     (tmp_path / "w").mkdir()
     images = [("good", 1.0), ("good", 2.5), ("dent", 2.0), ("dent", 4.0)]
@@ -115,7 +115,7 @@ def test_without_calibration_the_slider_starts_at_the_f1_threshold(tmp_path):
 def test_the_page_takes_each_thumbnails_name_from_python(tmp_path):
     """Issue 28, item 18: the thumbnail naming rule is thumbnail_name alone; the page carries the names it makes, by
     hand here: heatmap anomaly_maps/<name> -> thumbnails/<name without its last suffix>.jpg."""
-    from report_page import write_images_page
+    from reporting.report_page import write_images_page
 
     heatmaps = ["crack/a.png.png", "crack/a.jpg.png", "good/b.png", "c.d e.png"]
     scored = {"images": [{"path": f"/x/{h}", "heatmap": f"anomaly_maps/{h}", "score": 1.0} for h in heatmaps]}
@@ -128,7 +128,7 @@ def test_the_page_takes_each_thumbnails_name_from_python(tmp_path):
 def test_a_score_that_is_not_finite_is_null_in_the_pages_data(tmp_path):
     """JSON.parse throws on NaN and Infinity, and then every category's section stays blank: the page's data has null
     there, as a strict JSON parser reads it, and the slider's ends and start come from the finite values."""
-    from report_page import write_images_page
+    from reporting.report_page import write_images_page
 
     images = [{"path": f"{i}.png", "heatmap": f"anomaly_maps/{i}.png", "score": s} for i, s in enumerate([1.0, float("nan"), 3.0])]
     scored = {"images": images, "threshold": float("inf"), "thresholds_from": "--threshold"}

@@ -30,7 +30,7 @@ from onnxscript import INT64 as INT64_T
 from onnxscript import opset18 as op  # the exporter's default opset: the function is inlined into its graph
 from onnxscript import script
 
-from search import FP32_EPS, SLACK, gamma
+from method.search import FP32_EPS, SLACK, gamma
 
 FLOAT, DOUBLE = 1, 11  # ONNX's element types
 PAIR_CHUNK = 2048  # pairs whose distance one Loop step computes: [PAIR_CHUNK, C] differences at a time (written out in pair_distances)
@@ -175,7 +175,7 @@ def translation_table() -> dict:
     """custom_translation_table for torch.onnx.export: patchcore::exact_knn in the ops above."""
     import torch
 
-    import search  # noqa: F401  (registers patchcore::exact_knn)
+    from method import search  # noqa: F401  (registers patchcore::exact_knn)
 
     return {torch.ops.patchcore.exact_knn.default: exact_knn}
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from files import save_npz
+from plumbing.files import save_npz
 
 BANK_FILE = "memory_bank.npz"
 TRAIN_LOG = "train.json"  # beside the bank: the run-specific facts of its training run (seconds, device, time)

@@ -1,13 +1,12 @@
-"""What was published to compare with: the paper's MVTec AD table, the six sample runs of the authors'
-released code (their settings, as presets, and their per-category results), and PatchCore on VisA.
+"""What was published to compare with: the paper's MVTec AD table, the per-category results of the released
+code's six sample runs (their settings are method/presets.py), and PatchCore on VisA.
 
-Numbers only, each with its source; report.py sets them beside ours, and PatchCoreConfig.from_options
-turns a preset into the settings of its run.
+Numbers only, each with its source; report.py sets them beside ours.
 """
 
 from __future__ import annotations
 
-RELEASED = "amazon-science/patchcore-inspection @ fcaa92f"
+from method.presets import RELEASED, RUNS
 
 # The paper's MVTec AD table, as the design document lists it: {category: (image AUROC, pixel AUROC)}
 MVTEC_PAPER = {
@@ -22,32 +21,17 @@ VISA_IM_IAD = {
     "pcb2": (0.973, 0.990), "pcb3": (0.979, 0.992), "pcb4": (0.996, 0.986), "pipe_fryum": (0.998, 0.991),
 }  # fmt: skip
 
-# The ensembles of sample_training.sh: -b wideresnet101 -b resnext101 -b densenet201 with layers 2 and 3 of each
-ENSEMBLE = {"backbone": "wide_resnet101_2,resnext101_32x8d,densenet201",
-            "layers": ("0.layer2", "0.layer3", "1.layer2", "1.layer3", "2.features.denseblock2", "2.features.denseblock3")}  # fmt: skip
-WR50 = {"backbone": "wide_resnet50_2", "layers": ("layer2", "layer3")}
-IM224 = {"protocol": "official", "resize": 256, "image_size": 224, "pretrain_dim": 1024}
-IM320 = {"protocol": "official", "resize": 366, "image_size": 320, "pretrain_dim": 1024}
-
-# name: (settings, their --log_group, the means the comment above the run in sample_training.sh states: image AUROC, pixel
-# AUROC, PRO). Those comments are not the runs' results.csv: the segmentation ensemble's repeats the IM320 ensemble's line,
-# and the others differ in the last digit; results_means gives what the runs' results.csv (below) average to.
-RUNS = {
-    "official-im224": ({**IM224, **WR50, "coreset_ratio": 0.1, "target_dim": 1024, "patch_size": 3, "num_nn": 1, "seed": 0},
-                       "IM224_WR50_L2-3_P01_D1024-1024_PS-3_AN-1_S0", (0.992, 0.981, 0.944)),
-    "official-im224-ensemble": ({**IM224, **ENSEMBLE, "coreset_ratio": 0.01, "target_dim": 384, "patch_size": 3, "num_nn": 1, "seed": 3},
-                                "IM224_Ensemble_L2-3_P001_D1024-384_PS-3_AN-1_S3", (0.993, 0.981, 0.942)),
-    "official-im320": ({**IM320, **WR50, "coreset_ratio": 0.01, "target_dim": 1024, "patch_size": 3, "num_nn": 1, "seed": 22},
-                       "IM320_WR50_L2-3_P001_D1024-1024_PS-3_AN-1_S22", (0.993, 0.978, 0.943)),
-    "official-im320-ensemble": ({**IM320, **ENSEMBLE, "coreset_ratio": 0.01, "target_dim": 384, "patch_size": 3, "num_nn": 1, "seed": 40},
-                                "IM320_Ensemble_L2-3_P001_D1024-384_PS-3_AN-1_S40", (0.996, 0.982, 0.949)),
-    # their command line says --seed 22, the comment above it and the log group 39: the command is what ran
-    "official-im320-seg": ({**IM320, **WR50, "coreset_ratio": 0.01, "target_dim": 1024, "patch_size": 5, "num_nn": 3, "seed": 22},
-                           "IM320_WR50_L2-3_P001_D1024-1024_PS-5_AN-3_S39", (0.990, 0.984, 0.942)),
-    "official-im320-seg-ensemble": ({**IM320, **ENSEMBLE, "coreset_ratio": 0.01, "target_dim": 384, "patch_size": 5, "num_nn": 5,
-                                     "seed": 88}, "IM320_Ensemble_L2-3_P001_D1024-384_PS-5_AN-5_S88", (0.996, 0.982, 0.949)),
-}  # fmt: skip
-PRESETS = {name: {"preset": name, **settings} for name, (settings, _, _) in RUNS.items()}
+# The means the comment above each run in sample_training.sh states: image AUROC, pixel AUROC, PRO. Those comments are
+# not the runs' results.csv: the segmentation ensemble's repeats the IM320 ensemble's line, and the others differ in the
+# last digit; results_means gives what the runs' results.csv (below) average to.
+STATED_MEANS = {
+    "official-im224": (0.992, 0.981, 0.944),
+    "official-im224-ensemble": (0.993, 0.981, 0.942),
+    "official-im320": (0.993, 0.978, 0.943),
+    "official-im320-ensemble": (0.996, 0.982, 0.949),
+    "official-im320-seg": (0.990, 0.984, 0.942),
+    "official-im320-seg-ensemble": (0.996, 0.982, 0.949),
+}
 
 # Each run's models/<log group without its seed>/results.csv: instance_auroc, full_pixel_auroc, anomaly_pixel_auroc,
 # anomaly_pro (rounded to 4 digits). Their full_pro column is anomaly_pro times the share of defective test images
@@ -207,7 +191,7 @@ def source_text(key: str) -> str:
         return ("VisA: the IM-IAD benchmark (M-3LAB/IM-IAD README @ be00a93, 'vanilla setting on VisA'): the released code "
                 "at resize 256 and crop 256, for both protocols (no published paper-protocol numbers per object; "
                 "see docs/architecture.md)")  # fmt: skip
-    image, pixel, pro = RUNS[key][2]
+    image, pixel, pro = STATED_MEANS[key]
     mean_image, mean_pixel, mean_pro = results_means(key)
     return (f"MVTec AD: the released code's run {RUNS[key][1]} ({key}), {results_file(key)} (instance_auroc, full_pixel_auroc, "
             f"anomaly_pixel_auroc, anomaly_pro; their means over its {len(RUN_RESULTS[key])} categories: {mean_image:.2%} / "

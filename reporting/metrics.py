@@ -13,7 +13,7 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 if TYPE_CHECKING:
-    from thresholds import Calibration
+    from method.thresholds import Calibration
 
 
 def _one_class(labels: np.ndarray, what: str) -> str | None:

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 from torchvision.transforms import functional as TF
 
-from bank import FORMAT_VERSION as BANK_FORMAT_VERSION
-from bank import BankError, load_bank
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from image_io import COLOR_RULE
-from onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
-from onnx_search import translation_table
+from deploy.onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
+from deploy.onnx_search import translation_table
+from method.search import GraphSearch
 from patchcore import AnomalyScorer, PatchCore
-from search import GraphSearch
-from system import warn_once
+from plumbing.bank import FORMAT_VERSION as BANK_FORMAT_VERSION
+from plumbing.bank import BankError, load_bank
+from plumbing.image_io import COLOR_RULE
+from plumbing.system import warn_once
 
 PROTOBUF_LIMIT = 2**31  # bytes: one protobuf file holds at most 2 GB; a larger model keeps its tensors in a .data file beside it
 BLOCK_BYTES = 2**28  # the largest scan block [rows, M] float32 the graph's search holds at once

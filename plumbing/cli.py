@@ -128,7 +128,7 @@ def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace
             parser.error(f"{single} works on one memory bank: give a single --category")
     elif not args.data_path:
         parser.error("the following argument is required: --data_path")
-    from system import resolve_device
+    from plumbing.system import resolve_device
 
     if args.batch_size <= 0:
         parser.error(f"--batch_size must be a positive integer, got {args.batch_size}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from files import write_text
+from plumbing.files import write_text
 
 THUMBNAIL_SIDE = 128  # px, the thumbnail's longer side
 ASSETS = Path(__file__).resolve().parent / "assets"

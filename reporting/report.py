@@ -16,8 +16,8 @@ from scipy import ndimage
 from sklearn.metrics import roc_curve
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from files import atomic_write, write_bytes, write_text
-from published import published, source_text
+from plumbing.files import atomic_write, write_bytes, write_text
+from reporting.published import published, source_text
 
 
 # ---------------------------------------------------------------------- heatmaps

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from system import cpu_supports, warn_once
+from plumbing.system import cpu_supports, warn_once
 
 WEIGHT_CHOICES = ("imagenet", "auto", "none")  # or a path to a local state_dict file
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

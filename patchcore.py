@@ -7,10 +7,9 @@ Read top to bottom, this file is the method:
   PatchCore         fit: the memory bank as a greedy coreset of all training patches (Sec. 3.2, Alg. 1);
                     add, predict, save and from_bank (the round trip through the bank file)
 
-The helpers live in modules named after their job: backbone.py (the CNN and its weights),
-coreset.py (Alg. 1), search.py (nearest neighbours), maps.py (blur, resizing), official.py (the
-released code's features), thresholds.py (decision thresholds from good images), system.py
-(devices, precisions, memory), bank.py (the file), published.py (the runs it is compared with).
+Its parts are in method/: backbone (the CNN and its weights), coreset (Alg. 1), search (exact nearest
+neighbours), maps (the blur), official (the released code's features), thresholds (decisions from good images),
+presets (the published runs' settings), config_rules (what a config may hold); the bank file is plumbing/bank.py.
 An ensemble of several networks is ensemble.py's, built of PatchCores.
 """
 
@@ -23,16 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from dataset import Preprocess
-from method.backbone import AMP_DTYPES, Backbone
+from method.backbone import Backbone
+from method.config_rules import config_problem
 from method.coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
 from method.maps import gaussian_blur
 from method.official import official_patches
 from method.presets import PRESETS
 from method.search import ExactSearch, FaissSearch, GraphSearch, make_search, resolve_search
-from method.thresholds import Calibration, calibrate, holdout_images, note_on_fit, note_on_growth
+from method.thresholds import Calibration, calibrate_held_out, holdout_images, note_on_fit, note_on_growth
 from plumbing.bank import BankError, environment, load_bank, save_bank
 from plumbing.system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 
@@ -120,54 +119,9 @@ class PatchCoreConfig:
         if official:  # the released code's dimensions unless set
             for name in ("pretrain_dim", "target_dim"):
                 object.__setattr__(self, name, 1024 if getattr(self, name) is None else getattr(self, name))
-        members = self.backbones
-        indexed = [layer.split(".", 1) for layer in self.layers]
-        checks = [  # (holds, what to say when it does not)
-            (self.preset in ("none", *PRESETS), f"--preset must be none or one of {', '.join(PRESETS)}, got {self.preset!r}"),
-            (bool(self.layers), "--layers must name at least one layer"),
-            (  # an ensemble's layers each name their network by its index
-                len(members) == 1 or all(len(p) == 2 and p[0].isdigit() and int(p[0]) < len(members) for p in indexed),
-                f"--layers of an ensemble of {len(members)} networks start with the network's index, e.g. 0.layer2,1.layer2; "
-                f"got {','.join(self.layers)}",
-            ),
-            (
-                len(members) == 1 or {int(p[0]) for p in indexed if p[0].isdigit()} == set(range(len(members))),
-                "--layers: every network of an ensemble needs at least one layer",
-            ),
-            (len(members) == 1 or self.weights.count(",") in (0, len(members) - 1),
-             f"--weights: one for each of the {len(members)} networks, comma-separated, or one for all; got {self.weights}"),
-            (len(members) == 1 or official or self.calibration_holdout > 0,
-             "an ensemble under --protocol paper combines its members by their thresholds on held-out good images: "
-             "keep --calibration_holdout above 0"),  # fmt: skip
-            (self.patch_size >= 1 and self.patch_size % 2 == 1, f"--patch_size must be odd and positive, got {self.patch_size}"),
-            (self.num_nn >= 1, f"--num_nn must be 1 or more, got {self.num_nn}"),
-            (self.reweight_b == 0 or self.num_nn == 1, "--reweight_b: Eq. 7 reweights the nearest distance; use it with --num_nn 1"),
-            (official or (self.pretrain_dim is None and self.target_dim is None),
-             "--pretrain_dim and --target_dim are the released code's pooling (--protocol official); the paper protocol keeps "
-             "every channel"),  # fmt: skip
-            (not official or (self.pretrain_dim > 0 and self.target_dim > 0), "--pretrain_dim and --target_dim must be positive"),
-            (  # --crop none resizes the whole image to image_size: resize plays no part then
-                self.image_size > 0 and (self.crop == "none" or self.image_size <= self.resize),
-                f"--image_size must be positive and at most --resize ({self.resize}), got {self.image_size}",
-            ),
-            (self.crop in ("center", "none"), f"--crop must be center or none, got {self.crop!r}"),
-            (self.shots >= 0, f"--shots must be 0 (all images) or more, got {self.shots}"),
-            (0 < self.coreset_ratio <= 1, f"--coreset_ratio must be in (0, 1], got {self.coreset_ratio}"),
-            (self.coreset_proj_dim >= 0, f"--coreset_proj_dim must be 0 (no projection) or more, got {self.coreset_proj_dim}"),
-            (self.amp in AMP_DTYPES, f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}"),
-            (self.reweight_b >= 0, f"--reweight_b must be 0 (max score) or at least 2, got {self.reweight_b}"),
-            (self.reweight_b != 1, "--reweight_b 1 would score every image 0 (Eq. 7's weight is 1 - e^s/e^s): use 0 or b >= 2"),
-            (self.blur_sigma >= 0, f"--blur_sigma must be 0 (off) or more, got {self.blur_sigma}"),
-            (0 <= self.calibration_holdout < 1, f"--calibration_holdout must be in [0, 1), got {self.calibration_holdout}"),
-            (0 < self.target_fpr < 1, f"--target_fpr must be in (0, 1), got {self.target_fpr}"),
-            (not official or self.reweight_b == 0, "--reweight_b: the released code scores by the max; Eq. 7 is --protocol paper only"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        stray = [f"--{k} {getattr(self, k)}" for k, v in PRESETS.get(self.preset, {}).items() if getattr(self, k) != v]
-        if stray:
-            raise ValueError(f"--preset {self.preset} is not this run: {', '.join(stray)} differ from it")
+        problem = config_problem(self.to_dict())
+        if problem:
+            raise ValueError(problem)
 
     @property
     def backbones(self) -> tuple[str, ...]:
@@ -362,7 +316,11 @@ class PatchCore:
         del projected
         rows = gather_rows(full_patches(self.features, chunks, dataloader), wanted)
         bank = rows["bank"]
-        self.calibration = self._calibrate(rows.get("calibration", bank[:calibration_size]), held_out, dataloader, keep_held_out)
+        c = self.config
+        scorer = self.scorer_for(rows.get("calibration", bank[:calibration_size])) if held_out else None
+        note = note_on_fit(c.protocol == "paper", bool(c.reweight_b))
+        self.calibration, self.held_out_outputs = calibrate_held_out(scorer, dataloader, held_out, c.calibration_holdout,
+                                                                     c.target_fpr, note, keep_held_out)  # fmt: skip
         del rows
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
@@ -370,41 +328,6 @@ class PatchCore:
             facts["calibration_bank_size"] = calibration_size
         self.train_facts = {**facts, "held_out": held_out}
         return {**self.train_facts, "fit": path}
-
-    def _calibrate(self, calibration_bank: torch.Tensor, held_out: list[int], dataloader, keep: bool) -> Calibration:
-        """The held-out images run again, in batches of their own, and scored against the calibration bank,
-        then thresholds.calibrate; or why there are no thresholds. Running them again rather than keeping
-        their features makes the thresholds the same whichever fit path ran."""
-        self.held_out_outputs = None
-        share = self.config.calibration_holdout
-        if share == 0:
-            return Calibration(reason="calibration off (--calibration_holdout 0): no thresholds")
-        if not held_out:
-            return Calibration(
-                reason=f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} "
-                "for calibration: no thresholds stored; decide with evaluate.py --threshold"
-            )
-        scores, peaks, lows, maps_kept = [], [], [], []  # of each batch's maps, only what calibrate() needs, unless kept
-        for batch_scores, maps in self.score_held_out(calibration_bank, dataloader, held_out):
-            scores.append(batch_scores)
-            peaks.append(maps.reshape(len(maps), -1).max(1))
-            lows.append(maps.min())
-            if keep:
-                maps_kept.append(maps)
-        if keep:
-            self.held_out_outputs = (np.concatenate(scores), np.concatenate(maps_kept))
-        calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), self.config.target_fpr)
-        calibration.note = note_on_fit(self.config.protocol == "paper", bool(self.config.reweight_b))
-        return calibration
-
-    def score_held_out(self, calibration_bank: torch.Tensor, dataloader, held_out: list[int]):
-        """(image scores, maps) of the held-out training images, a batch at a time, against the calibration bank."""
-        scorer = self.scorer_for(calibration_bank)
-        subset = torch.utils.data.Subset(dataloader.dataset, held_out)
-        loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
-        for batch in tqdm(loader, desc="calibration", unit="batch"):
-            scores, maps = scorer(batch[0])
-            yield scores.cpu().numpy(), maps.cpu().numpy()
 
     def _features_pass(self, dataloader, n_images: int, feature_memory_gb: float | None) -> tuple[torch.Tensor, list | None, str]:
         """Pass 1 over the images (coreset.projected_patches): every patch's projection, and the full features

@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 
 @dataclass
@@ -123,3 +125,32 @@ def note_on_growth(n_images: int, reweighted: bool, nested: bool = True) -> str:
         return (f"kept after adding {n_images} good images: a larger bank can only lower scores; they were set against a "
                 "calibration bank the saved bank does not contain, so the false-alarm target stays approximate")  # fmt: skip
     return f"kept after adding {n_images} good images: a larger bank can only lower scores, so these thresholds are conservative"
+
+
+def calibrate_held_out(scorer: torch.nn.Module | None, dataloader: torch.utils.data.DataLoader, held_out: list[int], share: float,
+                       target_fpr: float, note: str | None, keep: bool = False,
+                       ) -> tuple[Calibration, tuple[np.ndarray, np.ndarray] | None]:  # fmt: skip
+    """PatchCore.fit's thresholds: the held-out training images run again, in batches of their own, through `scorer`
+    (the calibration bank's; None when nothing is held out), then calibrate(); or why there are none. Running them
+    again rather than keeping their features makes the thresholds the same whichever fit path ran; `note` goes with
+    them. With `keep`, their (scores, maps) come back too (an ensemble combines its members by them); otherwise only
+    what calibrate() needs of each batch's maps is kept."""
+    if share == 0:
+        return Calibration(reason="calibration off (--calibration_holdout 0): no thresholds"), None
+    if not held_out:
+        reason = (f"too few training images ({len(dataloader.dataset)}) to hold out a share of {share:g} for calibration: "
+                  "no thresholds stored; decide with evaluate.py --threshold")  # fmt: skip
+        return Calibration(reason=reason), None
+    subset = torch.utils.data.Subset(dataloader.dataset, held_out)
+    loader = torch.utils.data.DataLoader(subset, batch_size=dataloader.batch_size, num_workers=dataloader.num_workers)
+    scores, peaks, lows, maps_kept = [], [], [], []
+    for batch in tqdm(loader, desc="calibration", unit="batch"):
+        batch_scores, maps = (v.cpu().numpy() for v in scorer(batch[0]))
+        scores.append(batch_scores)
+        peaks.append(maps.reshape(len(maps), -1).max(1))
+        lows.append(maps.min())
+        if keep:
+            maps_kept.append(maps)
+    calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), target_fpr)
+    calibration.note = note
+    return calibration, (np.concatenate(scores), np.concatenate(maps_kept)) if keep else None

@@ -8,8 +8,8 @@ from scripts import REPO
 
 LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
     "plumbing": ["plumbing.files", "plumbing.bank", "plumbing.image_io", "plumbing.system", "plumbing.cli"],
-    "method's parts": ["method.presets", "method.backbone", "method.coreset", "method.search", "method.maps", "method.official",
-                       "method.thresholds"],
+    "method's parts": ["method.presets", "method.backbone", "method.config_rules", "method.coreset", "method.search", "method.maps",
+                       "method.official", "method.thresholds"],
     "model": ["dataset", "synthetic", "patchcore", "ensemble"],
     "reporting": ["reporting.published", "reporting.metrics", "reporting.report", "reporting.report_page"],
     "deploy": ["deploy.onnx_model", "deploy.onnx_search", "deploy.onnx_export"],
@@ -54,6 +54,26 @@ def test_every_module_has_a_layer_and_sits_in_its_folder():
     for layer, members in LAYERS.items():
         folders = {m.split(".")[0] if "." in m else "top level" for m in members}
         assert len(folders) == 1, (layer, folders)
+
+
+def test_readme_is_for_a_newcomer():
+    """Issue 27, item 4: at most 200 lines, the two commands first; the long tables and the contract live in docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    assert readme.split("```")[1].split()[:2] == ["make", "demo"] and "make test" in readme.split("```")[1]
+    for page in ("docs/architecture.md", "docs/deploy.md", "docs/benchmarks.md"):
+        assert page in readme and (REPO / page).is_file(), page
+
+
+def test_patchcore_py_is_the_method_a_reader_can_hold():
+    """Issue 27, item 3: at most 500 lines, no class over 300, the paper's equations findable by their numbers."""
+    text = source("patchcore")
+    assert len(text.splitlines()) <= 500
+    classes = [node for node in ast.parse(text).body if isinstance(node, ast.ClassDef)]
+    assert {node.name for node in classes} >= {"PatchCoreConfig", "PatchFeatures", "AnomalyScorer", "PatchCore"}
+    assert max(node.end_lineno - node.lineno + 1 for node in classes) <= 300
+    for reference in ("Eq. 1-2", "Eq. 6", "Eq. 7", "Alg. 1", "Sec. 3.1", "Sec. 3.2", "Sec. 3.3"):
+        assert reference in text, reference
 
 
 def test_imports_go_downwards_only():

@@ -192,6 +192,11 @@ def _visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     ]
 
 
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """Preprocess's normalised [3, H, W] image tensor back to [H, W, 3] floats in 0..255."""
+    return np.clip((image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255, 0, 255)
+
+
 class CategoryDataset(torch.utils.data.Dataset):
     """One category's train or test split, in the layout found under root.
 

@@ -79,6 +79,11 @@ class PatchCoreEnsemble:
         banks = [m.memory_bank for m in self.members]
         return None if any(b is None for b in banks) else banks
 
+    @property
+    def audit_scores(self) -> np.ndarray:
+        """The training-set audit (method/audit.py) over the networks: each member's scores over their median, averaged."""
+        return np.mean([m.audit_scores / max(float(np.median(m.audit_scores)), 1e-12) for m in self.members], axis=0)
+
     def search_name(self) -> str:
         return self.members[0].search_name()
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dataset import CategoryDataset, ImageFiles, resolve_categories
+from dataset import CategoryDataset, ImageFiles, resolve_categories, to_rgb
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from method.search import SEARCHES
 from patchcore import PatchCore, PatchCoreConfig
@@ -33,7 +33,7 @@ from plumbing.files import NpzWriter, staging, write_json
 from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
 from plumbing.system import device_name, warn_once
 from reporting.metrics import compute_metrics
-from reporting.report import mask_outline, plot_histogram, plot_roc, save_heatmap, to_rgb, write_summary
+from reporting.report import mask_outline, plot_histogram, plot_roc, save_heatmap, write_summary
 from reporting.report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 
 

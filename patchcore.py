@@ -7,10 +7,8 @@ Read top to bottom, this file is the method:
   PatchCore         fit: the memory bank as a greedy coreset of all training patches (Sec. 3.2, Alg. 1);
                     add, predict, save and from_bank (the round trip through the bank file)
 
-Its parts are in method/: backbone (the CNN and its weights), coreset (Alg. 1), search (exact nearest
-neighbours), maps (the blur), official (the released code's features), thresholds (decisions from good images),
-presets (the published runs' settings), config_rules (what a config may hold); the bank file is plumbing/bank.py.
-An ensemble of several networks is ensemble.py's, built of PatchCores.
+Its parts are in method/ (backbone, coreset, search, maps, official, thresholds, audit, presets, config_rules), the
+bank file in plumbing/bank.py; an ensemble of several networks is ensemble.py's, built of PatchCores.
 """
 
 from __future__ import annotations
@@ -24,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from dataset import Preprocess
+from method.audit import audit_bank, kept_rows, leave_image_out, vouched
 from method.backbone import Backbone
-from method.config_rules import config_problem
+from method.config_rules import bank_size_problem, config_problem
 from method.coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
 from method.maps import gaussian_blur
 from method.official import official_patches
@@ -81,6 +80,10 @@ class PatchCoreConfig:
         None, "fraction of the training patches kept in the memory bank", default_text="0.25 for paper, 0.1 for official"
     )
     coreset_proj_dim: int = setting(128, "random-projection dims for the coreset distances, 0 = none")
+    outlier_share: float = setting(
+        0.0, "robust bank: drop this share of the bank's rows, those farthest from every other training image "
+        "(the audit's leave-one-image-out distance, method/audit.py); 0 = off, as the paper"
+    )
     patch_size: int = setting(3, "neighbourhood size p of the local aggregation (Eq. 1), odd")
     num_nn: int = setting(1, "k: a patch's score is the mean distance to its k nearest memory patches (1: Eq. 6)")
     pretrain_dim: int | None = setting(
@@ -233,15 +236,10 @@ class AnomalyScorer(torch.nn.Module):
 
 
 class PatchCore:
-    """The method, built from a PatchCoreConfig; `device` and `search` only decide how it runs.
-    PatchCore(weights="none", seed=3) is PatchCore(PatchCoreConfig(weights="none", seed=3)).
-
-    search: 'exact' (ExactSearch, the default: the nearest memory patches by exact distance, certified, on
-    any device) or 'faiss' (IndexFlatL2, on the GPU when faiss has GPUs: its fp32 distance expansion,
-    not re-ranked). tf32: let a GPU run fp32 convolutions and products in TF32
-    (faster, about 1e-3 relative error; process-wide). Fields given beside a config replace its values;
-    protocol-dependent defaults (the coreset ratio) resolve when a config is built, not then.
-    """
+    """The method, built from a PatchCoreConfig; `device`, `search` ('exact', ExactSearch, or 'faiss'; method/search.py)
+    and `tf32` (a GPU's fp32 products in TF32, process-wide) only decide how it runs. PatchCore(weights="none", seed=3)
+    is PatchCore(PatchCoreConfig(weights="none", seed=3)): fields given beside a config replace its values;
+    protocol-dependent defaults (the coreset ratio) resolve when a config is built, not then."""
 
     def __init__(
         self, config: PatchCoreConfig | None = None, *, device: str = "auto", search: str = "exact", tf32: bool = False, **fields
@@ -268,6 +266,8 @@ class PatchCore:
         self.calibration = Calibration(reason="no memory bank yet")  # thresholds set on held-out good images (calibrate)
         self.train_facts: dict = {}  # what the bank was built from: counts, held-out images (fit, add, from_bank)
         self.held_out_outputs: tuple[np.ndarray, np.ndarray] | None = None  # fit(keep_held_out=True): (scores, maps)
+        self.audit_scores: np.ndarray | None = None  # fit: every training image against the others (method/audit.py)
+        self.bank_images: torch.Tensor | None = None  # fit: each bank row's training image
         self.bank_sha256: str | None = None  # the bank file's checksum, once saved or loaded (bank.py)
 
     # ------------------------------------------------------------------ patch features (Sec. 3.1)
@@ -284,11 +284,12 @@ class PatchCore:
     def fit(self, dataloader, feature_memory_gb: float | None = None, keep_held_out: bool = False) -> dict:
         """Build the memory bank from the normal training images; returns counts.
 
-        Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit;
-        the selected rows are then taken from the kept chunks, or from a second pass. Both ways
-        give the same memory bank. With calibration_holdout > 0, a seeded part of the images is
-        held out, and their scores against the calibration bank, Alg. 1 over the other images,
-        set `self.calibration` (calibrate). How that bank relates to the saved one (docs/architecture.md):
+        Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit; the selected rows
+        are then taken from the kept chunks, or from a second pass: the same bank either way. Every training image
+        is audited against the others' bank rows (`audit_scores`; method/audit.py), and with outlier_share the
+        rows no other image vouches for leave the bank. With calibration_holdout > 0, a seeded part of the images
+        is held out, and their scores against the calibration bank, Alg. 1 over the other images, set
+        `self.calibration` (calibrate). How that bank relates to the saved one (docs/architecture.md):
         - paper: it is the first bank_size(kept patches) picks of the saved bank's own Alg. 1, whose
           picks are held to the kept images until then; the saved bank then goes on over every patch,
           holds every image and contains the calibration bank, so its scores are never higher;
@@ -298,8 +299,8 @@ class PatchCore:
         (an ensemble combines its members' by them); otherwise only what calibrate() needs is kept.
         """
         n_images = len(dataloader.dataset)
-        if n_images == 0:
-            raise ValueError("fit() got no training images")
+        if n_images < (2 if self.config.outlier_share else 1):
+            raise ValueError(f"fit() got {n_images} training images; --outlier_share compares each image with the others: it needs 2")
         per_image = self.patches_per_image
         self._check_bank_size(self.bank_size(n_images * per_image))
         held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
@@ -310,22 +311,29 @@ class PatchCore:
             calibration_size = self.bank_size(len(kept))
             self._check_bank_size(calibration_size)
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
-        wanted = {"bank": self._coreset(projected, first_from=(kept, calibration_size) if held_out and nested else None)}  # Alg. 1
-        if held_out and not nested:  # Alg. 1 over the kept images alone, apart from the saved bank
-            wanted["calibration"] = kept[self._coreset(projected[kept])]
+        picked = self._coreset(projected, first_from=(kept, calibration_size) if held_out and nested else None)  # Alg. 1
+        self.audit_scores, distances = audit_bank(projected, picked, per_image, n_images)  # every image against the others
+        keep = kept_rows(distances, self.config.outlier_share)  # the robust bank's (all rows unless outlier_share)
+        wanted, calibration_size = {"bank": picked[keep]}, int(keep[:calibration_size].sum())  # paper: still the first rows
+        if held_out and not nested:  # Alg. 1 over the kept images alone, apart from the saved bank, filtered alike
+            own = kept[self._coreset(projected[kept])]
+            share = self.config.outlier_share
+            wanted["calibration"] = own[kept_rows(leave_image_out(projected[own], own // per_image), share)] if share else own
+        self.bank_images = wanted["bank"] // per_image  # each row's training image, for the audit's heatmaps
         del projected
         rows = gather_rows(full_patches(self.features, chunks, dataloader), wanted)
-        bank = rows["bank"]
-        c = self.config
-        scorer = self.scorer_for(rows.get("calibration", bank[:calibration_size])) if held_out else None
+        bank, c = rows["bank"], self.config
+        scorer = self.scorer_for(rows.pop("calibration", bank[:calibration_size])) if held_out else None
         note = note_on_fit(c.protocol == "paper", bool(c.reweight_b))
         self.calibration, self.held_out_outputs = calibrate_held_out(scorer, dataloader, held_out, c.calibration_holdout,
                                                                      c.target_fpr, note, keep_held_out)  # fmt: skip
-        del rows
+        del rows, scorer
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
         if held_out:  # paper: the bank's first rows are the calibration bank; official: it is not saved
             facts["calibration_bank_size"] = calibration_size
+        if self.config.outlier_share:  # the robust bank's cut, which --add holds new rows to
+            facts["outlier_cut"] = float(distances[keep].max())
         self.train_facts = {**facts, "held_out": held_out}
         return {**self.train_facts, "fit": path}
 
@@ -339,10 +347,9 @@ class PatchCore:
 
     @torch.no_grad()
     def add(self, dataloader, feature_memory_gb: float | None = None) -> dict:
-        """Grow the memory bank with newly confirmed good images: Alg. 1 goes on with the bank as the
-        already-selected set. Each new patch starts at its distance to the nearest bank patch (in the
-        coreset's projection), and bank_size(new patches) greedy picks are added. The thresholds stay;
-        the old bank is a subset of the new one, so no patch's distance can rise (thresholds.note_on_growth)."""
+        """Grow the memory bank with newly confirmed good images: Alg. 1 goes on with the bank as the already-selected
+        set (each new patch starts at its distance to the nearest bank patch), and bank_size(new patches) greedy picks
+        are added. The thresholds stay: no patch's distance can rise (thresholds.note_on_growth)."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to grow: fit() or from_bank() first")
         n_images = len(dataloader.dataset)
@@ -352,6 +359,8 @@ class PatchCore:
         projection = self.coreset_projection(self.feature_dim)
         existing = self.memory_bank.cpu() if projection is None else self.memory_bank.cpu() @ projection.cpu()
         picked = self._coreset(projected, existing=existing)
+        if self.config.outlier_share:  # the robust bank: new rows held to fit's cut
+            picked = picked[vouched(existing, projected[picked], picked // self.patches_per_image, self.train_facts["outlier_cut"])]
         del projected
         new_rows = gather_rows(full_patches(self.features, chunks, dataloader), {"new": picked})["new"]
         old = len(self.memory_bank)
@@ -367,17 +376,13 @@ class PatchCore:
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
         out_dim = self.config.coreset_proj_dim
-        if not 0 < out_dim < in_dim:
-            return None
-        return random_projection(in_dim, out_dim, torch.Generator().manual_seed(self.config.seed)).to(self.device)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        return random_projection(in_dim, out_dim, generator).to(self.device) if 0 < out_dim < in_dim else None
 
     @torch.no_grad()
     def select_coreset(self, features: torch.Tensor) -> torch.Tensor:
-        """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(coreset_ratio * N) patches, at least 1.
-
-        Distances are taken on the seeded random projection to `coreset_proj_dim` dims
-        (Johnson-Lindenstrauss, Sec. 3.2); 0 keeps the full features.
-        """
+        """k-center greedy coreset (Alg. 1) of [N, C] features: indices of floor(coreset_ratio * N) patches, at least 1,
+        by distances on the seeded random projection to `coreset_proj_dim` dims (Johnson-Lindenstrauss, Sec. 3.2)."""
         x = features.to(self.device, torch.float32)
         projection = self.coreset_projection(x.shape[1])
         return self._coreset(x if projection is None else x @ projection)
@@ -390,13 +395,9 @@ class PatchCore:
         return max(1, int(n_patches * self.config.coreset_ratio))
 
     def _check_bank_size(self, bank_size: int) -> None:
-        """Eq. 7 and the k-nearest mean need that many memory patches."""
-        for option, needed in (("--reweight_b", self.config.reweight_b), ("--num_nn", self.config.num_nn)):
-            if needed > bank_size:
-                raise ValueError(
-                    f"{option} {needed} is larger than the memory bank ({bank_size} patches): "
-                    f"use a smaller {option} or a larger --coreset_ratio"
-                )
+        problem = bank_size_problem(self.config.to_dict(), bank_size)  # Eq. 7 and the k-nearest mean need enough rows
+        if problem:
+            raise ValueError(problem)
 
     def scorer_for(self, memory_bank: torch.Tensor) -> AnomalyScorer:
         """The scoring module over a memory bank, indexed for the search that runs."""

@@ -7,7 +7,9 @@
 A seeded part of train/good is held out to set decision thresholds on good images only
 (--calibration_holdout, --target_fpr); the bank itself holds every training image (under
 --protocol official and its presets, exactly as Alg. 1 over all of them builds it).
---add grows an existing bank with newly confirmed good images.
+--add grows an existing bank with newly confirmed good images. Every training image is audited
+against the others (train_audit.json, heatmaps of the most suspicious in train_audit/): defective
+parts hidden in train/good rank first; --outlier_share keeps what the audit flags out of the bank.
 
 Every memory-bank setting below is stored in the bank; evaluate.py rebuilds the model from it.
 """
@@ -18,11 +20,16 @@ import argparse
 import time
 from pathlib import Path
 
-from dataset import CategoryDataset, ImageFiles, resolve_categories
+import numpy as np
+import torch
+
+from dataset import CategoryDataset, ImageFiles, resolve_categories, to_rgb
 from ensemble import PatchCoreEnsemble, build_model, load_model
+from method.audit import DESCRIPTION as AUDIT_TEXT
+from method.audit import ranked
 from method.thresholds import Calibration
-from patchcore import PatchCoreConfig
-from plumbing.bank import TRAIN_LOG, bank_path
+from patchcore import PatchCore, PatchCoreConfig
+from plumbing.bank import AUDIT_DIR, AUDIT_FILE, TRAIN_LOG, bank_path
 from plumbing.cli import (
     ArgumentParser,
     add_config_args,
@@ -35,8 +42,8 @@ from plumbing.cli import (
     now,
     run_main,
 )
-from plumbing.files import write_json
-from plumbing.image_io import find_images
+from plumbing.files import staging, write_json
+from plumbing.image_io import find_images, heatmap_panel
 from plumbing.system import device_name
 
 
@@ -56,9 +63,19 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         metavar="DIR_OR_GLOB",
         help="grow the category's existing bank with these newly confirmed good images (a folder or a glob) instead of training",
     )
+    parser.add_argument(
+        "--audit_heatmaps",
+        type=int,
+        default=8,
+        metavar="K",
+        help="heatmaps of the K training images the audit finds least like the others, in OUTPUT_DIR/<category>/train_audit/ "
+        "(every image's audit score goes to train_audit.json; default: 8)",
+    )
     add_config_args(parser, PatchCoreConfig)
     args = parser.parse_args()
     check_runtime_args(parser, args, single="--add")
+    if args.audit_heatmaps < 0:
+        parser.error(f"--audit_heatmaps must be 0 or more, got {args.audit_heatmaps}")
     if args.feature_memory_gb is not None and args.feature_memory_gb < 0:
         parser.error(f"--feature_memory_gb must be 0 or more, got {args.feature_memory_gb}")
     return parser, args
@@ -75,6 +92,31 @@ def say_calibration(category: str, calibration: Calibration) -> None:
     )
     if calibration.note:
         print(f"{category}: thresholds {calibration.note}")
+
+
+def write_audit(model: PatchCore | PatchCoreEnsemble, dataset: CategoryDataset, folder: Path, top: int) -> list[dict]:
+    """train_audit.json: every training image's audit score and rank (method/audit.py), and heatmaps of the `top`
+    most suspicious, each scored against the bank without the suspects' rows (an ensemble: its first network's),
+    written atomically into `folder`. Returns the entries, most suspicious first."""
+    member = model.members[0] if isinstance(model, PatchCoreEnsemble) else model
+    scores, rank = model.audit_scores, ranked(model.audit_scores)
+    order = [int(i) for i in np.argsort(rank)]
+    suspects, heatmaps = order[:top], {}
+    keep = ~torch.isin(member.bank_images, torch.tensor(suspects, dtype=torch.long))
+    with staging(folder) as stage:
+        if suspects and int(keep.sum()) >= max(model.config.num_nn, model.config.reweight_b, 1):
+            images = torch.stack([dataset[i][0] for i in suspects])
+            _, maps = member.scorer_for(member.memory_bank[keep])(images.to(member.device))
+            maps, calibration = maps.cpu().numpy(), member.calibration
+            low, high = calibration.heatmap_scale or (float(maps.min()), float(maps.max()))
+            for i, image, anomaly_map in zip(suspects, images, maps):
+                heatmaps[i] = f"{AUDIT_DIR}/{rank[i]:03d}_{Path(dataset.relative_path(i)).stem}.png"
+                (stage / AUDIT_DIR).mkdir(exist_ok=True)
+                heatmap_panel(to_rgb(image), anomaly_map, low, high, calibration.pixel_threshold).save(stage / heatmaps[i])
+        entries = [{"image": dataset.relative_path(i), "score": float(scores[i]), "rank": int(rank[i]), "heatmap": heatmaps.get(i)}
+                   for i in order]  # fmt: skip
+        write_json(stage / AUDIT_FILE, {"what": AUDIT_TEXT, "outlier_share": model.config.outlier_share, "images": entries})
+    return entries
 
 
 def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
@@ -101,6 +143,9 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
         run = {"seconds": round(seconds, 2), "device": str(model.device), "gpu": device_name(model.device), "fit": fit_path}
         write_json(path.parent / TRAIN_LOG, {**run, "fp32_precision": model.fp32_precision, "created": now()})
         say_calibration(category, model.calibration)
+        entries = write_audit(model, dataset, path.parent, args.audit_heatmaps)
+        shown = "; ".join(f"{e['image']} {e['score']:.4g}" for e in entries[: min(5, len(entries))])
+        print(f"{category}: training images least like the others (audit, {path.parent / AUDIT_FILE}): {shown}")
         banks = model.memory_bank if isinstance(model, PatchCoreEnsemble) else [model.memory_bank]
         shapes = ", ".join(str(tuple(bank.shape)) for bank in banks)
         print(

@@ -45,6 +45,7 @@ def config_problem(settings: dict) -> str | None:
         (c.crop in ("center", "none"), f"--crop must be center or none, got {c.crop!r}"),
         (c.shots >= 0, f"--shots must be 0 (all images) or more, got {c.shots}"),
         (0 < c.coreset_ratio <= 1, f"--coreset_ratio must be in (0, 1], got {c.coreset_ratio}"),
+        (0 <= c.outlier_share < 1, f"--outlier_share must be in [0, 1), got {c.outlier_share}"),
         (c.coreset_proj_dim >= 0, f"--coreset_proj_dim must be 0 (no projection) or more, got {c.coreset_proj_dim}"),
         (c.amp in AMP_DTYPES, f"--amp must be one of {', '.join(AMP_DTYPES)}, got {c.amp!r}"),
         (c.reweight_b >= 0, f"--reweight_b must be 0 (max score) or at least 2, got {c.reweight_b}"),
@@ -58,3 +59,16 @@ def config_problem(settings: dict) -> str | None:
     checks.append((not stray, f"--preset {c.preset} is not this run: {', '.join(stray)} differ from it"))
     return next((message for ok, message in checks if not ok), None)
 
+
+
+def bank_size_problem(settings: dict, bank_size: int) -> str | None:
+    """What is wrong with a bank of `bank_size` rows for a config's settings: Eq. 7 and the k-nearest mean need that many
+    memory patches, of what --outlier_share leaves of them; or None."""
+    share = settings["outlier_share"]
+    left = bank_size - int(share * bank_size)  # at least 1: share < 1
+    for option, needed in (("--reweight_b", settings["reweight_b"]), ("--num_nn", settings["num_nn"])):
+        if needed > left:
+            dropped = f", {left} once --outlier_share {share:g} drops its outliers" if share else ""
+            return (f"{option} {needed} is larger than the memory bank ({bank_size} patches{dropped}): use a smaller {option}"
+                    f"{', a smaller --outlier_share' if share else ''} or a larger --coreset_ratio")  # fmt: skip
+    return None

@@ -36,6 +36,7 @@ from plumbing.files import save_npz
 
 BANK_FILE = "memory_bank.npz"
 TRAIN_LOG = "train.json"  # beside the bank: the run-specific facts of its training run (seconds, device, time)
+AUDIT_FILE, AUDIT_DIR = "train_audit.json", "train_audit"  # beside the bank: the training-set audit (train.py)
 FORMAT = "patchcore-memory-bank"
 FORMAT_VERSION = 2  # 1: before the config object; its banks must be rebuilt
 

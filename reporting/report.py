@@ -9,23 +9,16 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_curve
 
-from dataset import IMAGENET_MEAN, IMAGENET_STD
 from plumbing.files import atomic_write, write_bytes, write_text
 from reporting.published import published, source_text
 
 
 # ---------------------------------------------------------------------- heatmaps
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """A normalised [3, H, W] tensor back to [H, W, 3] floats in 0..255."""
-    return np.clip((image.permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)) * 255, 0, 255)
-
-
 def mask_outline(mask: np.ndarray | None) -> np.ndarray | None:
     """The ground truth's edge, bool [H, W], 2 px wide inside the defect (image_io.heatmap_panel draws it white); None
     without a defect."""

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from plumbing.bank import AUDIT_FILE
 from plumbing.files import write_text
 
 THUMBNAIL_SIDE = 128  # px, the thumbnail's longer side
@@ -209,8 +210,32 @@ def _page(title: str, intro: str, sections: list[str], data: list[dict]) -> str:
     )
 
 
-def _section(index: int, data: dict, line: str = "", table: str = "") -> str:
-    """One category: its metrics line, the threshold and live figures, the per-defect table and plots, the gallery."""
+def audit_html(folder: Path) -> str:
+    """The training-set audit of a category (train.py's train_audit.json beside its bank), if there is one: the training
+    images least like the others, each with its heatmap against the bank without it, for a person to look at and
+    remove from train/good."""
+    path = folder / AUDIT_FILE
+    if not path.is_file():
+        return ""
+    audit = json.loads(path.read_text())
+    shown = [e for e in audit["images"] if e.get("heatmap")]
+    figures = "".join(
+        f'<figure><a href="{_text(folder.name + "/" + e["heatmap"])}"><img loading="lazy" alt="{_text(e["image"])}" '
+        f'src="{_text(folder.name + "/" + e["heatmap"])}"></a><figcaption>{e["rank"]}. {_text(e["image"])}: '
+        f'{_number(e["score"])}</figcaption></figure>'
+        for e in shown
+    )
+    return (
+        f'<details class="audit"><summary>Training images least like the others: the {len(shown)} of '
+        f"{len(audit['images'])} the audit ranks first (train_audit.json)</summary><p>{_text(audit['what'])}. A defective "
+        f"part hidden in train/good ranks first: look, and remove it from train/good if it is one.</p>"
+        f'<div class="audit-figures">{figures}</div></details>'
+    )
+
+
+def _section(index: int, data: dict, line: str = "", table: str = "", audit: str = "") -> str:
+    """One category: its metrics line, the threshold and live figures, the per-defect table and plots, the gallery,
+    and the training-set audit."""
     plots = '<svg class="hist" viewBox="0 0 420 220" role="img" aria-label="score histogram"></svg>'
     if data["labelled"]:
         plots = '<svg class="roc" viewBox="0 0 240 240" role="img" aria-label="ROC"></svg>' + plots
@@ -220,7 +245,7 @@ def _section(index: int, data: dict, line: str = "", table: str = "") -> str:
         f"{_threshold(index, data['start'], data['marks'], data['range'])}{_figures(data['labelled'])}"
         f'<div class="plots">{plots}{table}</div>'
         f"{_gallery_controls(data['labelled'], data.get('defects', []))}"
-        '<div class="gallery"></div></section>'
+        f'<div class="gallery"></div>{audit}</section>'
     )
 
 
@@ -292,7 +317,8 @@ def write_report_page(output_dir: Path, results: list[dict]) -> Path:
     from OUTPUT_DIR/<category>/, and OUTPUT_DIR/summary.md is shown as its table."""
     output_dir = Path(output_dir)
     data = [_category(output_dir / m["category"], m) for m in results]
-    sections = [_section(i, d, *_category_body(m, d)) for i, (m, d) in enumerate(zip(results, data))]
+    sections = [_section(i, d, *_category_body(m, d), audit_html(output_dir / m["category"]))
+                for i, (m, d) in enumerate(zip(results, data))]  # fmt: skip
     summary = output_dir / "summary.md"
     intro = summary_html(summary.read_text()) if summary.is_file() else ""
     title = "PatchCore: " + (data[0]["category"] if len(data) == 1 else f"{len(data)} categories")

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # fast, value-level test files first, so that a caught mutation stops early
 TEST_ORDER = ["test_patchcore.py", "test_official.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py",
               "test_report.py", "test_report_page.py", "test_ensemble.py", "test_export.py", "test_cli.py", "test_report_browser.py",
-              "test_notebook.py", "test_benchmark.py"]  # fmt: skip
+              "test_notebook.py", "test_benchmark.py", "test_audit.py"]  # fmt: skip
 
 # (name, file, original text, mutated text); the original must occur exactly once in the file
 MUTATIONS = [
@@ -176,6 +176,15 @@ MUTATIONS = [
     ("openvino_at_its_default_precision", "deploy/onnx_model.py",
      '{"INFERENCE_PRECISION_HINT": "f32"}',
      "{}"),
+    ("audit_counts_the_own_image", "method/audit.py",
+     "first, last = int(starts[picked].min()), int(ends[picked].max())",
+     "first, last = 0, 0"),
+    ("audit_ranks_the_lowest_first", "method/audit.py",
+     "order = np.lexsort((np.arange(len(scores)), -scores))",
+     "order = np.lexsort((np.arange(len(scores)), scores))"),
+    ("robust_bank_drops_the_nearest_rows", "method/audit.py",
+     "return order[len(distances) - n_drop :].sort().values",
+     "return order[:n_drop].sort().values"),
 ]  # fmt: skip
 
 

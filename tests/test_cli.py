@@ -492,7 +492,7 @@ def test_ctrl_c_leaves_no_partial_outputs(slow_category, tmp_path):
     evaluate_args = [a for a in base[1:] if a not in ("--weights", "none")]
     code, err = _interrupt_when([base[0], str(REPO / "evaluate.py"), *evaluate_args], "widget test:")
     assert code == 130 and "Traceback" not in err
-    assert sorted(p.name for p in (tmp_path / "widget").iterdir()) == ["memory_bank.npz", "train.json"]
+    assert sorted(p.name for p in (tmp_path / "widget").iterdir()) == ["memory_bank.npz", "train.json", "train_audit", "train_audit.json"]
 
 
 def test_full_disk_during_evaluate_keeps_the_old_results(evaluated, tmp_path, monkeypatch, capsys):

@@ -71,7 +71,7 @@ def test_the_page_is_the_same_bytes_from_the_same_outputs(evaluated, tmp_path):
     (tmp_path / "widget").mkdir()
     shutil.copy(out / "widget" / "scores.json", tmp_path / "widget" / "scores.json")
     code = (
-        "import json, sys; from pathlib import Path; from report_page import write_report_page; "
+        "import json, sys; from pathlib import Path; from reporting.report_page import write_report_page; "
         "out, copy = Path(sys.argv[1]), Path(sys.argv[2]); "
         "write_report_page(copy, [json.loads((out / 'widget' / 'metrics.json').read_text())])"
     )

@@ -27,7 +27,7 @@ from dataset import CategoryDataset, ImageFiles, resolve_categories, to_rgb
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from method.search import SEARCHES
 from patchcore import PatchCore, PatchCoreConfig
-from plumbing.bank import TRAIN_LOG, bank_path, environment, require_banks
+from plumbing.bank import AUDIT_FILE, TRAIN_LOG, bank_path, environment, require_banks
 from plumbing.cli import ArgumentParser, add_data_args, add_runtime_args, check_runtime_args, make_loader, now, refuse_config_args, run_main
 from plumbing.files import NpzWriter, staging, write_json
 from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
@@ -213,6 +213,10 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         }
         if (out_dir / TRAIN_LOG).is_file():
             metrics["memory_bank"]["training_run"] = json.loads((out_dir / TRAIN_LOG).read_text())
+        if (out_dir / AUDIT_FILE).is_file():  # train.py's audit of train/good: the images least like the others
+            audit = json.loads((out_dir / AUDIT_FILE).read_text())["images"][:5]
+            metrics["memory_bank"]["train_audit"] = {"file": AUDIT_FILE, "most_suspicious": [
+                {key: entry[key] for key in ("image", "score", "rank")} for entry in audit]}  # fmt: skip
 
         # heatmaps, now that the colour scale and threshold are known: the images are read again, a batch at a
         # time, or one by one at their own resolution for a bank that sees the whole image

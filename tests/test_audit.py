@@ -112,6 +112,9 @@ def test_the_audit_finds_the_hidden_defects_and_the_page_shows_them(dirty, tmp_p
     shown = [entry["heatmap"] for entry in audit["images"] if entry["heatmap"]]
     assert len(shown) == 3 and all((tmp_path / "widget" / name).is_file() for name in shown)
     assert evaluate(root, tmp_path).returncode == 0
+    metrics = json.loads((tmp_path / "widget" / "metrics.json").read_text())
+    assert metrics["memory_bank"]["train_audit"]["most_suspicious"] == [
+        {key: entry[key] for key in ("image", "score", "rank")} for entry in audit["images"][:5]]  # fmt: skip
     page = (tmp_path / "report.html").read_text()
     assert "Training images least like the others" in page and all(f"widget/{name}" in page for name in shown)
 

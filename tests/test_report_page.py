@@ -70,6 +70,7 @@ def test_the_page_is_the_same_bytes_from_the_same_outputs(evaluated, tmp_path):
     shutil.copy(out / "summary.md", tmp_path / "summary.md")
     (tmp_path / "widget").mkdir()
     shutil.copy(out / "widget" / "scores.json", tmp_path / "widget" / "scores.json")
+    shutil.copy(out / "widget" / "train_audit.json", tmp_path / "widget" / "train_audit.json")  # its section of the page
     code = (
         "import json, sys; from pathlib import Path; from reporting.report_page import write_report_page; "
         "out, copy = Path(sys.argv[1]), Path(sys.argv[2]); "

@@ -15,7 +15,7 @@ that has; a defect seen in one image has none. No alignment is assumed: textures
 - audit_scores: an image's score is the largest a(r) over its bank rows (an image with no row in the bank: the
   largest distance of its patches to the bank, which then holds none of its rows). PatchCore.fit ranks every
   training image by it; train.py prints the top few and writes train_audit.json.
-- outlier_rows: the robust bank (PatchCoreConfig.outlier_share) drops the share of bank rows with the largest a(r)
+- kept_rows: the robust bank (PatchCoreConfig.outlier_share) drops the share of bank rows with the largest a(r)
   before the bank is saved or calibrated with.
 """
 
@@ -64,15 +64,6 @@ def audit_scores(distances: torch.Tensor, row_images: torch.Tensor, n_images: in
     return scores.numpy()
 
 
-def outlier_rows(distances: torch.Tensor, share: float) -> torch.Tensor:
-    """The floor(share * M) rows with the largest a(r) (ties: the later row), sorted: the robust bank drops them."""
-    n_drop = int(share * len(distances))
-    if n_drop == 0:
-        return torch.empty(0, dtype=torch.long)
-    order = torch.argsort(distances.double(), stable=True)
-    return order[len(distances) - n_drop :].sort().values
-
-
 def ranked(scores: np.ndarray) -> np.ndarray:
     """Rank of every image by its audit score, 1 = the most suspicious (ties: the lower index first)."""
     order = np.lexsort((np.arange(len(scores)), -scores))
@@ -96,9 +87,12 @@ def audit_bank(projected: torch.Tensor, bank: torch.Tensor, per_image: int, n_im
 
 
 def kept_rows(distances: torch.Tensor, share: float) -> torch.Tensor:
-    """Bool mask [M]: the rows the robust bank keeps, all but outlier_rows(distances, share)."""
+    """Bool mask [M]: the rows the robust bank keeps, all but the floor(share * M) with the largest a(r) (ties: the
+    later row goes)."""
     keep = torch.ones(len(distances), dtype=torch.bool)
-    keep[outlier_rows(distances, share)] = False
+    n_drop = int(share * len(distances))
+    if n_drop:
+        keep[torch.argsort(distances.double(), stable=True)[len(distances) - n_drop :]] = False
     return keep
 
 

@@ -183,8 +183,8 @@ MUTATIONS = [
      "order = np.lexsort((np.arange(len(scores)), -scores))",
      "order = np.lexsort((np.arange(len(scores)), scores))"),
     ("robust_bank_drops_the_nearest_rows", "method/audit.py",
-     "return order[len(distances) - n_drop :].sort().values",
-     "return order[:n_drop].sort().values"),
+     "keep[torch.argsort(distances.double(), stable=True)[len(distances) - n_drop :]] = False",
+     "keep[torch.argsort(distances.double(), stable=True)[:n_drop]] = False"),
 ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from torchvision.transforms import functional as TF
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from deploy.onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
 from deploy.onnx_search import translation_table
-from method.search import GraphSearch
+from method.search import GROUP, GraphSearch, block_rows
 from patchcore import AnomalyScorer, PatchCore
 from plumbing.bank import FORMAT_VERSION as BANK_FORMAT_VERSION
 from plumbing.bank import BankError, load_bank
@@ -61,13 +61,6 @@ class DeployedScorer(torch.nn.Module):
         if self.image_threshold is None:
             return scores, maps
         return scores, maps, scores / self.image_threshold, scores >= self.image_threshold, maps >= self.pixel_threshold
-
-
-def scan_rows(patches_per_image: int, bank_rows: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Query rows per step of the graph's search: the largest divisor of an image's patch count whose scan
-    block [rows, bank_rows] fits in block_bytes (one image per step at bottle's size: 784 x 40,964 x 4 B = 122.5 MiB)."""
-    fits = [d for d in range(1, patches_per_image + 1) if patches_per_image % d == 0 and d * bank_rows * 4 <= block_bytes]
-    return max(fits, default=1)
 
 
 def check_single_model(path: Path, header: dict) -> None:
@@ -155,7 +148,7 @@ def metadata(model: PatchCore, header: dict, search: GraphSearch) -> dict[str, s
 
 def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, GraphSearch]:
     """The model's scoring module with the exportable search, wrapped with the input step and the decisions."""
-    search = GraphSearch(model.memory_bank.cpu(), scan_rows(model.patches_per_image, len(model.memory_bank)))
+    search = GraphSearch(model.memory_bank.cpu(), min(GROUP, block_rows(len(model.memory_bank), BLOCK_BYTES)))
     scorer = AnomalyScorer(model.features, search, model.config)
     calibration = model.calibration
     thresholds = (calibration.image_threshold, calibration.pixel_threshold) if calibration.calibrated else (None, None)

@@ -1,23 +1,23 @@
 """ExactSearch in ONNX ops: the translation of search.exact_knn (patchcore::exact_knn, one block of queries) that
 onnx_export.py gives torch's ONNX exporter, so that the exported graph searches as ExactSearch does, without torch.
 
-The steps are ExactSearch.search_block's (search.py explains the bound), with the same rounding margins:
-  1. the queries' sketches in float64, the scan's float32 product (Gemm), its CANDIDATES + 1 smallest (TopK);
+The steps are ExactSearch.search_block's (search.py explains the bounds), with the same rounding margins:
+  1. the queries' sketches and keys in float64; the scan's float32 product (Gemm) with the rows within `window`
+     positions of the block's keys (a Slice of the bank in key order; ONNX has no searchsorted, so a position is a
+     count of keys below), its CANDIDATES smallest (TopK);
   2. the candidates' direct float32 distances and UB, the k-th of them raised by its rounding bound (search_block
-     computes only the k candidates lowest on the finer sketch: a UB as valid, not lower; every candidate here gets
-     its distance, which step 4 needs anyway);
-  3. for the queries the scan cannot certify, the rows whose scan bound does not exceed UB (NonZero), less the
-     candidates, and of those the rows the second sketch keeps (float64): their direct float32 distances,
-     placed beside the candidates' (ScatterND);
+     computes only the k candidates lowest on the finer sketch: a UB as valid, not lower);
+  3. the rows whose keys lie within UB of a query's (a second Slice), of those the rows whose scan bound does not
+     exceed UB (NonZero), less the candidates, and of those the rows the second sketch keeps (float64): their
+     direct float32 distances, in one padded [n, w] matrix (ScatterND) beside the candidates';
   4. the rows within float32's rounding of the k-th get their distance in float64; then the rows sorted by bank
      index and the k smallest distances taken with TopK, which puts the lower index first on ties: the ranking is
      (float64 distance, bank index), float64 brute force's.
 Two steps are written differently, with the same guarantee: the threshold is rounded up to float32 by a relative
-margin of 2^-22 (ONNX has no nextafter), and every query's uncertain rows join its candidates in one padded
-matrix, where search_block ranks the certified and the uncertain queries apart. Pair distances are computed
-PAIR_CHUNK pairs at a time (an ONNX Loop). A block holds its [rows, M] scan, and for its uncertain queries their
-rows of it, a mask and the (query, row) pairs the mask leaves: as many as the bounds cannot rule out, [rows, M] at
-the very worst.
+margin of 2^-22 (ONNX has no nextafter), and the key range is widened by float32's rounding of the keys (for
+runtimes that compute float64 as float32). Pair distances are computed PAIR_CHUNK pairs at a time (an ONNX Loop). A
+block holds its scan of the rows in key range ([rows, M] at the very worst), a mask and the (query, row) pairs the
+mask leaves.
 """
 
 from __future__ import annotations
@@ -75,14 +75,15 @@ def pair_distances64(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...
     return out
 
 
-def exact_knn(queries, k: int, candidates: int, bank, mean, basis, scan_rows, second_sketch, norm_max):
+def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, keys, order, scan_rows, second_sketch, norm_max):
     """patchcore::exact_knn in ONNX ops: squared distances (float64) and bank indices [n, k] of one block of queries."""
     n_rows, width = (int(d) for d in bank.shape)
     d1 = int(scan_rows.shape[1]) - 2
     one, zero = ints(1), ints(0)
     n = op.Shape(queries, start=0, end=1)
 
-    # 1. the sketches of the queries (float64) and the scan
+    # 1. the sketches of the queries (float64), their keys, and the candidates: the scan of the `window` rows either
+    #    side of the block's keys, its c smallest (TopK)
     x = op.Sub(op.Cast(queries, to=DOUBLE), mean)
     projected = op.MatMul(x, op.Transpose(basis))
     squared = op.ReduceSum(op.Mul(x, x), one, keepdims=1)
@@ -91,51 +92,59 @@ def exact_knn(queries, k: int, candidates: int, bank, mean, basis, scan_rows, se
     left_out_all = op.Sqrt(op.Relu(op.Sub(squared, op.ReduceSum(op.Mul(projected, projected), one, keepdims=1))))
     scan32 = op.Cast(op.Concat(short, left_out, axis=1), to=FLOAT)
     second = op.Concat(projected, left_out_all, axis=1)
+    key = op.Slice(projected, zero, one, one)  # [n, 1]
     ones = op.Cast(op.Expand(constant(1, np.int64), op.Concat(n, ints(1), axis=0)), to=FLOAT)
-    partial = op.Gemm(op.Concat(scan32, ones, axis=1), scan_rows, transB=1)  # (s(x), 1).(-2 s(y), ||s(y)||^2)
+    lhs = op.Concat(scan32, ones, axis=1)  # (s(x), 1), against (-2 s(y), ||s(y)||^2)
     c = min(n_rows, max(candidates, k))
-    smallest, nearest = op.TopK(partial, ints(min(n_rows, c + 1)), axis=1, largest=0, sorted=1)
-    cand = op.Slice(nearest, zero, ints(c), one)
+    w = max(window, (c + 1) // 2)  # 2 w >= c rows, or the whole bank
+    a = op.Max(zero, op.Min(op.Sub(below(keys, op.ReduceMin(key, keepdims=0)), ints(w)), ints(n_rows - 2 * w)))
+    b = op.Min(ints(n_rows), op.Max(op.Add(at_most(keys, op.ReduceMax(key, keepdims=0)), ints(w)), ints(2 * w)))
+    _, nearest = op.TopK(op.Gemm(lhs, op.Slice(scan_rows, a, b, zero), transB=1), ints(c), axis=1, largest=0, sorted=1)
+    cand_at = op.Add(nearest, a)  # positions in key order
+    cand = op.Gather(order, cand_at)  # bank indices
 
     # 2. the candidates' exact float32 distances: UB
     each = flat(op.Expand(op.Unsqueeze(arange(n), one), op.Concat(n, ints(c), axis=0)))
     d32 = op.Reshape(pair_distances(queries, bank, each, flat(cand), float64=False), ints(-1, c))
-    upper = op.Sqrt(op.Mul(op.Cast(kth(d32, k), to=DOUBLE), f64(1 + 2 * gamma(width + 2))))  # [n, 1]
+    upper = op.Mul(op.Sqrt(op.Mul(op.Cast(kth(d32, k), to=DOUBLE), f64(1 + 2 * gamma(width + 2)))), f64(1 + SLACK))  # [n, 1]
 
-    # 3. what the bounds leave
+    # 3. the rows in key range, and of those what the sketches leave
     scan64 = op.Cast(scan32, to=DOUBLE)
     scan_sq_q = op.ReduceSum(op.Mul(scan64, scan64), one, keepdims=1)
     spread = op.Add(op.Sqrt(scan_sq_q), norm_max)
     margin = op.Add(op.Mul(f64(FP32_EPS), norm_max), op.Mul(f64(SLACK), spread))
+    reach = op.Add(upper, margin)
+    # the key range, widened by float32's rounding of the keys (|fl(p1.x) - p1.x| <= gamma_C ||x||, the stored keys'
+    # u |key|): search_block needs no such term, but OpenVINO's CPU plugin computes float64 as float32
+    key_reach = op.Add(reach, op.Mul(f64(gamma(width + 2)), op.Add(op.Sqrt(squared), norm_max)))
+    a = below(keys, op.ReduceMin(op.Sub(key, key_reach), keepdims=0))
+    b = at_most(keys, op.ReduceMax(op.Add(key, key_reach), keepdims=0))
+    partial = op.Gemm(lhs, op.Slice(scan_rows, a, b, zero), transB=1)
     rounding = op.Mul(f64(gamma(d1 + 4)), op.Mul(spread, spread))
-    bound = op.Add(upper, margin)
-    threshold = op.Sub(op.Add(op.Mul(bound, bound), rounding), scan_sq_q)
+    threshold = op.Sub(op.Add(op.Mul(reach, reach), rounding), scan_sq_q)
     # rounded up to float32: a relative 2^-22 is more than float32's half ulp, 1e-30 more than its smallest spacing
     threshold32 = op.Cast(op.Add(op.Add(threshold, op.Mul(op.Abs(threshold), f64(2.0**-22))), f64(1e-30)), to=FLOAT)  # [n, 1]
-    rows_all, d32_all = cand, d32
-    if c < n_rows:  # else every row is a candidate: all certified
-        certified = op.Greater(op.Slice(smallest, ints(c), ints(c + 1), one), threshold32)
-        unsure = flat(op.NonZero(op.Not(flat(certified))))
-        u_cand = op.Gather(cand, unsure, axis=0)
-        infinite = op.Expand(constant(np.inf, np.float32), op.Shape(u_cand))
-        u_partial = op.ScatterElements(op.Gather(partial, unsure, axis=0), u_cand, infinite, axis=1)  # the candidates: out
-        pairs = op.NonZero(op.LessOrEqual(u_partial, op.Gather(threshold32, unsure, axis=0)))
-        pair_query, pair_row = (flat(op.Slice(pairs, ints(i), ints(i + 1), zero)) for i in (0, 1))
-        second_sq = pair_distances(op.Gather(second, unsure, axis=0), second_sketch, pair_query, pair_row, float64=True)
-        lower = op.Sub(op.Sqrt(second_sq), op.Gather(flat(op.Gather(margin, unsure, axis=0)), pair_query))
-        keep = op.LessOrEqual(lower, op.Mul(op.Gather(flat(op.Gather(upper, unsure, axis=0)), pair_query), f64(1 + SLACK)))
-        query = op.Gather(unsure, op.Compress(pair_query, keep, axis=0))  # the block's query of each pair, ascending
-        row = op.Compress(pair_row, keep, axis=0)
-        # each pair's slot in its query's row of a padded [n, w] matrix; padding: row n_rows, distance inf
-        counts = op.ScatterElements(op.Expand(constant(0, np.int64), n), query, op.Expand(constant(1, np.int64), op.Shape(query)),
-                                    reduction="add")  # fmt: skip
-        slot = op.Sub(arange(op.Shape(query)), op.Gather(op.CumSum(counts, constant(0, np.int64), exclusive=1), query))
-        shape = op.Concat(n, op.ReduceMax(op.Concat(counts, zero, axis=0), zero, keepdims=1), axis=0)
-        where = op.Concat(op.Unsqueeze(query, one), op.Unsqueeze(slot, one), axis=1)
-        extra_rows = op.ScatterND(op.Expand(constant(n_rows, np.int64), shape), where, row)
-        extra = pair_distances(queries, bank, query, row, float64=False)
-        extra_d32 = op.ScatterND(op.Expand(constant(np.inf, np.float32), shape), where, extra)
-        rows_all, d32_all = op.Concat(cand, extra_rows, axis=1), op.Concat(d32, extra_d32, axis=1)
+    pairs = op.NonZero(op.LessOrEqual(partial, threshold32))
+    pair_query, pair_row = (flat(op.Slice(pairs, ints(i), ints(i + 1), zero)) for i in (0, 1))
+    pair_row = op.Add(pair_row, a)  # positions in key order
+    second_sq = pair_distances(second, second_sketch, pair_query, pair_row, float64=True)
+    lower = op.Sub(op.Sqrt(second_sq), op.Gather(flat(margin), pair_query))
+    keep = op.LessOrEqual(lower, op.Gather(flat(upper), pair_query))
+    # less the query's candidates, whose distances d32 holds (they join below, so that a runtime computing float64
+    # as float32 still finds k rows for each query)
+    a_candidate = op.ReduceSum(op.Cast(op.Equal(op.Unsqueeze(pair_row, one), op.Gather(cand_at, pair_query)), to=7), one, keepdims=0)
+    keep = op.And(keep, op.Equal(a_candidate, constant(0, np.int64)))
+    query = op.Compress(pair_query, keep, axis=0)  # the block's query of each pair, ascending
+    row = op.Gather(order, op.Compress(pair_row, keep, axis=0))  # bank indices
+    # each pair's slot in its query's row of a padded [n, w] matrix; padding: row n_rows, distance inf
+    counts = op.ScatterElements(op.Expand(constant(0, np.int64), n), query, op.Expand(constant(1, np.int64), op.Shape(query)),
+                                reduction="add")  # fmt: skip
+    slot = op.Sub(arange(op.Shape(query)), op.Gather(op.CumSum(counts, constant(0, np.int64), exclusive=1), query))
+    shape = op.Concat(n, op.ReduceMax(op.Concat(counts, zero, axis=0), zero, keepdims=1), axis=0)
+    where = op.Concat(op.Unsqueeze(query, one), op.Unsqueeze(slot, one), axis=1)
+    extra_rows = op.ScatterND(op.Expand(constant(n_rows, np.int64), shape), where, row)
+    extra = op.ScatterND(op.Expand(constant(np.inf, np.float32), shape), where, pair_distances(queries, bank, query, row, float64=False))
+    rows_all, d32_all = op.Concat(cand, extra_rows, axis=1), op.Concat(d32, extra, axis=1)
 
     # 4. the k nearest by (float64 distance, bank index)
     band = op.LessOrEqual(d32_all, op.Mul(kth(d32_all, k), constant(1 + 4 * gamma(width + 2), np.float32)))
@@ -146,6 +155,16 @@ def exact_knn(queries, k: int, candidates: int, bank, mean, basis, scan_rows, se
     rows_all, d64 = op.GatherElements(rows_all, by_index, axis=1), op.GatherElements(d64, by_index, axis=1)
     distances, order = op.TopK(d64, ints(k), axis=1, largest=0, sorted=1)  # ties: the lower index first
     return distances, op.GatherElements(rows_all, order, axis=1)
+
+
+def below(keys, value):
+    """How many keys (ascending) are < value, [1]: torch.searchsorted's left position."""
+    return op.Reshape(op.ReduceSum(op.Cast(op.Less(keys, value), to=7), keepdims=0), ints(1))
+
+
+def at_most(keys, value):
+    """How many keys (ascending) are <= value, [1]: torch.searchsorted's right position."""
+    return op.Reshape(op.ReduceSum(op.Cast(op.LessOrEqual(keys, value), to=7), keepdims=0), ints(1))
 
 
 def kth(distances, k: int):

@@ -50,7 +50,13 @@ def test_evaluate_answers_the_same_at_any_batch_thread_count_and_instruction_set
     (scores, maps), (scores_one, maps_one) = runs["defaults"], runs["one"]
     assert scores.keys() == scores_one.keys() and maps.keys() == maps_one.keys()
     a, b = np.array(list(scores.values())), np.array([scores_one[p] for p in scores])
-    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()  # measured here: 0 (same kernels); the bound: 1e-6
+    # The search adds nothing: it ranks in float64 and returns the same rows and distances for the same features at any
+    # batch, thread count and instruction set (test_patchcore.py). What moves the scores is the backbone's float32
+    # convolutions, whose summation order oneDNN picks by batch, threads and instruction set. Measured on an AVX-512
+    # VNNI CPU (this test's data): batch 32 / 2 threads against batch 1 / 1 thread 6.5e-7 of the largest score,
+    # against the same under AVX2 kernels 1.3e-6 (also in CI). The 1e-6 holds for the search, not for the
+    # backbone's kernels (docs/architecture.md): 4e-6, three times the largest measured, bounds the end to end.
+    assert np.abs(a - b).max() <= 4e-6 * np.abs(a).max()
     for key in maps:  # stored as float16: within one of its steps (a float32 difference of 1e-6 can round either way)
         assert (np.abs(maps[key].astype(np.float32) - maps_one[key]) <= np.spacing(np.maximum(maps[key], maps_one[key]))).all()
 

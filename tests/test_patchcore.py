@@ -14,7 +14,7 @@ from method.backbone import WeightsError
 from method.coreset import k_center_greedy_dense, k_center_greedy_pruned, nearest_center
 from method.maps import gaussian_blur
 from method.presets import PRESETS
-from method.search import ExactSearch, GraphSearch
+from method.search import WINDOW, ExactSearch, GraphSearch
 from method.thresholds import calibrate, holdout_images
 from patchcore import AnomalyScorer, PatchCore, PatchCoreConfig
 from plumbing import system
@@ -278,11 +278,14 @@ def _hard_cases():
 @pytest.mark.cpu_dependent
 @pytest.mark.parametrize("case", list(_hard_cases()))
 @pytest.mark.parametrize("k", [1, 2, 9, 40])
-def test_exact_search_equals_a_float64_brute_force(case, k):
+@pytest.mark.parametrize("window", [3, WINDOW])
+def test_exact_search_equals_a_float64_brute_force(case, k, window):
     """Every neighbour, in order, and every distance, as float64 gives them, ties broken by the lower bank index;
-    k up to beyond the candidates, past the Eq. 7 support (b = 9), and past a repeated row's copies."""
+    k up to beyond the candidates, past the Eq. 7 support (b = 9), and past a repeated row's copies. With the default
+    window the candidates come from all of these small banks; with a window of 3 rows from a sliver of it, so UB is
+    loose and the key range decides what the scan covers."""
     queries, bank = _hard_cases()[case]
-    distances, indices = ExactSearch(bank)(queries, k=k)
+    distances, indices = ExactSearch(bank, window=window)(queries, k=k)
     expected_d, expected_i = _brute_force(queries.numpy(), bank.numpy(), k)
     assert np.array_equal(indices.numpy(), expected_i)
     np.testing.assert_allclose(distances.numpy(), expected_d, rtol=1e-7, atol=0)  # float64 rounded to float32
@@ -291,7 +294,7 @@ def test_exact_search_equals_a_float64_brute_force(case, k):
 @pytest.mark.cpu_dependent
 def test_exact_search_does_not_depend_on_the_block_or_the_threads():
     queries, bank = _hard_cases()["near-ties 1e-6"]
-    search = ExactSearch(bank)
+    search = ExactSearch(bank, window=5)
     expected = search(queries, k=3)
     threads = torch.get_num_threads()
     try:

@@ -28,7 +28,7 @@ demo: $(VENV)/.runtime
 	@echo "heatmaps: $(DEMO_OUT)/synthetic/anomaly_maps/   metrics: $(DEMO_OUT)/synthetic/metrics.json   in a browser: $(DEMO_OUT)/report.html"
 
 # the second pass: the search-, precision- and CPU-dependent tests again, as on a CPU without AVX-512, VNNI, BF16 and AMX
-BASELINE_CPU := PATCHCORE_BASELINE_CPU=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+BASELINE_CPU := PATCHCORE_BASELINE_CPU=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

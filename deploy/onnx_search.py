@@ -1,15 +1,16 @@
 """ExactSearch in ONNX ops: the translation of search.exact_knn (patchcore::exact_knn, one block of queries) that
 onnx_export.py gives torch's ONNX exporter, so that the exported graph searches as ExactSearch does, without torch.
 
-The steps are ExactSearch.search_block's (search.py explains the bounds), with the same rounding margins:
+The bounds are ExactSearch's (search.py explains them), with the same rounding margins, in the steps of one small
+block (the graph's blocks hold 32 queries, so there is one window and one slice a block, and no groups or tiles):
   1. the queries' sketches and keys in float64; the scan's float32 product (Gemm) with the rows within `window`
      positions of the block's keys (a Slice of the bank in key order; ONNX has no searchsorted, so a position is a
      count of keys below), its CANDIDATES smallest (TopK);
-  2. the candidates' direct float32 distances and UB, the k-th of them raised by its rounding bound (search_block
+  2. the candidates' direct float32 distances and UB, the k-th of them raised by its rounding bound (ExactSearch
      computes only the k candidates lowest on the finer sketch: a UB as valid, not lower);
   3. the rows whose keys lie within UB of a query's (a second Slice), of those the rows whose scan bound does not
-     exceed UB (NonZero), less the candidates, and of those the rows the second sketch keeps (float64): their
-     direct float32 distances, in one padded [n, w] matrix (ScatterND) beside the candidates';
+     exceed UB (NonZero), less the candidates, and of those the rows the second sketch keeps (float64; ExactSearch:
+     float32, less its rounding): their direct float32 distances, in one padded [n, w] matrix (ScatterND) beside the candidates';
   4. the rows within float32's rounding of the k-th get their distance in float64; then the rows sorted by bank
      index and the k smallest distances taken with TopK, which puts the lower index first on ties: the ranking is
      (float64 distance, bank index), float64 brute force's.
@@ -115,7 +116,7 @@ def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, 
     margin = op.Add(op.Mul(f64(FP32_EPS), norm_max), op.Mul(f64(SLACK), spread))
     reach = op.Add(upper, margin)
     # the key range, widened by float32's rounding of the keys (|fl(p1.x) - p1.x| <= gamma_C ||x||, the stored keys'
-    # u |key|): search_block needs no such term, but OpenVINO's CPU plugin computes float64 as float32
+    # u |key|): ExactSearch needs no such term, but OpenVINO's CPU plugin computes float64 as float32
     key_reach = op.Add(reach, op.Mul(f64(gamma(width + 2)), op.Add(op.Sqrt(squared), norm_max)))
     a = below(keys, op.ReduceMin(op.Sub(key, key_reach), keepdims=0))
     b = at_most(keys, op.ReduceMax(op.Add(key, key_reach), keepdims=0))

@@ -22,10 +22,13 @@ import torch
 
 SEARCHES = ("exact", "faiss")
 SKETCH_DIMS = (32, 128)  # the sketches' principal directions: the scan of the rows in key range, the second look at what it left
-CANDIDATES = 8  # rows per query, nearest by sketch, of which the k lowest on the finer sketch give UB
-WINDOW = 1024  # rows either side of a block's keys (in key order) among which the candidates are sought
-BLOCK = 128  # queries per block, in key order: its candidates come from one window of the bank
-GROUP = 32  # queries per scan, in order of UB within a block: a scan covers the bank rows whose keys its queries can reach
+CANDIDATES = 4  # rows per query, nearest by sketch in its window, of which the k lowest on the finer sketch give UB
+WINDOW = 1024  # rows either side of a window's keys (in key order) among which the candidates are sought
+BLOCK = 1024  # queries per block, in key order (fewer where the block's scan would pass block_bytes)
+WINDOW_QUERIES = 128  # queries per window: consecutive in key order, their candidates come from one slice of the bank
+GROUP = 32  # queries per group of the scan: a group scans the tiles its queries' key ranges reach
+FAR = 1.5  # a query whose UB passes FAR x its block's median UB is grouped with the other far ones
+TILE = 256  # bank rows per tile of the scan, in key order
 FP32_EPS = 2.0**-24  # float32's unit roundoff u
 SLACK = 1e-9  # relative to the norms: more than any float64 rounding in the bounds
 
@@ -70,21 +73,23 @@ class ExactSearch(torch.nn.Module):
     variance sits in few directions and the bounds are tight: at bottle's size the true nearest row lies within a
     few percent of the bank in key order.
 
-    The bank's sketches are stored in key order. Queries are searched in key order too, in blocks of BLOCK
-    queries (fewer where a block's scan would pass `block_bytes`); for each block:
-      1. candidates: the CANDIDATES rows nearest by sketch (SKETCH_DIMS[0] directions, one float32 product) among
-         the `window` rows on either side of the block's keys; the k of them lowest on the finer sketch
-         (SKETCH_DIMS[1] directions, float64) get their exact fp32 distance, whose largest, raised by its rounding
-         bound, is an upper bound UB of the true k-th nearest distance;
-      2. every row whose key is farther than UB from a query's key is out (one slice of the sorted bank); of the
-         rows between, those whose sketch distance, less the product's rounding bound (gamma), exceeds UB are out;
-         the finer sketch rules out more, and the rows left get their exact distance;
-      3. of those, the k nearest by (exact distance, bank index); distances close enough to the k-th for float32
+    The bank's sketches are stored in key order, in tiles of TILE rows. Queries are searched in key order, in
+    blocks of BLOCK (fewer where a block's scan would pass `block_bytes`); for each block:
+      1. UB: for each WINDOW_QUERIES consecutive queries, the `window` rows on either side of their keys; among them
+         each query's CANDIDATES nearest by sketch (SKETCH_DIMS[0] directions, one float32 product); the k of those
+         lowest on the finer sketch (SKETCH_DIMS[1] directions) get their exact fp32 distance, whose largest, raised
+         by its rounding bound, is an upper bound UB of the true k-th nearest distance;
+      2. the scan: groups of GROUP queries (consecutive in key order; the far ones, UB above FAR x the block's
+         median, apart) scan the tiles holding rows whose keys lie within UB (+ margin) of a query's; a row is out
+         when its sketch distance, less the product's rounding bound, exceeds UB;
+      3. the second look: of the rows left, those whose finer sketch distance, less its rounding, exceeds UB are
+         out; the rows lowest on it may lower UB (their exact distance), and rule out more;
+      4. of the rest, the k nearest by (exact distance, bank index); distances close enough to the k-th for float32
          rounding to matter are recomputed in float64, so the ranking is float64's and the same whatever the batch,
          the blocks, the thread count or the instruction set.
     No row is ruled out by an estimate: each bound carries the rounding of the arithmetic that made it, so the
-    result is a float64 brute force's (ties: the lower bank index), for any bank and any queries. The candidates
-    and the window only decide how tight UB is: what the bounds cannot rule out costs time, never correctness.
+    result is a float64 brute force's (ties: the lower bank index), for any bank and any queries. The candidates,
+    the window and the groups only decide how tight UB is and how much is scanned: never the answer.
     """
 
     def __init__(self, bank: torch.Tensor, candidates: int = CANDIDATES, sketch_dims: tuple[int, int] = SKETCH_DIMS,
@@ -107,8 +112,12 @@ class ExactSearch(torch.nn.Module):
         self.register_buffer("order", order)  # the bank index of each position in key order
         scan, second = scan[order], second[order]
         self.register_buffer("norm_max", second.norm(dim=1).max())  # ||y|| = ||s(y)|| for every y
-        # the scan's product, one matrix: (s(x), 1) . (-2 s(y), ||s(y)||^2) = ||s(y)||^2 - 2 s(x).s(y), float32 [M, d1 + 2]
-        self.register_buffer("scan_rows", torch.cat([-2 * scan, (scan**2).sum(1, keepdim=True)], 1).float())
+        # the scan's product, one matrix: (s(x), 1) . (-2 s(y), ||s(y)||^2) = ||s(y)||^2 - 2 s(x).s(y), float32 [M', d1 + 2],
+        # M' = M rounded up to whole tiles: the rows past the bank are (0, +inf), which no bound keeps
+        rows = torch.cat([-2 * scan, (scan**2).sum(1, keepdim=True)], 1).float()
+        past = rows.new_zeros(-n_rows % TILE, rows.shape[1])
+        past[:, -1] = float("inf")
+        self.register_buffer("scan_rows", torch.cat([rows, past]))
         self.register_buffer("second_sketch", second.float())  # [M, d2 + 1], float32
 
     @classmethod
@@ -124,9 +133,9 @@ class ExactSearch(torch.nn.Module):
 
     def sketches(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """s(x) of centred rows on the first d1 and on all d2 directions, in float64: ([n, d1 + 1], [n, d2 + 1])."""
-        x = rows.double() - self.mean
+        x = rows.double().sub_(self.mean)
         projected = x @ self.basis.T
-        squared = (x * x).sum(1, keepdim=True)
+        squared = torch.linalg.vecdot(x, x)[:, None]
         short = projected[:, : self.dims[0]]
         left_out = (squared - (short * short).sum(1, keepdim=True)).clamp_min(0).sqrt()
         left_out_all = (squared - (projected * projected).sum(1, keepdim=True)).clamp_min(0).sqrt()
@@ -135,79 +144,133 @@ class ExactSearch(torch.nn.Module):
     def key(self, rows: torch.Tensor) -> torch.Tensor:
         """The rows' keys, P[0].(x - mean), in float32 [n]: they only put queries in order, into blocks whose keys are
         close (search_block computes its queries' keys again in float64, for the bounds)."""
-        return (rows.float() - self.mean.float()) @ self.basis[0].float()
+        direction = self.basis[0].float()
+        return rows.float() @ direction - self.mean.float() @ direction
 
     def forward(self, queries: torch.Tensor, k: int, squared: bool = False, block_bytes: int = 2**26) -> tuple[torch.Tensor, torch.Tensor]:
         """L2 distances (squared ones if asked) and bank indices, each [n, k]. Queries go in key order, in blocks of
-        block_rows(M, block_bytes): a block's scan ([rows, M] float32 at most) stays under `block_bytes`."""
+        block_rows(M, block_bytes): a block's scan (about [rows, M] float32 at most) stays near `block_bytes`."""
         if not 1 <= k <= len(self.bank):
             raise ValueError(f"k={k} nearest neighbours asked for, but the memory bank has {len(self.bank)}")
         by_key = self.key(queries).argsort(stable=True)
-        blocks = queries.float()[by_key].split(block_rows(len(self.bank), block_bytes))
-        distances, indices = (torch.cat(part) for part in zip(*(self.search_block(q, k) for q in blocks)))
+        queries = queries.float()
+        blocks = by_key.split(block_rows(len(self.bank), block_bytes))
+        distances, indices = (torch.cat(part) for part in zip(*(self.search_block(queries.index_select(0, b), k) for b in blocks)))
         back = torch.empty_like(by_key)
         back[by_key] = torch.arange(len(by_key), device=by_key.device)
         distances, indices = distances[back], indices[back]
         return (distances if squared else distances.sqrt()).float(), indices
 
-    def span(self, low: torch.Tensor, high: torch.Tensor) -> tuple[int, int]:
-        """Positions [a, b) in key order of the bank rows whose keys lie in [low, high]."""
-        a = int(torch.searchsorted(self.keys, low.reshape(1)))
-        return a, int(torch.searchsorted(self.keys, high.reshape(1), right=True))
+    def positions(self, keys: torch.Tensor, right: bool = False) -> torch.Tensor:
+        """Positions in key order: of the first bank row whose key is >= each of `keys` (> with right=True)."""
+        return torch.searchsorted(self.keys, keys.contiguous(), right=right)
 
     def search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances (float64) and bank indices [n, k] of one block of queries (fast when their keys are close)."""
-        n, n_rows = len(q), len(self.bank)
+        """Squared distances (float64) and bank indices [n, k] of one block of queries in key order (fast when their
+        keys are close)."""
         scan, second = self.sketches(q)
-        key, scan32 = second[:, 0], scan.float()
-        lhs = torch.cat([scan32, torch.ones(n, 1, device=q.device)], 1)
+        lhs = torch.cat([scan.float(), torch.ones(len(q), 1, device=q.device)], 1)  # (s(x), 1): the scan's left side
         margin = FP32_EPS * self.norm_max + SLACK * (second.norm(dim=1) + self.norm_max)  # the stored sketches' rounding, float64's
-        # 1. the candidates: the c nearest by sketch among the `window` rows either side of the block's keys: UB
+        upper = self.upper_bound(q, lhs, second, margin, k)
+        which, position = self.scan(lhs, second, margin, upper)
+        lower = self.finer_lower_bounds(second, margin, which, position)
+        upper, known = self.lower_upper_bound(q, which, position, lower, upper, k)
+        keep = lower <= upper[which]
+        return self.k_nearest(q, which[keep], self.order[position[keep]], k, known[keep])
+
+    def upper_bound(self, q: torch.Tensor, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, k: int) -> torch.Tensor:
+        """UB [n] (float64): for each WINDOW_QUERIES queries, the `window` rows either side of their keys (whole tiles,
+        one batched product); each query's c nearest there by sketch; the k of them lowest on the finer sketch get
+        their exact fp32 distance, and the largest, raised by its rounding bound, is UB."""
+        n, n_rows = len(q), len(self.bank)
         c = min(n_rows, max(self.candidates, k))
         w = max(self.window, (c + 1) // 2)  # 2 w >= c rows, or the whole bank
-        a, b = self.span(key.min(), key.max())
-        a, b = max(0, min(a - w, n_rows - 2 * w)), min(n_rows, max(b + w, 2 * w))
-        upper = self.upper_bound(q, second, margin, (lhs @ self.scan_rows[a:b].T).topk(c, dim=1, largest=False).indices + a, k)
-        # 2. the scan of the rows in key range, for groups of GROUP queries whose UBs are close (a far query, a defect's
-        #    patch, widens only its own group's range)
-        groups = upper.argsort().split(GROUP)
-        which, rows = zip(*(self.scan(q[g], lhs[g], second[g], margin[g], upper[g], k, c) for g in groups))
-        which = torch.cat([g[w] for g, w in zip(groups, which)])
-        order = which.argsort(stable=True)
-        return self.k_nearest(q, which[order], torch.cat(rows)[order], k)
+        size = min(WINDOW_QUERIES, n)
+        windows, pad = -(-n // size), -n % size
+        key = torch.cat([second[:, 0], second[-1:, 0].expand(pad)]).view(windows, size)  # the last window padded
+        tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1])
+        low = (self.positions(key[:, 0]) - w).clamp(0, max(0, n_rows - 2 * w))  # 2 w rows at least: c candidates
+        high = (self.positions(key[:, -1], right=True) + w).clamp(min(2 * w, n_rows), n_rows)
+        first, last = low // TILE, (high + TILE - 1) // TILE
+        span = int((last - first).max())
+        first = first.clamp_max(len(tiles) - span)
+        rows = tiles.index_select(0, (first[:, None] + torch.arange(span, device=q.device)).flatten())
+        product = torch.bmm(torch.cat([lhs, lhs[-1:].expand(pad, -1)]).view(windows, size, -1),
+                            rows.view(windows, span * TILE, -1).transpose(1, 2))  # fmt: skip
+        nearest = (product.topk(c, dim=2, largest=False).indices + TILE * first[:, None, None]).view(-1, c)[:n]
+        every = torch.arange(n, device=q.device)
+        lower = self.finer_lower_bounds(second, margin, every.repeat_interleave(c), nearest.flatten()).view(n, c)
+        chosen = nearest.gather(1, lower.topk(k, dim=1, largest=False).indices)
+        seen = self.exact_fp32(q, every.repeat_interleave(k), self.order[chosen.flatten()]).view(n, k)
+        return raised(seen.amax(1), q.shape[1])
 
-    def scan(self, q: torch.Tensor, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, upper: torch.Tensor,
-             k: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The pairs (query, bank index) that no bound rules out, for queries with sketches `second`, scan rows `lhs`
-        and upper bounds `upper`. Rows whose key is farther than UB (+ margin) from every query's are out: the scan
-        covers the rows between, and its c nearest by sketch may give a lower UB. There a row is out when its lower
-        bound exceeds UB: sqrt(sketch distance^2 - rounding) - margin > UB. The product is a sum of d1 + 2 terms whose
-        magnitudes add up to at most (||s(x)|| + ||s(y)||)^2."""
-        key, scan32 = second[:, 0], lhs[:, :-1]
-        a, b = self.span((key - upper - margin).min(), (key + upper + margin).max())
-        partial = lhs @ self.scan_rows[a:b].T  # ||s(y)||^2 - 2 s(x).s(y); ||s(x)||^2 joins the threshold instead
-        if b - a >= c:
-            upper = torch.minimum(upper, self.upper_bound(q, second, margin, partial.topk(c, dim=1, largest=False).indices + a, k))
-        rounding = gamma(self.dims[0] + 4) * (scan32.double().norm(dim=1) + self.norm_max) ** 2
-        threshold = (upper + margin) ** 2 + rounding - (scan32.double() ** 2).sum(1)
-        threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=q.device))
-        which, row = (partial <= threshold[:, None]).nonzero(as_tuple=True)
-        row = row + a
-        keep = self.lower_bounds(second, margin, which, row) <= upper[which]  # the finer sketch's second look
-        return which[keep], self.order[row[keep]]
+    def scan(self, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs (query, position in key order) that the key and the scan's sketch do not rule out. Queries go in
+        groups of GROUP (in key order, the far ones apart); a group scans, in one batched product with the others,
+        the tiles holding the rows whose keys lie within UB (+ margin) of one of its queries' keys. There a row is
+        out when its lower bound exceeds UB: sqrt(sketch distance^2 - rounding) - margin > UB. The product is a sum
+        of d1 + 2 terms whose magnitudes add up to at most (||s(x)|| + ||s(y)||)^2."""
+        n, device = len(lhs), lhs.device
+        key, scan32 = second[:, 0], lhs[:, :-1].double()
+        far = upper > FAR * upper.median()
+        by_group = far.to(torch.int8).argsort(stable=True)  # in key order, the far ones after the others
+        groups, pad = -(-n // GROUP), -n % GROUP
+        members = torch.cat([by_group, by_group[-1:].expand(pad)]).view(groups, GROUP)  # the last group padded
+        reach = upper + margin
+        first = self.positions((key - reach)[members].amin(1)) // TILE
+        last = torch.maximum((self.positions((key + reach)[members].amax(1), right=True) + TILE - 1) // TILE, first)
+        count = last - first  # tiles each group scans
+        group = torch.repeat_interleave(torch.arange(groups, device=device), count)
+        tile = torch.arange(len(group), device=device) - (torch.cumsum(count, 0) - count)[group] + first[group]
+        rounding = gamma(self.dims[0] + 4) * (scan32.norm(dim=1) + self.norm_max) ** 2
+        threshold = (upper + margin) ** 2 + rounding - (scan32**2).sum(1)  # ||s(x)||^2 joins the threshold
+        threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=device))
+        tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1]).index_select(0, tile).view(len(tile), TILE, -1)
+        partial = torch.bmm(lhs[members[group]], tiles.transpose(1, 2))  # ||s(y)||^2 - 2 s(x).s(y): [pairs of (group, tile), GROUP, TILE]
+        pair, member, row = (partial <= threshold[members[group]][:, :, None]).nonzero(as_tuple=True)
+        which, position = members[group[pair], member], tile[pair] * TILE + row
+        first_seen = torch.ones_like(which, dtype=torch.bool)
+        if pad:  # the padded group repeats its last query: keep each (query, row) once
+            repeated = member >= GROUP - pad
+            first_seen = ~(repeated & (group[pair] == groups - 1))
+        return which[first_seen], position[first_seen]
 
-    def upper_bound(self, q: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, nearest: torch.Tensor, k: int) -> torch.Tensor:
-        """UB [n] from c candidates per query (positions in key order, [n, c]): the k of them lowest on the finer
-        sketch get their exact fp32 distance, and the largest, raised by its rounding bound, is UB."""
-        (n, c), every = nearest.shape, torch.arange(len(q), device=q.device)
-        lower = self.lower_bounds(second, margin, every.repeat_interleave(c), nearest.flatten()).view(n, c)
-        first = nearest.gather(1, lower.topk(k, dim=1, largest=False).indices)
-        seen = self.exact_fp32(q, every.repeat_interleave(k), self.order[first.flatten()]).view(n, k)
-        return (seen.amax(1).double() * (1 + 2 * gamma(q.shape[1] + 2))).sqrt() * (1 + SLACK)
+    def finer_lower_bounds(self, second: torch.Tensor, margin: torch.Tensor, which: torch.Tensor, position: torch.Tensor,
+                           chunk: int = 65536) -> torch.Tensor:  # fmt: skip
+        """Lower bounds of ||q - m|| from the finer sketch, float64 [pairs], for the pairs (queries[which], rows at
+        `position` in key order): ||s(x) - s(y)|| in float32, `chunk` pairs at a time, less its rounding: the query's
+        sketch rounded to float32 moves it by u ||s(x)|| at most, and the sum of d2 + 1 squared differences is
+        within gamma(d2 + 4) of the exact one, relatively."""
+        query = second.float()
+        squares = torch.empty(len(which), dtype=torch.float64, device=second.device)
+        for lo in range(0, len(which), chunk):
+            diff = query.index_select(0, which[lo : lo + chunk]).sub_(self.second_sketch.index_select(0, position[lo : lo + chunk]))
+            squares[lo : lo + chunk] = diff.square_().sum(1)
+        own = margin + FP32_EPS * second.norm(dim=1)
+        return (squares / (1 + gamma(second.shape[1] + 3))).sqrt() - own[which]
 
-    def lower_bounds(self, second: torch.Tensor, margin: torch.Tensor, which: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """||s(x) - s(y)|| - margin on the finer sketch, in float64, for the pairs (queries[which], rows in key order)."""
-        return (second[which] - self.second_sketch[rows].double()).norm(dim=1) - margin[which]
+    def lower_upper_bound(self, q: torch.Tensor, which: torch.Tensor, position: torch.Tensor, lower: torch.Tensor,
+                          upper: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """UB again, from the rows the scan left: each query's k lowest on the finer sketch get their exact fp32
+        distance (k = 1: every row at the lowest). Returns the lower of the two UBs [n], and the exact distances
+        computed, by pair (NaN where not computed)."""
+        n, device = len(q), q.device
+        if k == 1:  # any one row's distance bounds the nearest's
+            lowest = torch.full((n,), float("inf"), dtype=lower.dtype, device=device).scatter_reduce(0, which, lower, "amin")
+            chosen = (lower == lowest[which]).nonzero().squeeze(1)
+        else:  # the k lowest rows: sorted by (query, lower bound), the first k of each query (the true k are never ruled out)
+            by = lower.argsort(stable=True)
+            by = by[which[by].argsort(stable=True)]
+            counts = torch.bincount(which, minlength=n)
+            chosen = by[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=device)].flatten()
+        seen = self.exact_fp32(q, which[chosen], self.order[position[chosen]])
+        known = torch.full((len(which),), float("nan"), device=device)
+        known[chosen] = seen
+        if k == 1:
+            bound = torch.full((n,), float("inf"), device=device).scatter_reduce(0, which[chosen], seen, "amin")
+        else:
+            bound = seen.view(n, k).amax(1)
+        return torch.minimum(upper, raised(bound, q.shape[1])), known
 
     def exact_fp32(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """sum_i (q_i - m_i)^2 in float32, directly (no expansion), for the pairs (q[which], bank[rows]), `chunk`
@@ -218,29 +281,41 @@ class ExactSearch(torch.nn.Module):
             out[lo : lo + chunk] = diff.square_().sum(1)
         return out
 
-    def k_nearest(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k nearest bank rows of each query among its pairs (which, rows), `which` sorted, by (float64 distance,
-        bank index): squared distances (float64) and indices [n, k]. Pairs within float32's rounding of the k-th get
-        their distance in float64; the others cannot be among the k."""
-        n = len(q)
+    def k_nearest(self, q: torch.Tensor, which: torch.Tensor, rows: torch.Tensor, k: int,
+                  known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The k nearest bank rows of each query among its pairs (which, rows) by (float64 distance, bank index):
+        squared distances (float64) and indices [n, k]. `known`: the pairs' exact fp32 distances where computed
+        already (NaN elsewhere). Pairs within float32's rounding of the k-th get their distance in float64; the
+        others cannot be among the k."""
+        n, device = len(q), q.device
+        todo = known.isnan().nonzero().squeeze(1)
+        d32 = known.index_put((todo,), self.exact_fp32(q, which[todo], rows[todo]))
         counts = torch.bincount(which, minlength=n)  # k or more each: the k nearest are never ruled out
-        slot = torch.arange(len(which), device=q.device) - (torch.cumsum(counts, 0) - counts)[which]
-        d32 = torch.full((n, int(counts.max())), float("inf"), device=q.device)
-        d32[which, slot] = self.exact_fp32(q, which, rows)
-        index = torch.full(d32.shape, len(self.bank), dtype=torch.long, device=q.device)  # past the bank: padding
-        index[which, slot] = rows
-        band = d32 <= d32.kthvalue(k, dim=1).values[:, None] * (1 + 4 * gamma(q.shape[1] + 2))
-        d64 = torch.full(d32.shape, float("inf"), dtype=torch.float64, device=q.device)
-        which, slot = band.nonzero(as_tuple=True)
-        d64[which, slot] = ((q[which].double() - self.bank[index[which, slot]].double()) ** 2).sum(1)
-        by_index = index.argsort(dim=1, stable=True)
-        index, d64 = index.gather(1, by_index), d64.gather(1, by_index)
-        order = d64.argsort(dim=1, stable=True)[:, :k]
-        return d64.gather(1, order), index.gather(1, order)
+        starts = torch.cumsum(counts, 0) - counts
+        if k == 1:
+            kth = torch.full((n,), float("inf"), device=device).scatter_reduce(0, which, d32, "amin")
+        else:
+            by = d32.argsort(stable=True)
+            kth = d32[by[which[by].argsort(stable=True)][starts + k - 1]]
+        band = (d32 <= kth[which] * (1 + 4 * gamma(q.shape[1] + 2))).nonzero().squeeze(1)
+        which, rows = which[band], rows[band]
+        d64 = q.index_select(0, which).double().sub_(self.bank.index_select(0, rows)).square_().sum(1)
+        by = rows.argsort(stable=True)  # sorted by (query, float64 distance, bank index): the first k of each query
+        by = by[d64[by].argsort(stable=True)]
+        by = by[which[by].argsort(stable=True)]
+        counts = torch.bincount(which, minlength=n)
+        first = by[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=device)]
+        return d64[first], rows[first]
 
     def describe(self) -> str:
         return (f"exact: key and sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "
                 f"the rest ranked by exact distance (float64 where float32 could tie)")
+
+
+def raised(squared: torch.Tensor, width: int) -> torch.Tensor:
+    """An upper bound (float64) of the true distance from a float32 squared distance of `width` terms computed
+    directly: raised by its relative rounding bound gamma(width + 2), twice, and float64's slack."""
+    return (squared.double() * (1 + 2 * gamma(width + 2))).sqrt() * (1 + SLACK)
 
 
 @torch.library.custom_op("patchcore::exact_knn", mutates_args=())

@@ -258,11 +258,8 @@ class ExactSearch(torch.nn.Module):
         if k == 1:  # any one row's distance bounds the nearest's
             lowest = torch.full((n,), float("inf"), dtype=lower.dtype, device=device).scatter_reduce(0, which, lower, "amin")
             chosen = (lower == lowest[which]).nonzero().squeeze(1)
-        else:  # the k lowest rows: sorted by (query, lower bound), the first k of each query (the true k are never ruled out)
-            by = lower.argsort(stable=True)
-            by = by[which[by].argsort(stable=True)]
-            counts = torch.bincount(which, minlength=n)
-            chosen = by[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=device)].flatten()
+        else:  # the k lowest rows of each query (it has k or more: the true k are never ruled out)
+            chosen = first_k(which, n, k, lower).flatten()
         seen = self.exact_fp32(q, which[chosen], self.order[position[chosen]])
         known = torch.full((len(which),), float("nan"), device=device)
         known[chosen] = seen
@@ -290,26 +287,29 @@ class ExactSearch(torch.nn.Module):
         n, device = len(q), q.device
         todo = known.isnan().nonzero().squeeze(1)
         d32 = known.index_put((todo,), self.exact_fp32(q, which[todo], rows[todo]))
-        counts = torch.bincount(which, minlength=n)  # k or more each: the k nearest are never ruled out
-        starts = torch.cumsum(counts, 0) - counts
         if k == 1:
             kth = torch.full((n,), float("inf"), device=device).scatter_reduce(0, which, d32, "amin")
-        else:
-            by = d32.argsort(stable=True)
-            kth = d32[by[which[by].argsort(stable=True)][starts + k - 1]]
+        else:  # each query has k pairs or more: the k nearest are never ruled out
+            kth = d32[first_k(which, n, k, d32)[:, -1]]
         band = (d32 <= kth[which] * (1 + 4 * gamma(q.shape[1] + 2))).nonzero().squeeze(1)
         which, rows = which[band], rows[band]
         d64 = q.index_select(0, which).double().sub_(self.bank.index_select(0, rows)).square_().sum(1)
-        by = rows.argsort(stable=True)  # sorted by (query, float64 distance, bank index): the first k of each query
-        by = by[d64[by].argsort(stable=True)]
-        by = by[which[by].argsort(stable=True)]
-        counts = torch.bincount(which, minlength=n)
-        first = by[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=device)]
+        first = first_k(which, n, k, d64, rows)  # by float64 distance, ties by bank index
         return d64[first], rows[first]
 
     def describe(self) -> str:
         return (f"exact: key and sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "
                 f"the rest ranked by exact distance (float64 where float32 could tie)")
+
+
+def first_k(which: torch.Tensor, n: int, k: int, *keys: torch.Tensor) -> torch.Tensor:
+    """Positions [n, k] of each query's first k pairs, the pairs (which: their query) sorted by (query, *keys): stable
+    sorts, the last key first. Every query must have k pairs or more."""
+    by = torch.arange(len(which), device=which.device)
+    for key in (*reversed(keys), which):
+        by = by[key[by].argsort(stable=True)]
+    counts = torch.bincount(which, minlength=n)
+    return by[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=which.device)]
 
 
 def raised(squared: torch.Tensor, width: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ def test_benchmark_small_run(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", stages, "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
-               "--search_test", "6", "--deploy_test", "6",
+               "--search_test", "6", "--repeats", "2", "--deploy_test", "6",
                "--deploy_venv", sys.prefix, "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -37,6 +37,8 @@ def test_benchmark_small_run(tmp_path):
     assert exact["top1_agreement"] == 1 and exact["farther_patch_taken"] == 0 and exact["max_rel_patch_score_diff"] < 1e-6
     for how in ("faiss", "exact"):
         assert rows[f"evaluate per image: {how}"]["search"].startswith(how)
+    for name in ("search: exact", "backbone + patch features per image", "evaluate per image: exact"):
+        assert len(rows[name]["ms_per_image_runs"]) == 2 and rows[name]["ms_per_image"] == min(rows[name]["ms_per_image_runs"])
     assert rows["search share of the backbone: exact"]["share"] > 0 and rows["evaluate per image: faiss over exact"]["ratio"] > 0
     assert all(" cores, flags: " in row["cpu"] for row in rows.values())  # every figure says which CPU made it
     scored = [r["stage"] for r in rows.values() if r["stage"].startswith("evaluate --images, ")]

@@ -7,6 +7,10 @@ Layouts, recognised from what is under --data_path:
               <root>/<category>/ground_truth/<defect_type>/<name>_mask.png   (defective at half range)
   visa    VisA: <root>/split_csv/1cls.csv with columns object,split,label,image,mask (labels
           normal/anomaly, paths relative to root); masks mark defects with any non-zero value.
+  mvtec_ad2  MVTec AD 2 (Heckler-Kram et al., 2025), one folder per scene:
+              <root>/<scene>/train/good/*.png, <scene>/validation/good/*.png (the thresholds' only source)
+              <root>/<scene>/test_public/<good|bad>/*.png, test_public/ground_truth/bad/<name>_mask.png
+              <root>/<scene>/test_private/, <scene>/test_private_mixed/   (no labels: scored for the server)
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from method.tiles import working_size
 from plumbing.image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +36,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class Preprocess:
     """The paper's preprocessing: shorter side to `resize`, center crop `image_size`, ImageNet mean/std.
-    With crop 'none', the whole image is resized to image_size x image_size instead (aspect not kept).
+    With crop 'none', the whole image is resized to image_size x image_size instead (aspect not kept); with tile_size
+    too, so that its longer side is image_size, the aspect kept (tiles.working_size), for the model to cut into tiles.
 
     Ground-truth masks are brought onto the same grid, as each protocol defines them:
     - paper: defective where the mask is at half its value range or more; resized with
@@ -42,8 +48,8 @@ class Preprocess:
       astype(int)), so defect edges, and defects thinner than a few pixels, count as normal.
     """
 
-    def __init__(self, resize: int, image_size: int, protocol: str = "paper", crop: str = "center") -> None:
-        self.protocol = protocol
+    def __init__(self, resize: int, image_size: int, protocol: str = "paper", crop: str = "center", tile_size: int = 0) -> None:
+        self.protocol, self.image_size, self.tile_size = protocol, image_size, tile_size
 
         def geometry(interpolation: InterpolationMode) -> list:
             if crop == "center":
@@ -55,11 +61,22 @@ class Preprocess:
         self._nearest = transforms.Compose(geometry(InterpolationMode.NEAREST))
         self._official_mask = transforms.Compose([*bilinear, transforms.ToTensor()])
 
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) of the model's input for an image of `size` (width, height)."""
+        return working_size(size, self.image_size) if self.tile_size else (self.image_size, self.image_size)
+
     def image(self, image: Image.Image) -> torch.Tensor:
+        if self.tile_size:  # the working size, aspect kept: bilinear with antialiasing, as the other geometries
+            w, h = self.input_size(image.size)
+            image = transforms.functional.resize(image, [h, w], InterpolationMode.BILINEAR, antialias=True)
+            return transforms.functional.normalize(transforms.functional.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
         return self._image(image)
 
     def mask(self, mask: Image.Image, image_size: tuple[int, int]) -> torch.Tensor:
         """[1, S, S] float 0/1 on the model's input grid, from a mask as opened (`image_size`: its image's (w, h))."""
+        if self.tile_size:  # the paper's rule at the working size (tiles are paper-protocol only)
+            defective = Image.fromarray(_half_range_mask(mask, image_size)).resize(self.input_size(image_size), Image.Resampling.NEAREST)
+            return torch.from_numpy(np.array(defective)).float()[None]
         if self.protocol == "official":
             return (self._official_mask(mask)[:1] >= 1).float()
         defective = Image.fromarray(_half_range_mask(mask, image_size))  # mode '1', kept 0/1 by the nearest-neighbour geometry
@@ -88,8 +105,12 @@ def _half_range_mask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
 VISA_CSV = Path("split_csv") / "1cls.csv"
 LAYOUT_HELP = (
     "expected MVTec AD or a folder of your own parts (<category>/train/good/, <category>/test/<good|defect>/, "
-    "optional <category>/ground_truth/<defect>/<name>_mask.png), or VisA (split_csv/1cls.csv)"
+    "optional <category>/ground_truth/<defect>/<name>_mask.png), VisA (split_csv/1cls.csv), or MVTec AD 2 "
+    "(<scene>/train/good/, <scene>/validation/good/, <scene>/test_public/)"
 )
+AD2_SPLITS = {"train": "train", "validation": "validation", "test": "test_public", "test_private": "test_private",
+              "test_private_mixed": "test_private_mixed"}  # fmt: skip
+PRIVATE_SPLITS = ("test_private", "test_private_mixed")
 
 
 @dataclass(frozen=True)
@@ -100,13 +121,17 @@ class Sample:
 
 
 def find_layout(root: Path) -> str:
-    """'visa' when root holds VisA's split_csv/1cls.csv, else 'folder' (MVTec AD's layout, masks optional)."""
+    """'visa' when root holds VisA's split_csv/1cls.csv; 'mvtec_ad2' when a category folder holds test_public/; else
+    'folder' (MVTec AD's layout, masks optional)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"--data_path {root} does not exist or is not a folder: point it at the data set's folder")
     if (root / VISA_CSV).is_file():
         return "visa"
-    if any(p.is_dir() and (p / "train").is_dir() for p in root.iterdir()):
+    scenes = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir()]
+    if any((p / "test_public").is_dir() for p in scenes):
+        return "mvtec_ad2"
+    if scenes:
         return "folder"
     raise DataError(f"--data_path {root} matches no known layout: {LAYOUT_HELP}")
 
@@ -182,6 +207,42 @@ def _folder_samples(root: Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
+def _ad2_samples(root: Path, scene: str, split: str) -> list[Sample]:
+    """MVTec AD 2: train/good; validation/good (thresholds); test_public's good and bad, each bad image with its mask
+    in test_public/ground_truth/bad/ (paired by name); the private splits' images, unlabelled (defect '?')."""
+    folder = root / scene / AD2_SPLITS[split]
+    if split == "validation" and not (folder / "good").is_dir():
+        raise DataError(f"{folder / 'good'} is missing: MVTec AD 2 sets thresholds on validation/good images only; "
+                        "restore the scene's validation/ folder as the data set ships it")  # fmt: skip
+    if not folder.is_dir():
+        raise DataError(f"{folder} is missing: {LAYOUT_HELP}")
+    if split in PRIVATE_SPLITS:
+        samples = [Sample(path, "?", None) for path in image_files(sorted(p for p in folder.rglob("*") if p.is_file()), folder)]
+    else:
+        samples = []
+        for defect in ("good",) if split != "test" else ("good", "bad"):
+            masks = folder / "ground_truth" / "bad"
+            for path in image_files(sorted(p for p in (folder / defect).glob("*") if p.is_file()), folder / defect):
+                mask = masks / f"{path.stem}_mask.png" if defect == "bad" else None
+                if mask is not None and not mask.is_file():
+                    raise DataError(f"defect image {path} has no mask: expected {mask}")
+                samples.append(Sample(path, defect, mask))
+    if not samples:
+        raise DataError(f"no images in {folder}: expected {'/'.join(IMAGE_EXTENSIONS)} files there")
+    for sample in samples:  # the benchmark's metrics are at the image's own resolution: a mask must be its image's size
+        if sample.mask is not None and header_size(sample.mask) != header_size(sample.image):
+            (w, h), (mw, mh) = header_size(sample.image), header_size(sample.mask)
+            raise DataError(f"mask {sample.mask} is {mw}x{mh} pixels but its image {sample.image.name} is {w}x{h}: "
+                            "MVTec AD 2 scores every pixel at the image's own size; give each image a mask of its size")  # fmt: skip
+    return samples
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def _visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     """VisA: one defect type, 'anomaly'; its masks mark defects with any non-zero value (often 1)."""
     rows = [r for r in _visa_rows(root) if r["object"] == category and r["split"] == split]
@@ -206,17 +267,19 @@ class CategoryDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, category: str, split: str, transform: Preprocess) -> None:
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         self.root_path, self.category, self.split = Path(root), category, split
         self.transform = transform
         self.layout = find_layout(self.root_path)
-        read = _visa_samples if self.layout == "visa" else _folder_samples
+        splits = AD2_SPLITS if self.layout == "mvtec_ad2" else ("train", "test")
+        if split not in splits:
+            raise DataError(f"the {self.layout} layout has no {split!r} split; it has {', '.join(splits)}")
+        read = {"visa": _visa_samples, "mvtec_ad2": _ad2_samples}.get(self.layout, _folder_samples)
         self.samples = read(self.root_path, category, split)
         for sample in self.samples:
             check_readable(sample.image)
             if sample.mask is not None:
                 check_readable(sample.mask)
+        self.input_sizes = input_sizes([s.image for s in self.samples], transform, f"{category}'s {split} images")
 
     @property
     def unmasked_defects(self) -> list[str]:
@@ -239,8 +302,7 @@ class CategoryDataset(torch.utils.data.Dataset):
 
     def original_size(self, idx: int) -> tuple[int, int]:
         """(width, height) of the image file, read from its header."""
-        with Image.open(self.samples[idx].image) as image:
-            return image.size
+        return header_size(self.samples[idx].image)
 
     def original_mask(self, idx: int) -> np.ndarray:
         """bool [h, w] at the image's own size, by the protocol's rule (Preprocess.original_mask; VisA: non-zero
@@ -275,11 +337,25 @@ class CategoryDataset(torch.utils.data.Dataset):
         return image, int(sample.defect != "good"), mask, self.relative_path(idx), sample.defect
 
 
+def input_sizes(paths: list[Path], transform: Preprocess, what: str) -> set[tuple[int, int]]:
+    """The model-input sizes (width, height) the images at `paths` take, from their headers. With tiles, an image
+    whose input would be smaller than a tile is a DataError, said before any work starts."""
+    if not transform.tile_size:
+        return {(transform.image_size, transform.image_size)}
+    sizes = {transform.input_size(header_size(path)) for path in paths}
+    small = sorted(size for size in sizes if min(size) < transform.tile_size)
+    if small:
+        raise DataError(f"--tile_size {transform.tile_size} is larger than the image: {what} become {small[0][0]}x{small[0][1]} "
+                        f"pixels at --image_size {transform.image_size}: lower --tile_size, or raise --image_size")  # fmt: skip
+    return sizes
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Unlabelled images, for scoring new parts: items are (image [3,S,S], index)."""
 
     def __init__(self, paths: list[Path], transform: Preprocess) -> None:
         self.paths, self.transform = paths, transform
+        self.input_sizes = input_sizes(paths, transform, "the images")
 
     def __len__(self) -> int:
         return len(self.paths)

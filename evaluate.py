@@ -10,6 +10,11 @@ per image), thumbnails/ (small JPEGs of them), anomaly_maps.npz (raw maps), roc.
 score_hist.png; then OUTPUT_DIR/summary.md, summary.csv and report.html (the review page,
 report_page.py) for all categories evaluated. With --images it scores unlabelled images into
 OUTPUT_DIR/<category>/inference/ (report.html included), holding only one batch in memory at a time.
+On MVTec AD 2 it scores test_public with labels, at each image's own resolution (the benchmark's metrics
+AU-PRO@0.05 and @0.3, SegF1 and image F1 at the thresholds from validation/good join metrics.json), and writes
+what its evaluation server takes for the private splits: OUTPUT_DIR/anomaly_images/<scene>/<split>/<name>.tiff
+(float16 maps at the image's own size) and OUTPUT_DIR/anomaly_images_thresholded/<scene>/<split>/<name>.png
+(0/255 at --ad2_threshold). Nothing is uploaded.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
-from dataset import CategoryDataset, ImageFiles, resolve_categories, to_rgb
+from dataset import PRIVATE_SPLITS, CategoryDataset, ImageFiles, resolve_categories, to_rgb
 from ensemble import PatchCoreEnsemble, load_model, normalise_over_test_set
 from method.search import SEARCHES
 from patchcore import PatchCore, PatchCoreConfig
@@ -32,7 +38,7 @@ from plumbing.cli import ArgumentParser, add_data_args, add_runtime_args, check_
 from plumbing.files import NpzWriter, staging, write_json
 from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
 from plumbing.system import device_name, warn_once
-from reporting.metrics import compute_metrics
+from reporting.metrics import ad2_metrics, compute_metrics
 from reporting.report import mask_outline, plot_histogram, plot_roc, save_heatmap, write_summary
 from reporting.report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 
@@ -60,6 +66,13 @@ def parse_args() -> argparse.Namespace:
         choices=["model", "original"],
         help="pixel metrics at the model's input resolution (default), or at each image's own, as MVTec AD's evaluation does "
         "(banks trained with --crop none; needs memory for every full-size map)",
+    )
+    parser.add_argument(
+        "--ad2_threshold",
+        default="calibrated",
+        choices=["calibrated", "mean_3std"],
+        help="MVTec AD 2's private splits: the pixel threshold of the 0/255 maps, both set on validation/good: calibrated "
+        "(default: a good part shows a region at most --target_fpr of the time) or mean_3std (the benchmark's rule)",
     )
     parser.add_argument("--images", default=None, help="score these unlabelled images instead of the test split: a folder or a glob")
     parser.add_argument(
@@ -106,11 +119,14 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     out_dir = Path(args.output_dir) / category
     model = load(args, category)
     config = model.config
-    whole, at_original = config.crop == "none", args.pixel_metrics_at == "original"
+    dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
+    scene = dataset.layout == "mvtec_ad2"  # the benchmark's metrics are at each image's own resolution
+    whole, at_original = config.crop == "none", args.pixel_metrics_at == "original" or scene or config.tile_size > 0
     transductive = isinstance(model, PatchCoreEnsemble) and config.protocol == "official"  # the released code's ensemble
     if at_original and not whole:
+        needs = "MVTec AD 2's metrics need" if scene else "--pixel_metrics_at original needs"
         raise ValueError(
-            f"--pixel_metrics_at original needs a bank trained with --crop none ({category}'s has --crop {config.crop}): "
+            f"{needs} a bank trained with --crop none ({category}'s has --crop {config.crop}): "
             "a center crop has no scores outside it"
         )
     if at_original and transductive:
@@ -118,7 +134,6 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             f"--pixel_metrics_at original: {category}'s official-protocol ensemble combines its members' maps over the test "
             "set at the model's resolution; drop --pixel_metrics_at"
         )
-    dataset = CategoryDataset(args.data_path, category, "test", config.preprocess())
     calibration = model.calibration
     calibrated = calibration.calibrated
     no_masks = None
@@ -190,7 +205,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "computed_on": f"image metrics: all {n} test images; pixel metrics: every pixel of every test image, "
             f"at {where}, with the {config.protocol} protocol's masks"
             + (" (its rule at the image's own resolution, no resize or crop)" if at_original else ""),
-            "pixel_metrics_at": args.pixel_metrics_at,
+            "pixel_metrics_at": "original" if at_original else "model",
             "image_score": image_score_text(model, transductive),
             "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
@@ -211,6 +226,9 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "environment": environment(),
             "created": now(),
         }
+        if scene:
+            metrics["mvtec_ad2"] = {**ad2_metrics(labels, scores, masks, maps, calibration), "split": "test_public"}
+            metrics["mvtec_ad2"]["private_splits"] = write_private_splits(args, model, category)
         if (out_dir / TRAIN_LOG).is_file():
             metrics["memory_bank"]["training_run"] = json.loads((out_dir / TRAIN_LOG).read_text())
         if (out_dir / AUDIT_FILE).is_file():  # train.py's audit of train/good: the images least like the others
@@ -252,6 +270,39 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     return metrics
 
 
+def write_private_splits(args: argparse.Namespace, model: PatchCore, scene: str) -> dict:
+    """MVTec AD 2's unlabelled splits, in the form its evaluation server takes: OUTPUT_DIR/anomaly_images/<scene>/<split>/
+    <name>.tiff, each map at its image's own size in float16, and anomaly_images_thresholded/<scene>/<split>/<name>.png,
+    0/255 at the pixel threshold --ad2_threshold names. Maps are written as they come: one batch in memory at a time.
+    Returns what was written, per split."""
+    import tifffile
+
+    calibration = model.calibration
+    threshold = calibration.pixel_threshold if args.ad2_threshold == "calibrated" else calibration.mean_3std_pixel_threshold
+    root, written = Path(args.output_dir), {}
+    for split in PRIVATE_SPLITS:
+        if not (Path(args.data_path) / scene / split).is_dir():
+            continue
+        dataset = CategoryDataset(args.data_path, scene, split, model.config.preprocess())
+        folder = Path(args.data_path) / scene / split
+        with staging(root / "anomaly_images" / scene) as maps_stage, staging(root / "anomaly_images_thresholded" / scene) as binary:
+            i = 0
+            for images, *_ in tqdm(make_loader(dataset, args, model.device), desc=f"{scene} {split}", unit="batch"):
+                for anomaly_map in model.predict(images)[1]:
+                    name = dataset.samples[i].image.relative_to(folder).with_suffix("")
+                    full = resize_map(anomaly_map, dataset.original_size(i))
+                    (maps_stage / split / name).parent.mkdir(parents=True, exist_ok=True)
+                    tifffile.imwrite(maps_stage / split / f"{name}.tiff", full.astype(np.float16))
+                    if threshold is not None:
+                        (binary / split / name).parent.mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(np.where(full >= threshold, 255, 0).astype(np.uint8)).save(binary / split / f"{name}.png")
+                    i += 1
+        written[split] = {"images": len(dataset), "maps": f"anomaly_images/{scene}/{split}/",
+                          "thresholded": f"anomaly_images_thresholded/{scene}/{split}/" if threshold is not None else None,
+                          "threshold": threshold, "threshold_rule": args.ad2_threshold}  # fmt: skip
+    return written
+
+
 def labelled_values(args: argparse.Namespace, model: PatchCore | PatchCoreEnsemble) -> dict:
     """What --images may take from the category's metrics.json (a test-split evaluation: the F1 thresholds, the
     heatmap scale): its contents, when it was computed with this very bank (the checksum bank.py records) and on the
@@ -288,7 +339,7 @@ def decision_thresholds(
     if args.threshold is not None:
         return args.threshold, calibration.pixel_threshold, "--threshold (image); pixel: calibrated"
     if calibration.calibrated:
-        how = f"calibrated on {calibration.n_held_out} held-out good images for {calibration.target_fpr:.0%} false alarms"
+        how = f"calibrated on {calibration.images()} for {calibration.target_fpr:.0%} false alarms"
         return calibration.image_threshold, calibration.pixel_threshold, how
     return None, None, f"none: {calibration.reason}"
 

@@ -24,18 +24,20 @@ import torch.nn.functional as F
 from dataset import Preprocess
 from method.audit import audit_bank, kept_rows, leave_image_out, vouched
 from method.backbone import Backbone
-from method.config_rules import bank_size_problem, config_problem
+from method.config_rules import bank_size_problem, config_problem, fit_memory_problem
 from method.coreset import full_patches, gather_rows, greedy_coreset, image_rows, projected_patches, random_projection
 from method.maps import gaussian_blur
 from method.official import official_patches
 from method.presets import PRESETS
 from method.search import ExactSearch, FaissSearch, GraphSearch, make_search, resolve_search
 from method.thresholds import Calibration, calibrate_held_out, holdout_images, note_on_fit, note_on_growth
+from method.tiles import score_by_tiles, stitched_patches
 from plumbing.bank import BankError, environment, load_bank, save_bank
-from plumbing.system import default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
+from plumbing.system import available_memory_bytes, default_feature_memory_gb, resolve_device, set_cuda_fp32_precision
 
 PROTOCOLS = ("paper", "official")
 DEFAULT_CORESET_RATIO = {"paper": 0.25, "official": 0.1}  # the seed's 25 %; the released code's IM224 baseline, 10 %
+TILE_GROUP = 8  # tile crops per backbone run (tile_size): the activations in flight
 
 
 def setting(default: object, help: str, **shown: str) -> dataclasses.Field:
@@ -45,40 +47,32 @@ def setting(default: object, help: str, **shown: str) -> dataclasses.Field:
 
 @dataclass(frozen=True)
 class PatchCoreConfig:
-    """Everything that decides a memory bank's content and how it is scored.
+    """Everything that decides a memory bank's content and how it is scored. Stored whole in the bank; PatchCore.from_bank
+    rebuilds the model with PatchCoreConfig(**saved). These defaults are the only ones: train.py's options are generated
+    from these fields, with their help texts. How a run is executed (device, batch size, search) is not part of it."""
 
-    Stored whole in the bank; PatchCore.from_bank rebuilds the model with PatchCoreConfig(**saved).
-    These defaults are the only ones: train.py's options are generated from these fields, with
-    their help texts. How a run is executed (device, batch size, search) is not part of it.
-    """
-
-    protocol: str = setting(
-        "paper",
-        "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released code "
-        "(1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md",
-    )
-    preset: str = setting(
-        "none", "a published run of the released code to reproduce, every setting as its script has it: " + ", ".join(PRESETS)
-    )
-    backbone: str = setting(
-        "wide_resnet50_2", "torchvision classification network; a comma list builds an ensemble, one memory bank per network"
-    )
+    protocol: str = setting("paper", "paper: the seed's 1536-d features and L2 distances (Eq. 6); official: the authors' released "
+                            "code (1024-d features, squared distances, scipy's blur, their masks); see docs/architecture.md")  # fmt: skip
+    preset: str = setting("none", "a published run of the released code to reproduce, every setting as its script has it: "
+                          + ", ".join(PRESETS))  # fmt: skip
+    backbone: str = setting("wide_resnet50_2", "torchvision classification network; a comma list builds an ensemble, one "
+                            "memory bank per network")  # fmt: skip
     layers: tuple[str, ...] = setting(
-        ("layer2", "layer3"),
-        "backbone layers the patch features come from, comma list; a dotted path reaches inside a block (features.denseblock3); "
-        "in an ensemble each starts with its network's index (0.layer2,1.features.denseblock2)",
-        metavar="LAYERS",
-    )
-    weights: str = setting(
-        "imagenet", "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) or PATH to a state_dict"
-    )
+        ("layer2", "layer3"), "backbone layers the patch features come from, comma list; a dotted path reaches inside a block "
+        "(features.denseblock3); in an ensemble each starts with its network's index (0.layer2,1.features.denseblock2)",
+        metavar="LAYERS")  # fmt: skip
+    weights: str = setting("imagenet", "imagenet, auto (imagenet, else random init with a warning), none (random init, tests only) "
+                           "or PATH to a state_dict")  # fmt: skip
     resize: int = setting(256, "shorter image side before the center crop")
     image_size: int = setting(224, "center-crop size, the model's input")
     crop: str = setting("center", "center: the paper's resize, then center crop; none: the whole image resized to image_size, borders kept")
+    tile_size: int = setting(0, "high resolution: each image, resized so its longer side is --image_size (aspect kept), is cut "
+                             "into overlapping tiles of this many pixels, each through the backbone, their patches stitched into one grid "
+                             "(method/tiles.py; needs --crop none); 0 = off")  # fmt: skip
+    tile_overlap: int = setting(64, "with --tile_size: pixels neighbouring tiles share; each keeps the patches nearer its own centre")
     shots: int = setting(0, "few-shot: build the bank from this many training images, drawn with --seed; 0 = all")
-    coreset_ratio: float | None = setting(
-        None, "fraction of the training patches kept in the memory bank", default_text="0.25 for paper, 0.1 for official"
-    )
+    coreset_ratio: float | None = setting(None, "fraction of the training patches kept in the memory bank",
+                                          default_text="0.25 for paper, 0.1 for official")  # fmt: skip
     coreset_proj_dim: int = setting(128, "random-projection dims for the coreset distances, 0 = none")
     outlier_share: float = setting(
         0.0, "robust bank: drop this share of the bank's rows, those farthest from every other training image "
@@ -86,21 +80,17 @@ class PatchCoreConfig:
     )
     patch_size: int = setting(3, "neighbourhood size p of the local aggregation (Eq. 1), odd")
     num_nn: int = setting(1, "k: a patch's score is the mean distance to its k nearest memory patches (1: Eq. 6)")
-    pretrain_dim: int | None = setting(
-        None, "official: each layer's patch vector pooled to this many dims", default_text="1024 for official; paper keeps every channel"
-    )
-    target_dim: int | None = setting(
-        None, "official: the layers' pooled vectors pooled again to this many dims", default_text="1024 for official; paper: none"
-    )
-    seed: int = setting(
-        0, "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, random-init weights"
-    )
+    pretrain_dim: int | None = setting(None, "official: each layer's patch vector pooled to this many dims",
+                                       default_text="1024 for official; paper keeps every channel")  # fmt: skip
+    target_dim: int | None = setting(None, "official: the layers' pooled vectors pooled again to this many dims",
+                                     default_text="1024 for official; paper: none")  # fmt: skip
+    seed: int = setting(0, "seed of the coreset's projection and start point, the few-shot draw, the calibration hold-out, "
+                        "random-init weights")  # fmt: skip
     amp: str = setting("none", "backbone autocast precision: none (fp32), bf16 or fp16")
     reweight_b: int = setting(0, "image score: 0 = max patch score; b >= 2 = the paper's Eq. 7 reweighting with b neighbours (paper: 9)")
     blur_sigma: float = setting(4.0, "Gaussian sigma for smoothing anomaly maps, 0 = none")
-    calibration_holdout: float = setting(
-        0.2, "fraction of train/good held out (drawn with --seed) to set thresholds on good images only; 0 = none"
-    )
+    calibration_holdout: float = setting(0.2, "fraction of train/good held out (drawn with --seed) to set thresholds on good "
+                                         "images only; 0 = none")  # fmt: skip
     target_fpr: float = setting(0.05, "false-alarm rate the thresholds aim at on good parts")
 
     @classmethod
@@ -136,7 +126,7 @@ class PatchCoreConfig:
 
     def preprocess(self) -> Preprocess:
         """Images (and masks, as the protocol defines them) on the model's input grid."""
-        return Preprocess(self.resize, self.image_size, self.protocol, self.crop)
+        return Preprocess(self.resize, self.image_size, self.protocol, self.crop, self.tile_size)
 
 
 def patch_grid(features: list[torch.Tensor], protocol: str) -> tuple[int, int]:
@@ -146,15 +136,25 @@ def patch_grid(features: list[torch.Tensor], protocol: str) -> tuple[int, int]:
 
 
 class PatchFeatures(torch.nn.Module):
-    """Locally aware patch features (Sec. 3.1): images [B, 3, S, S] -> ([B, N, C] patch features, their grid (h, w))."""
+    """Locally aware patch features (Sec. 3.1): images [B, 3, H, W] -> ([B, N, C] patch features, their grid (h, w)); with
+    tile_size, stitched from the image's tiles (method/tiles.py), whose cell of `cell` pixels the first tile run sets."""
 
     def __init__(self, backbone: Backbone, config: PatchCoreConfig) -> None:
         super().__init__()
-        self.backbone, self.config = backbone, config
+        self.backbone, self.config, self.cell = backbone, config, 0
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.config.tile_size:
+            return stitched_patches(self.untiled, images, *self.tiling())
+        return self.untiled(images)
+
+    def untiled(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         features = self.backbone(images)
         return self.aggregate(features), patch_grid(features, self.config.protocol)
+
+    def tiling(self) -> tuple[int, int, int, int]:
+        """tiles.tile_patches' (tile, overlap, cell, group): TILE_GROUP crops per backbone run."""
+        return self.config.tile_size, self.config.tile_overlap, self.cell, TILE_GROUP
 
     @torch.no_grad()
     def aggregate(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -200,35 +200,44 @@ class AnomalyScorer(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.tile_size:  # a tile at a time: no image's whole patch features held
+            return score_by_tiles(self, images)
         patches, grid = self.features(images)
         return self.score(patches, grid, tuple(images.shape[-2:]))
+
+    def patch_scores(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6 for patches [..., C]: each one's score (its k nearest distances' mean) [...] and nearest bank row [...]."""
+        official = self.config.protocol == "official"
+        distances, nearest = self.index(patches.reshape(-1, patches.shape[-1]), k=self.config.num_nn, squared=official)
+        return distances.mean(dim=1).reshape(patches.shape[:-1]), nearest[:, 0].reshape(patches.shape[:-1])
 
     @torch.no_grad()
     def score(self, patches: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """forward() from the patch features [B, N, C] of images of `size`."""
-        official = self.config.protocol == "official"
-        b, n, c = patches.shape
-        distances, nearest = self.index(patches.reshape(-1, c), k=self.config.num_nn, squared=official)
-        patch_scores = distances.mean(dim=1).reshape(b, n)  # Eq. 6: distance to the nearest memory patch (k = 1)
+        patch_scores, nearest = self.patch_scores(patches)  # Eq. 6: distance to the nearest memory patch (k = 1)
         if self.config.reweight_b:
-            scores = self.reweighted_scores(patches, patch_scores, nearest[:, 0].reshape(b, n))
+            s_star, worst = patch_scores.max(dim=1)
+            rows = torch.arange(len(patches), device=patches.device)
+            scores = self.reweighted_scores(patches[rows, worst], s_star, nearest[rows, worst])
         else:
             scores = patch_scores.max(dim=1).values
-        maps = F.interpolate(patch_scores.reshape(b, 1, *grid), size=size, mode="bilinear", align_corners=False)
+        return scores, self.maps(patch_scores, grid, size)
+
+    def maps(self, patch_scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """Anomaly maps [B, H, W]: the patch scores [B, N] on their grid, upsampled bilinearly to `size`, then blurred."""
+        official = self.config.protocol == "official"
+        maps = F.interpolate(patch_scores.reshape(len(patch_scores), 1, *grid), size=size, mode="bilinear", align_corners=False)
         if self.config.blur_sigma > 0:
             maps = gaussian_blur(maps, self.config.blur_sigma, mode="reflect" if official else "mirror")
-        return scores, maps[:, 0]
+        return maps[:, 0]
 
-    def reweighted_scores(self, patches: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    def reweighted_scores(self, m_test: torch.Tensor, s_star: torch.Tensor, nearest_star: torch.Tensor) -> torch.Tensor:
         """Eq. 7: s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)} exp||m_test* - m||) * s*.
 
-        m_test* is the image's highest-scoring patch, m* its nearest memory patch and
-        N_b(m*) the b nearest memory patches of m* (m* itself among them).
+        m_test* [B, C] is the image's highest-scoring patch, s* [B] its score, m* its nearest memory patch (bank row
+        nearest_star [B]) and N_b(m*) the b nearest memory patches of m* (m* itself among them).
         """
-        rows = torch.arange(patches.shape[0], device=patches.device)
-        s_star, worst = patch_scores.max(dim=1)
-        m_test = patches[rows, worst]  # [B, C]
-        m_star = self.memory_bank[nearest[rows, worst]]  # [B, C]
+        m_star = self.memory_bank[nearest_star]  # [B, C]
         _, support = self.index(m_star, k=self.config.reweight_b)  # [B, b]
         d = torch.linalg.vector_norm(m_test[:, None, :] - self.memory_bank[support], dim=-1)  # [B, b]
         weight = 1 - torch.exp(s_star - torch.logsumexp(d, dim=1))
@@ -256,11 +265,12 @@ class PatchCore:
         self.amp, self.weights, self.backbone_sha256 = self.backbone.amp, self.backbone.weights, self.backbone.sha256
         self.features = PatchFeatures(self.backbone, self.config)
 
-        probe = self.extract_features(torch.zeros(1, 3, self.config.image_size, self.config.image_size))
+        side = self.config.tile_size or self.config.image_size  # tile_size: a tile's grid; the image's comes with the data
+        probe = self.extract_features(torch.zeros(1, 3, side, side))
         if self.config.protocol == "official":
             self.backbone.official_batchnorm_update(self.config.image_size)
         self.grid = patch_grid(probe, self.config.protocol)
-        self.patches_per_image = self.grid[0] * self.grid[1]
+        self.patches_per_image, self.features.cell = self.grid[0] * self.grid[1], side // self.grid[0]
         self.feature_dim = self.aggregate_patches(probe).shape[-1]  # 1536 (paper), 1024 (official)
         self.scorer: AnomalyScorer | None = None  # built around the memory bank by set_memory_bank
         self.calibration = Calibration(reason="no memory bank yet")  # thresholds set on held-out good images (calibrate)
@@ -282,27 +292,20 @@ class PatchCore:
     # ------------------------------------------------------------------ the memory bank (Sec. 3.2)
     @torch.no_grad()
     def fit(self, dataloader, feature_memory_gb: float | None = None, keep_held_out: bool = False) -> dict:
-        """Build the memory bank from the normal training images; returns counts.
-
-        Pass 1 (_features_pass) keeps the projected features, and the full ones when they fit; the selected rows
-        are then taken from the kept chunks, or from a second pass: the same bank either way. Every training image
-        is audited against the others' bank rows (`audit_scores`; method/audit.py), and with outlier_share the
-        rows no other image vouches for leave the bank. With calibration_holdout > 0, a seeded part of the images
-        is held out, and their scores against the calibration bank, Alg. 1 over the other images, set
-        `self.calibration` (calibrate). How that bank relates to the saved one (docs/architecture.md):
-        - paper: it is the first bank_size(kept patches) picks of the saved bank's own Alg. 1, whose
-          picks are held to the kept images until then; the saved bank then goes on over every patch,
-          holds every image and contains the calibration bank, so its scores are never higher;
-        - official: the saved bank is plain Alg. 1 over every image, as the released code builds it,
-          whatever the calibration; the calibration bank is a coreset of its own, used only to calibrate.
-        keep_held_out: keep the held-out images' (scores, maps) against it in `held_out_outputs`
-        (an ensemble combines its members' by them); otherwise only what calibrate() needs is kept.
-        """
+        """Build the memory bank from the normal training images; returns counts. Pass 1 (_features_pass) keeps the
+        projected features, and the full ones when they fit; the selected rows come from those, or from a second pass:
+        the same bank either way. Every image is audited against the others' rows (method/audit.py); outlier_share
+        drops the rows no other image vouches for. calibration_holdout > 0 holds a seeded part of the images out; their
+        scores against the calibration bank set `self.calibration`. That bank is, under paper, the first picks of the
+        saved bank's own Alg. 1 (held to the kept images until then), so the saved bank's scores are never higher;
+        under official, a coreset of its own beside plain Alg. 1 over every image (docs/architecture.md, "Decisions").
+        keep_held_out: keep the held-out images' (scores, maps) in `held_out_outputs` (an ensemble combines by them)."""
         n_images = len(dataloader.dataset)
+        self.grid_of(dataloader)
         if n_images < (2 if self.config.outlier_share else 1):
             raise ValueError(f"fit() got {n_images} training images; --outlier_share compares each image with the others: it needs 2")
         per_image = self.patches_per_image
-        self._check_bank_size(self.bank_size(n_images * per_image))
+        self._check_bank_size(self.bank_size(n_images * per_image), n_patches=n_images * per_image)
         held_out = holdout_images(n_images, self.config.calibration_holdout, self.config.seed)
         nested = self.config.protocol == "paper"  # the calibration bank is the saved bank's first picks
         kept, calibration_size = None, 0
@@ -355,6 +358,7 @@ class PatchCore:
         n_images = len(dataloader.dataset)
         if n_images == 0:
             raise ValueError("add() got no images")
+        self.grid_of(dataloader)
         projected, chunks, path = self._features_pass(dataloader, n_images, feature_memory_gb)
         projection = self.coreset_projection(self.feature_dim)
         existing = self.memory_bank.cpu() if projection is None else self.memory_bank.cpu() @ projection.cpu()
@@ -372,6 +376,13 @@ class PatchCore:
             self.calibration.note = note_on_growth(n_images, bool(self.config.reweight_b), self.config.protocol == "paper")
         return {"n_images": n_images, "n_patches": n_images * self.patches_per_image, "added": len(picked),
                 "memory_bank_size": len(self.memory_bank), "previous_size": old, "fit": path}  # fmt: skip
+
+    def grid_of(self, dataloader) -> None:
+        """tile_size: the patch grid of the images' working size (one for all of a split: train.py checks it)."""
+        if self.config.tile_size:
+            height, width = dataloader.dataset[0][0].shape[-2:]
+            self.grid = (height // self.features.cell, width // self.features.cell)
+            self.patches_per_image = self.grid[0] * self.grid[1]
 
     def coreset_projection(self, in_dim: int) -> torch.Tensor | None:
         """The seeded Gaussian projection for coreset selection, or None (coreset_proj_dim 0 or >= in_dim)."""
@@ -394,8 +405,11 @@ class PatchCore:
         """floor(coreset_ratio * N), at least 1."""
         return max(1, int(n_patches * self.config.coreset_ratio))
 
-    def _check_bank_size(self, bank_size: int) -> None:
-        problem = bank_size_problem(self.config.to_dict(), bank_size)  # Eq. 7 and the k-nearest mean need enough rows
+    def _check_bank_size(self, bank_size: int, n_patches: int = 0) -> None:
+        """Eq. 7 and the k-nearest mean need enough rows; fit's `n_patches` must fit in RAM (said before it starts)."""
+        settings = self.config.to_dict()
+        problem = bank_size_problem(settings, bank_size) or (
+            n_patches and fit_memory_problem(settings, n_patches, self.feature_dim, bank_size, available_memory_bytes()))
         if problem:
             raise ValueError(problem)
 
@@ -444,25 +458,15 @@ class PatchCore:
         has the format); `sections` (the category; `train`, to store other train facts) are stored beside them."""
         if self.memory_bank is None:
             raise RuntimeError("no memory bank to save: call fit() first")
-        header = {
-            "config": self.config.to_dict(),
-            "model": self.provenance(),
-            "calibration": self.calibration.to_dict(),
-            "train": self.train_facts,
-            **sections,
-            "environment": environment(),
-        }
+        header = {"config": self.config.to_dict(), "model": self.provenance(), "calibration": self.calibration.to_dict(),
+                  "train": self.train_facts, **sections, "environment": environment()}  # fmt: skip
         self.bank_sha256 = save_bank(Path(path), self.memory_bank.cpu().numpy(), header)
 
     @classmethod
-    def from_bank(
-        cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "exact", tf32: bool = False
-    ) -> PatchCore:
-        """The model a memory bank was built with, holding that bank, its calibration and train facts.
-
-        `weights` only says where the same weights are now (a moved file); a bank whose backbone
-        weights or feature width differ from the rebuilt model's is refused.
-        """
+    def from_bank(cls, path: Path, *, device: str = "auto", weights: str | None = None, search: str = "exact",
+                  tf32: bool = False) -> PatchCore:  # fmt: skip
+        """The model a memory bank was built with, holding that bank, its calibration and train facts. `weights` only
+        says where the same weights are now (a moved file); a bank whose weights or feature width differ is refused."""
         memory_bank, header = load_bank(Path(path))
         return cls.from_header(memory_bank, header, Path(path), device=device, weights=weights, search=search, tf32=tf32)
 
@@ -480,15 +484,11 @@ class PatchCore:
     def restore(self, memory_bank: np.ndarray, built: dict, path: Path) -> None:
         """Hold a saved memory bank; one whose backbone weights or feature width differ from this model's is refused."""
         if self.backbone_sha256 != built["backbone_sha256"]:
-            raise BankError(
-                f"{path} was built with backbone weights '{built['weights']}', but evaluation has '{self.weights}' "
-                "(their checksums differ): evaluate with the training weights, or retrain"
-            )
+            raise BankError(f"{path} was built with backbone weights '{built['weights']}', but evaluation has '{self.weights}' "
+                            "(their checksums differ): evaluate with the training weights, or retrain")  # fmt: skip
         if memory_bank.shape[1] != self.feature_dim:
-            raise BankError(
-                f"{path} holds {memory_bank.shape[1]}-d features, but {self.config.backbone} {list(self.config.layers)} makes "
-                f"{self.feature_dim}-d ones: rerun train.py with these settings"
-            )
+            raise BankError(f"{path} holds {memory_bank.shape[1]}-d features, but {self.config.backbone} {list(self.config.layers)} "
+                            f"makes {self.feature_dim}-d ones: rerun train.py with these settings")  # fmt: skip
         self.set_memory_bank(torch.from_numpy(memory_bank))
 
 

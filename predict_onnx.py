@@ -50,7 +50,8 @@ def thresholds_from(model: DeployedModel) -> str:
     calibration = model.calibration
     if model.image_threshold is None:
         return f"none: {calibration['reason']}"
-    return f"calibrated on {calibration['n_held_out']} held-out good images for {calibration['target_fpr']:.0%} false alarms"
+    images = f"{calibration['n_held_out']} {calibration.get('source', 'held-out good images')}"
+    return f"calibrated on {images} for {calibration['target_fpr']:.0%} false alarms"
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Synthetic categories for the demo and the tests: round parts on brushed metal, with scratches,
-spots and stains, written in MVTec AD's layout, a plain folder's (no ground truth) or VisA's.
+spots and stains, written in MVTec AD's layout, a plain folder's (no ground truth) or VisA's; and
+scenes in MVTec AD 2's layout, with small defects near the borders of large non-square images.
 
-    python synthetic.py DIR [--category NAME] [--layout mvtec|folder|visa] [--size PX [PX]] [--n_train N] [--seed S]
+    python synthetic.py DIR [--category NAME] [--layout mvtec|folder|visa|mvtec_ad2] [--size PX [PX]] [--n_train N] [--seed S]
 """
 
 from __future__ import annotations
@@ -60,6 +61,65 @@ def _draw_defect(kind: str, rng: np.random.Generator, w: int, h: int, image: Ima
             else:
                 target.ellipse(box, fill=mask_fill or colour)
     return mask
+
+
+def _small_defect(rng: np.random.Generator, w: int, h: int, image: Image.Image, side: int) -> Image.Image:
+    """One dark spot or bright scratch of about side x side pixels, within 3 sides of an image border (MVTec AD 2's
+    defects are small and often at the border); drawn on image in place; returns its mask (mode L, 0/255)."""
+    edge = int(rng.integers(4))  # which border: left, right, top, bottom
+    near = rng.uniform(side, 3 * side)
+    along = rng.uniform(0.1, 0.9)
+    cx = (near, w - near, along * w, along * w)[edge]
+    cy = (along * h, along * h, near, h - near)[edge]
+    mask = Image.new("L", (w, h), 0)
+    r = side / 2
+    if rng.uniform() < 0.5:
+        box, shape, colour = (cx - r, cy - r, cx + r, cy + r), "ellipse", (25, 20, 15)
+    else:
+        box, shape, colour = (cx - r, cy - r / 4, cx + r, cy + r / 4), "rectangle", (240, 240, 225)
+    for target, fill in ((ImageDraw.Draw(image), colour), (ImageDraw.Draw(mask), 255)):
+        getattr(target, shape)(box, fill=fill)
+    return mask
+
+
+def make_synthetic_scene(
+    root: str | Path,
+    scene: str = "synthetic_ad2",
+    n_train: int = 20,
+    n_validation: int = 8,
+    n_test_good: int = 6,
+    n_test_bad: int = 6,
+    n_private: int = 6,
+    size: tuple[int, int] = (640, 480),
+    defect_px: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Write a scene in MVTec AD 2's layout: train/good, validation/good, test_public/{good,bad} with
+    ground_truth/bad/<stem>_mask.png (0/255), and the unlabelled test_private (good and bad parts) and
+    test_private_mixed (the same kind of parts under other lighting). Non-square images of `size` (width,
+    height) with defects of about defect_px x defect_px pixels near the borders; the same seed, the same files."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / scene
+    splits = [("train/good", n_train, 0), ("validation/good", n_validation, 0), ("test_public/good", n_test_good, 0),
+              ("test_public/bad", n_test_bad, n_test_bad), ("test_private", n_private, n_private // 2),
+              ("test_private_mixed", n_private, n_private // 2)]  # fmt: skip
+    for split, count, n_bad in splits:
+        bad = set(rng.choice(count, n_bad, replace=False).tolist()) if n_bad < count else set(range(count))
+        for i in range(count):
+            image = _normal_part(rng, w, h)
+            mask = _small_defect(rng, w, h, image, defect_px) if i in bad else None
+            image = image.filter(ImageFilter.GaussianBlur(0.6))
+            if split == "test_private_mixed":  # other lighting: darker or brighter, and tinted
+                gain = rng.uniform(0.7, 1.3, 3)
+                image = Image.fromarray(np.clip(np.asarray(image) * gain, 0, 255).astype(np.uint8))
+            name = f"{i:03d}_{'mixed' if split.endswith('mixed') else 'regular'}"
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            image.save(folder / split / f"{name}.png")
+            if split == "test_public/bad":
+                (folder / "test_public" / "ground_truth" / "bad").mkdir(parents=True, exist_ok=True)
+                mask.save(folder / "test_public" / "ground_truth" / "bad" / f"{name}_mask.png")
+    return folder
 
 
 def make_synthetic_category(
@@ -129,14 +189,21 @@ def make_synthetic_category(
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write a synthetic category, in MVTec AD's, a plain folder's or VisA's layout.")
+    parser = argparse.ArgumentParser(description="Write a synthetic category: MVTec AD's, a plain folder's, VisA's or MVTec AD 2's layout.")
     parser.add_argument("dir", metavar="DIR", help="folder to write the category into")
-    parser.add_argument("--category", default="synthetic", help="category folder name (default: synthetic)")
-    parser.add_argument("--layout", default="mvtec", choices=SYNTHETIC_LAYOUTS, help="mvtec (default), folder (no masks) or visa")
-    parser.add_argument("--size", type=int, nargs="+", default=[256], metavar="PX", help="image side, or width and height (default: 256)")
-    parser.add_argument("--n_train", type=int, default=30, help="defect-free training images (default: 30)")
+    parser.add_argument("--category", default="synthetic", help="category (or MVTec AD 2 scene) folder name (default: synthetic)")
+    parser.add_argument("--layout", default="mvtec", choices=(*SYNTHETIC_LAYOUTS, "mvtec_ad2"),
+                        help="mvtec (default), folder (no masks), visa, or mvtec_ad2 (validation/, test_public/, private splits)")
+    parser.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
+                        help="image side, or width and height (default: 256; mvtec_ad2: 640 480)")
+    parser.add_argument("--n_train", type=int, default=None, help="defect-free training images (default: 30; mvtec_ad2: 20)")
+    parser.add_argument("--defect_px", type=int, default=16, help="mvtec_ad2: defect size in pixels (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = parser.parse_args()
-    size = args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
-    out = make_synthetic_category(args.dir, args.category, n_train=args.n_train, size=size, seed=args.seed, layout=args.layout)
-    print(f"wrote synthetic {args.layout} category to {out}")
+    if args.layout == "mvtec_ad2":
+        size = tuple((args.size * 2)[:2]) if args.size else (640, 480)
+        out = make_synthetic_scene(args.dir, args.category, n_train=args.n_train or 20, size=size, defect_px=args.defect_px, seed=args.seed)
+    else:
+        size = 256 if not args.size else args.size[0] if len(args.size) == 1 else tuple(args.size[:2])
+        out = make_synthetic_category(args.dir, args.category, n_train=args.n_train or 30, size=size, seed=args.seed, layout=args.layout)
+    print(f"wrote synthetic {args.layout} {'scene' if args.layout == 'mvtec_ad2' else 'category'} to {out}")

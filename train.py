@@ -7,6 +7,9 @@
 A seeded part of train/good is held out to set decision thresholds on good images only
 (--calibration_holdout, --target_fpr); the bank itself holds every training image (under
 --protocol official and its presets, exactly as Alg. 1 over all of them builds it).
+On MVTec AD 2 (a scene with validation/ and test_public/) the thresholds come from validation/good
+alone, as the benchmark requires, nothing is held out of train/good, and the whole image is used
+(--crop none, its defects sit at the borders) unless --crop is given.
 --add grows an existing bank with newly confirmed good images. Every training image is audited
 against the others (train_audit.json, heatmaps of the most suspicious in train_audit/): defective
 parts hidden in train/good rank first; --outlier_share keeps what the audit flags out of the bank.
@@ -23,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import CategoryDataset, ImageFiles, resolve_categories, to_rgb
+from dataset import CategoryDataset, ImageFiles, find_layout, resolve_categories, to_rgb
 from ensemble import PatchCoreEnsemble, build_model, load_model
 from method.audit import DESCRIPTION as AUDIT_TEXT
 from method.audit import ranked
-from method.thresholds import Calibration
+from method.thresholds import Calibration, calibrate_on_validation
 from patchcore import PatchCore, PatchCoreConfig
 from plumbing.bank import AUDIT_DIR, AUDIT_FILE, TRAIN_LOG, bank_path
 from plumbing.cli import (
@@ -43,7 +46,7 @@ from plumbing.cli import (
     run_main,
 )
 from plumbing.files import staging, write_json
-from plumbing.image_io import find_images, heatmap_panel
+from plumbing.image_io import DataError, find_images, heatmap_panel
 from plumbing.system import device_name
 
 
@@ -86,10 +89,13 @@ def say_calibration(category: str, calibration: Calibration) -> None:
         print(f"{category}: {calibration.reason}")
         return
     print(
-        f"{category}: thresholds from {calibration.n_held_out} held-out good images, aiming at {calibration.target_fpr:.0%} "
+        f"{category}: thresholds from {calibration.images()}, aiming at {calibration.target_fpr:.0%} "
         f"false alarms (expected {calibration.expected_fpr:.1%}): image {calibration.image_threshold:.4g}, "
         f"pixel {calibration.pixel_threshold:.4g}"
     )
+    if calibration.mean_3std_pixel_threshold is not None:
+        rule = calibration.mean_3std_pixel_threshold
+        print(f"{category}: MVTec AD 2's own rule, mean + 3 std of the validation pixels: pixel {rule:.4g}")
     if calibration.note:
         print(f"{category}: thresholds {calibration.note}")
 
@@ -119,12 +125,32 @@ def write_audit(model: PatchCore | PatchCoreEnsemble, dataset: CategoryDataset, 
     return entries
 
 
+def scene_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """MVTec AD 2's settings, into args before the config is built: thresholds from validation/good only (nothing held
+    out of train/good), and the whole image (--crop none) unless --crop is given; breaking the benchmark's rule is a
+    usage error."""
+    if getattr(args, "calibration_holdout", 0) > 0:
+        parser.error("--calibration_holdout: MVTec AD 2 sets thresholds on validation/good images only, never on train/good; drop it")
+    if "," in getattr(args, "backbone", ""):
+        parser.error("an ensemble on MVTec AD 2 is not supported yet (its thresholds come from validation/good): train one network")
+    args.calibration_holdout, args.crop = 0.0, getattr(args, "crop", "none")
+
+
 def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
     categories = resolve_categories(Path(args.data_path), args.category)
     datasets = {c: CategoryDataset(args.data_path, c, "train", config.preprocess()) for c in categories}  # checks every file first
+    validation = {c: CategoryDataset(args.data_path, c, "validation", config.preprocess())
+                  for c, d in datasets.items() if d.layout == "mvtec_ad2"}  # fmt: skip
     if config.shots:
         datasets = {c: d.few_shot(config.shots, config.seed) for c, d in datasets.items()}
+    for category, dataset in datasets.items():  # one patch grid for all of them: the bank's rows are counted per image
+        if len(dataset.input_sizes) > 1:
+            sizes = ", ".join(f"{w}x{h}" for w, h in sorted(dataset.input_sizes)[:3])
+            raise DataError(f"--tile_size: {category}'s training images take several sizes at --image_size {config.image_size} "
+                            f"({sizes}): give them one size and aspect, or train each kind apart")  # fmt: skip
     model = build_model(config, device=args.device, tf32=args.tf32)
+    if validation and isinstance(model, PatchCoreEnsemble):  # a preset can make one
+        raise ValueError("an ensemble on MVTec AD 2 is not supported yet (its thresholds come from validation/good): train one network")
     run = f"preset {config.preset} ({config.protocol} protocol, seed {config.seed}); " if config.preset != "none" else ""
     print(f"{run}backbone {config.backbone} {list(config.layers)}, weights: {model.weights}, device: {model.device}")
     for category, dataset in datasets.items():
@@ -133,6 +159,11 @@ def train(args: argparse.Namespace, config: PatchCoreConfig) -> None:
             chosen = ", ".join(s.image.name for s in dataset.samples)
             print(f"{category}: few-shot, {config.shots} training images drawn with seed {config.seed}: {chosen}")
         facts = model.fit(make_loader(dataset, args, model.device), args.feature_memory_gb)
+        if category in validation:  # MVTec AD 2: the thresholds from validation/good, against the saved bank
+            images = validation[category]
+            sizes = [images.original_size(i) for i in range(len(images))]
+            loader = make_loader(images, args, model.device)
+            model.calibration = calibrate_on_validation(model.scorer, loader, sizes, config.target_fpr)
         fit_path = facts.pop("fit")  # a run fact: which path the free RAM allowed
         facts["held_out"] = [dataset.relative_path(i) for i in facts["held_out"]]
         if config.shots:
@@ -183,6 +214,8 @@ def main() -> None:
     if args.add:
         add(parser, args)
     else:
+        if find_layout(Path(args.data_path)) == "mvtec_ad2":
+            scene_settings(parser, args)
         train(args, config_from_args(parser, args, PatchCoreConfig))
 
 

@@ -70,6 +70,11 @@ def check_single_model(path: Path, header: dict) -> None:
             f"{path} holds an ensemble of {len(header['members'])} networks: export.py exports one model's bank as one scoring "
             "graph, and ensembles cannot be exported yet; export a single-network bank, or score with evaluate.py --images"
         )
+    if (header.get("config") or {}).get("tile_size"):
+        raise BankError(
+            f"{path} was trained with --tile_size {header['config']['tile_size']}: the exported graph takes one fixed square "
+            "input, and tiled banks cannot be exported yet; score them with evaluate.py --images"
+        )
     extra = sorted(set(header) - SINGLE_MODEL_SECTIONS)
     if extra or not isinstance(header.get("config"), dict) or not isinstance(header.get("model"), dict):
         raise BankError(

@@ -54,11 +54,34 @@ def config_problem(settings: dict) -> str | None:
         (0 <= c.calibration_holdout < 1, f"--calibration_holdout must be in [0, 1), got {c.calibration_holdout}"),
         (0 < c.target_fpr < 1, f"--target_fpr must be in (0, 1), got {c.target_fpr}"),
         (not official or c.reweight_b == 0, "--reweight_b: the released code scores by the max; Eq. 7 is --protocol paper only"),
+        (c.tile_size == 0 or c.crop == "none", "--tile_size cuts the whole image into tiles: add --crop none"),
+        (c.tile_size == 0 or len(members) == 1, "--tile_size: tiles run one network, not an ensemble, for now"),
+        (c.tile_size == 0 or not official, "--tile_size: tiles are --protocol paper only (the released code has none)"),
+        (c.tile_size == 0 or (c.tile_size >= 64 and c.tile_size % 32 == 0),
+         f"--tile_size must be 0 (off) or a multiple of 32 from 64 on, got {c.tile_size}"),  # fmt: skip
+        (c.tile_size == 0 or (0 <= c.tile_overlap < c.tile_size and c.tile_overlap % 32 == 0),
+         f"--tile_overlap must be a multiple of 32 below --tile_size ({c.tile_size}), got {c.tile_overlap}"),  # fmt: skip
+        (c.tile_size <= c.image_size, f"--tile_size {c.tile_size} is larger than the image, whose longer side --image_size makes "
+         f"{c.image_size} pixels: lower --tile_size, or raise --image_size"),  # fmt: skip
     ]
     stray = [f"--{k} {settings[k]}" for k, v in PRESETS.get(c.preset, {}).items() if settings[k] != (list(v) if k == "layers" else v)]
     checks.append((not stray, f"--preset {c.preset} is not this run: {', '.join(stray)} differ from it"))
     return next((message for ok, message in checks if not ok), None)
 
+
+
+def fit_memory_problem(settings: dict, n_patches: int, feature_dim: int, bank_rows: int, available: int | None) -> str | None:
+    """Whether fit() can run in `available` bytes of RAM, said before it starts, or None. What it must hold whatever
+    --feature_memory_gb says (the full features can always wait for a second pass): every patch's projection for the
+    coreset (4 bytes a dimension) and its coreset distance and index (12 bytes), the memory bank and its search's copy
+    of it (2 x 4 bytes a dimension a row); an estimate from those sizes, without the backbone's working memory."""
+    projected_dim = settings["coreset_proj_dim"] if 0 < settings["coreset_proj_dim"] < feature_dim else feature_dim
+    needed = n_patches * (4 * projected_dim + 12) + bank_rows * feature_dim * 8
+    if available is None or needed <= available:
+        return None
+    return (f"this run would need about {needed / 2**30:.1f} GB of RAM for its {n_patches:,} training patches (coreset projections "
+            f"and a memory bank of {bank_rows:,} rows), more than the {available / 2**30:.1f} GB available: lower --image_size, "
+            "--coreset_ratio or the number of training images (--shots)")  # fmt: skip
 
 
 def bank_size_problem(settings: dict, bank_size: int) -> str | None:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from plumbing.image_io import resize_map
+
 
 @dataclass
 class Calibration:
@@ -32,16 +34,22 @@ class Calibration:
     target_fpr: float | None = None
     expected_fpr: float | None = None
     n_held_out: int | None = None
+    source: str | None = None  # the good images they were set on (banks before it had held-out good images)
     method: str | None = None
     heatmap_scale: list[float] | None = None  # [low, high] of the colour bar, the pixel threshold in its middle
     held_out_image_scores: dict | None = None  # statistics of the held-out scores
     held_out_map_maxima: dict | None = None
+    mean_3std_pixel_threshold: float | None = None  # MVTec AD 2's own rule: mean + 3 std of every validation pixel score
     reason: str | None = None  # why there are no thresholds
     note: str | None = None  # what happened to them since (a grown bank)
 
     @property
     def calibrated(self) -> bool:
         return self.image_threshold is not None
+
+    def images(self) -> str:
+        """The good images the thresholds were set on, e.g. '20 held-out good images'."""
+        return f"{self.n_held_out} {self.source or 'held-out good images'}"
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -93,11 +101,36 @@ def calibrate(scores: np.ndarray, map_peaks: np.ndarray, map_low: float, target_
         target_fpr=target_fpr,
         expected_fpr=image_rate,
         n_held_out=len(scores),
+        source="held-out good images",
         method="split conformal on held-out good images (k-th smallest score, k = ceil((n + 1)(1 - target_fpr)))",
         heatmap_scale=[float(map_low), 2 * pixel - float(map_low)],
         held_out_image_scores=stats(scores),
         held_out_map_maxima=stats(map_peaks),
     )
+
+
+def calibrate_on_validation(scorer: torch.nn.Module, dataloader: torch.utils.data.DataLoader, sizes: list[tuple[int, int]],
+                            target_fpr: float) -> Calibration:  # fmt: skip
+    """MVTec AD 2's thresholds, from its validation/good images only, as the benchmark requires: calibrate() on their
+    scores against the saved bank (they played no part in it, so a new good part is exchangeable with them), and the
+    benchmark's own pixel rule beside it, mean + 3 std of every validation pixel score, each map at its image's own
+    size (`sizes`: (width, height) in loader order), summed in float64 one map at a time."""
+    scores, peaks, lows, total, squares, count, i = [], [], [], 0.0, 0.0, 0, 0
+    for batch in tqdm(dataloader, desc="validation", unit="batch"):
+        batch_scores, maps = (v.cpu().numpy() for v in scorer(batch[0]))
+        scores.append(batch_scores)
+        peaks.append(maps.reshape(len(maps), -1).max(1))
+        lows.append(maps.min())
+        for anomaly_map in maps:
+            full = resize_map(anomaly_map, sizes[i]).astype(np.float64)
+            total, squares, count, i = total + full.sum(), squares + (full * full).sum(), count + full.size, i + 1
+    calibration = calibrate(np.concatenate(scores), np.concatenate(peaks), min(lows), target_fpr)
+    calibration.source = "validation/good images"
+    calibration.method = ("split conformal on validation/good images, MVTec AD 2's only source of thresholds (k-th smallest "
+                          "score, k = ceil((n + 1)(1 - target_fpr)))")  # fmt: skip
+    mean = total / count
+    calibration.mean_3std_pixel_threshold = float(mean + 3 * np.sqrt(max(squares / count - mean * mean, 0.0)))
+    return calibration
 
 
 def note_on_fit(nested: bool, reweighted: bool) -> str | None:

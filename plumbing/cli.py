@@ -145,11 +145,13 @@ def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def make_loader(dataset, args: argparse.Namespace, device) -> object:
-    """Batches in file order; the workers decode and resize the images."""
+    """Batches in file order; the workers decode and resize the images. Images whose model inputs differ in size
+    (tiles keep each image's aspect: dataset.input_sizes) go one at a time."""
     import torch
 
+    batch_size = args.batch_size if len(getattr(dataset, "input_sizes", ())) <= 1 else 1
     return torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda"
+        dataset, batch_size=batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda"
     )
 
 

@@ -119,6 +119,38 @@ def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: list[
     return result
 
 
+def f1_at(labels, scores, threshold: float) -> float | None:
+    """F1 when score >= threshold is called defective, every sample (or pixel) pooled: 2 TP / (2 TP + FP + FN);
+    None without any defective sample. labels and scores: arrays, or lists of per-image arrays."""
+    labels, flagged = _pixels(labels).astype(bool), _pixels(scores) >= threshold
+    if not labels.any():
+        return None
+    tp = int((labels & flagged).sum())
+    return 2 * tp / (2 * tp + int((~labels & flagged).sum()) + int((labels & ~flagged).sum()))
+
+
+def ad2_metrics(labels: np.ndarray, scores: np.ndarray, masks: list, maps: list, calibration: Calibration) -> dict:
+    """MVTec AD 2's metrics (Heckler-Kram et al., 2025) on its labelled test split, each map and mask at its image's
+    own size: AU-PRO up to a false-positive rate of 0.05 (the benchmark's main metric) and of 0.3; SegF1, the pixel
+    F1 with every test pixel pooled, at the pixel threshold set on validation/good (calibrated) and at the benchmark's
+    own rule (mean + 3 std of the validation pixels); the image F1 at the calibrated image threshold."""
+    result = {}
+    for limit in (0.05, 0.3):
+        result[f"au_pro_{limit:g}"], reason = aupro(masks, maps, fpr_limit=limit)
+        if reason:
+            result[f"au_pro_{limit:g}_undefined"] = reason
+    if calibration.calibrated:
+        result["seg_f1"] = f1_at([m > 0.5 for m in masks], maps, calibration.pixel_threshold)
+        result["seg_f1_mean_3std"] = (None if calibration.mean_3std_pixel_threshold is None
+                                      else f1_at([m > 0.5 for m in masks], maps, calibration.mean_3std_pixel_threshold))  # fmt: skip
+        result["image_f1"] = f1_at(labels, scores, calibration.image_threshold)
+        result["thresholds"] = {"image": calibration.image_threshold, "pixel": calibration.pixel_threshold,
+                                "pixel_mean_3std": calibration.mean_3std_pixel_threshold, "from": calibration.images()}  # fmt: skip
+    else:
+        result["undefined"] = f"SegF1 and image F1 need thresholds from validation/good: {calibration.reason}"
+    return result
+
+
 def compute_metrics(
     labels: np.ndarray,
     scores: np.ndarray,

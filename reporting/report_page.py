@@ -291,6 +291,10 @@ def _category_body(metrics: dict, data: dict) -> tuple[str, str]:
         _metric("AUPRO@0.3", metrics.get("aupro"), reasons, "aupro"),
         _metric("image F1-max", metrics.get("image_f1_max"), reasons, "image_f1_max"),
     ])  # fmt: skip
+    ad2 = metrics.get("mvtec_ad2")
+    if ad2:  # the benchmark's metrics, at each image's own size, thresholds from validation/good
+        shown = (("AU-PRO@0.05", "au_pro_0.05"), ("SegF1", "seg_f1"), ("SegF1, mean + 3 std", "seg_f1_mean_3std"), ("image F1", "image_f1"))
+        line += " " + " ".join(_metric(name, ad2.get(key), ad2, f"{key}_undefined") for name, key in shown)
     if at:
         fpr, recall = _pct(at["image_fpr"]), _pct(at["image_recall"])
         line += f" <span>at the calibrated threshold: false alarms <b>{fpr}</b>, recall <b>{recall}</b></span>"

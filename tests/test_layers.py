@@ -9,7 +9,7 @@ from scripts import REPO
 LAYERS = {  # lowest first: a module may import modules of its own layer or of a lower one
     "plumbing": ["plumbing.files", "plumbing.bank", "plumbing.image_io", "plumbing.system", "plumbing.cli"],
     "method's parts": ["method.presets", "method.backbone", "method.config_rules", "method.coreset", "method.audit", "method.search",
-                       "method.maps", "method.official", "method.thresholds"],
+                       "method.maps", "method.official", "method.tiles", "method.thresholds"],
     "model": ["dataset", "synthetic", "patchcore", "ensemble"],
     "reporting": ["reporting.published", "reporting.metrics", "reporting.report", "reporting.report_page"],
     "deploy": ["deploy.onnx_model", "deploy.onnx_search", "deploy.onnx_export"],

@@ -20,6 +20,8 @@ Stages (--stages, comma list; default: speed,e2e):
           of evaluate.py --images at two numbers of images: the slope is what grows per image.
           Use a --batch_size no larger than the smallest size, so that every run holds full
           batches: a smaller last batch has smaller activations and would bias the slope;
+  tiles   high resolution by tiles: train.py and evaluate.py on a synthetic MVTec AD 2 scene at two or three
+          working resolutions: seconds and peak RSS per megapixel;
   deploy  the exported model (export.py) run by predict_onnx.py on onnxruntime (at --batch_size and
           at 1) and OpenVINO, in a venv of requirements-deploy.txt alone, against evaluate.py
           --images on the same images: ms per image, peak RSS, agreement; the export's time and
@@ -251,6 +253,36 @@ def stage_drivers(args: argparse.Namespace, work: Path, rows: list[dict]) -> Non
                process_ms_per_image=round(1000 * seconds / 83, 1), scoring_ms_per_image=metrics["ms_per_image"],
                search_used=metrics["nearest_neighbour_search"],
                image_auroc=metrics["image_auroc"], peak_rss_gib=round(peak, 3))  # fmt: skip
+
+
+def stage_tiles(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
+    """High resolution by tiles (issue 30): train.py and evaluate.py on a synthetic MVTec AD 2 scene of
+    --tiles_size images, at each working resolution of --tiles_resolutions (the longer side, --image_size) with
+    --tile_size --tiles_tile, at the drivers' other defaults: seconds and peak RSS per megapixel of working image."""
+    from method.tiles import working_size
+    from synthetic import make_synthetic_scene
+
+    width, height = (int(v) for v in args.tiles_size.split("x"))
+    data = work / "tiles"
+    counts = dict(n_train=args.tiles_train, n_validation=3, n_test_good=2, n_test_bad=2, n_private=2)
+    make_synthetic_scene(data, "scene", size=(width, height), defect_px=16, seed=3, **counts)
+    n_scored = 4 + 2 * 2  # test_public and both private splits
+    for longer in (int(v) for v in args.tiles_resolutions.split(",")):
+        work_w, work_h = working_size((width, height), longer)
+        megapixels = work_w * work_h / 1e6
+        out = work / f"tiles-{longer}"
+        common = ["--data_path", str(data), "--category", "scene", "--output_dir", str(out), "--device", args.device]
+        settings = ["--image_size", str(longer), "--tile_size", str(args.tiles_tile), "--coreset_ratio", str(args.tiles_ratio)]
+        seconds, peak, _ = run_child(["train.py", *common, "--weights", "none", *settings])
+        images = args.tiles_train + 3  # train/good, then validation/good for the thresholds
+        record(rows, f"tiles: train.py at {longer} px", working=f"{work_w}x{work_h}", megapixels=round(megapixels, 2),
+               seconds=round(seconds, 1), s_per_megapixel=round(seconds / (images * megapixels), 2), peak_rss_gib=round(peak, 3),
+               images=images, tile=args.tiles_tile, coreset_ratio=args.tiles_ratio)  # fmt: skip
+        seconds, peak, _ = run_child(["evaluate.py", *common])
+        metrics = json.loads((out / "scene" / "metrics.json").read_text())
+        record(rows, f"tiles: evaluate.py at {longer} px", working=f"{work_w}x{work_h}", megapixels=round(megapixels, 2),
+               seconds=round(seconds, 1), s_per_megapixel=round(seconds / (n_scored * megapixels), 2), peak_rss_gib=round(peak, 3),
+               images=n_scored, au_pro_005=metrics["mvtec_ad2"]["au_pro_0.05"])  # fmt: skip
 
 
 def stage_presets(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
@@ -582,7 +614,7 @@ def stage_deploy(args: argparse.Namespace, work: Path, rows: list[dict]) -> None
 
 
 STAGES = {"speed": stage_speed, "e2e": stage_e2e, "memory": stage_memory, "large": stage_large, "search": stage_search,
-          "drivers": stage_drivers, "presets": stage_presets, "deploy": stage_deploy}  # fmt: skip
+          "drivers": stage_drivers, "presets": stage_presets, "deploy": stage_deploy, "tiles": stage_tiles}  # fmt: skip
 
 
 def main() -> None:
@@ -614,6 +646,12 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3,
                         help="search stage: times each of search, backbone and evaluation is run; the fastest counts (default: 3)")
+    parser.add_argument("--tiles_size", default="3072x2304", help="tiles stage: the scene's image size WxH (default: 3072x2304)")
+    parser.add_argument("--tiles_resolutions", default="1024,1536,2048",
+                        help="tiles stage: working resolutions, the longer side (default: 1024,1536,2048)")  # fmt: skip
+    parser.add_argument("--tiles_tile", type=int, default=512, help="tiles stage: --tile_size (default: 512)")
+    parser.add_argument("--tiles_ratio", type=float, default=0.01, help="tiles stage: --coreset_ratio (default: 0.01)")
+    parser.add_argument("--tiles_train", type=int, default=6, help="tiles stage: training images (default: 6)")
     parser.add_argument("--deploy_test", type=int, default=48, help="test images of the deploy stage (default: 48)")
     parser.add_argument("--deploy_venv", default=None,
                         help="deploy stage: a venv with requirements-deploy.txt and openvino installed (default: make one with pip, "

@@ -9,11 +9,13 @@ from scripts import REPO
 
 def test_benchmark_small_run(tmp_path):
     out = tmp_path / "bench.json"
-    stages = "speed,e2e,memory,large,search,deploy"
+    stages = "speed,e2e,memory,large,search,deploy,tiles"
     command = [sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--stages", stages, "--device", "cpu",
                "--n_images", "3", "--image_size", "64", "--batch_size", "2", "--ratios", "0.25,0.1", "--baseline_iters", "20",
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
                "--search_test", "6", "--repeats", "2", "--deploy_test", "6",
+               "--tiles_size", "320x224", "--tiles_resolutions", "256,320", "--tiles_tile", "128", "--tiles_ratio", "0.05",
+               "--tiles_train", "3",
                "--deploy_venv", sys.prefix, "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -52,3 +54,7 @@ def test_benchmark_small_run(tmp_path):
     assert 0 < sizes["requirements-deploy.txt"] < sizes["requirements.txt"]
     assert rows["deploy: OpenVINO, f32 precision"]["precision"] == "f32"
     assert rows["deploy: OpenVINO, f32 precision"]["max_rel_score_diff_to_f32"] == 0
+    for longer, working in ((256, "256x192"), (320, "320x224")):
+        for script in ("train.py", "evaluate.py"):
+            row = rows[f"tiles: {script} at {longer} px"]
+            assert row["working"] == working and row["s_per_megapixel"] > 0 and row["peak_rss_gib"] > 0.2

@@ -217,7 +217,7 @@ class AnomalyScorer(torch.nn.Module):
         patch_scores, nearest = self.patch_scores(patches)  # Eq. 6: distance to the nearest memory patch (k = 1)
         if self.config.reweight_b:
             s_star, worst = patch_scores.max(dim=1)
-            rows = torch.arange(len(patches), device=patches.device)
+            rows = torch.arange(patches.shape[0], device=patches.device)
             scores = self.reweighted_scores(patches[rows, worst], s_star, nearest[rows, worst])
         else:
             scores = patch_scores.max(dim=1).values
@@ -226,7 +226,7 @@ class AnomalyScorer(torch.nn.Module):
     def maps(self, patch_scores: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """Anomaly maps [B, H, W]: the patch scores [B, N] on their grid, upsampled bilinearly to `size`, then blurred."""
         official = self.config.protocol == "official"
-        maps = F.interpolate(patch_scores.reshape(len(patch_scores), 1, *grid), size=size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(patch_scores.reshape(patch_scores.shape[0], 1, *grid), size=size, mode="bilinear", align_corners=False)
         if self.config.blur_sigma > 0:
             maps = gaussian_blur(maps, self.config.blur_sigma, mode="reflect" if official else "mirror")
         return maps[:, 0]

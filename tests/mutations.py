@@ -23,9 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # fast, value-level test files first, so that a caught mutation stops early
-TEST_ORDER = ["test_patchcore.py", "test_official.py", "test_metrics.py", "test_dataset.py", "test_bank.py", "test_files.py",
-              "test_report.py", "test_report_page.py", "test_ensemble.py", "test_export.py", "test_cli.py", "test_report_browser.py",
-              "test_notebook.py", "test_benchmark.py", "test_audit.py"]  # fmt: skip
+TEST_ORDER = ["test_patchcore.py", "test_official.py", "test_metrics.py", "test_tiles.py", "test_ad2.py", "test_dataset.py",
+              "test_bank.py", "test_files.py", "test_report.py", "test_report_page.py", "test_ensemble.py", "test_export.py",
+              "test_cli.py", "test_report_browser.py", "test_notebook.py", "test_benchmark.py", "test_audit.py"]  # fmt: skip
 
 # (name, file, original text, mutated text); the original must occur exactly once in the file
 MUTATIONS = [
@@ -141,8 +141,8 @@ MUTATIONS = [
      "return official_patches(features, config.patch_size, config.pretrain_dim, config.target_dim)",
      "return official_patches(features, 3, config.pretrain_dim, config.target_dim)"),
     ("num_nn_ignored", "patchcore.py",
-     "patch_scores = distances.mean(dim=1).reshape(b, n)",
-     "patch_scores = distances[:, 0].reshape(b, n)"),
+     "return distances.mean(dim=1).reshape(patches.shape[:-1])",
+     "return distances[:, 0].reshape(patches.shape[:-1])"),
     ("ensemble_normalisation_left_out", "ensemble.py",
      "return min_max(scores).mean(axis=0), min_max(maps).mean(axis=0)",
      "return scores.mean(axis=0), min_max(maps).mean(axis=0)"),
@@ -188,6 +188,24 @@ MUTATIONS = [
     ("robust_bank_drops_the_nearest_rows", "method/audit.py",
      "keep[torch.argsort(distances.double(), stable=True)[len(distances) - n_drop :]] = False",
      "keep[torch.argsort(distances.double(), stable=True)[:n_drop]] = False"),
+    ("tiles_keep_up_to_the_next_start", "method/tiles.py",
+     "bounds = [0] + [(start + tile + after) // 2 for start, after in zip(starts, starts[1:])] + [length]",
+     "bounds = [0] + [after for start, after in zip(starts, starts[1:])] + [length]"),
+    ("tiled_scoring_keeps_the_lowest_patch", "method/tiles.py",
+     "better = top > s_star",
+     "better = top < s_star"),
+    ("ad2_rule_two_std", "method/thresholds.py",
+     "mean + 3 * np.sqrt(",
+     "mean + 2 * np.sqrt("),
+    ("segf1_as_iou", "reporting/metrics.py",
+     "return 2 * tp / (2 * tp + ",
+     "return tp / (tp + "),
+    ("ad2_masks_of_another_size_taken", "dataset.py",
+     "if sample.mask is not None and header_size(sample.mask) != header_size(sample.image):",
+     "if False:"),
+    ("ad2_private_maps_at_the_models_size", "evaluate.py",
+     "full = resize_map(anomaly_map, dataset.original_size(i))",
+     "full = anomaly_map"),
 ]  # fmt: skip
 
 

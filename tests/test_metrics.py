@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reporting.metrics import aupro, auroc, compute_metrics, f1_max, per_defect_auroc, pro_curve
+from reporting.metrics import ad2_metrics, aupro, auroc, compute_metrics, f1_at, f1_max, per_defect_auroc, pro_curve
 
 
 def test_auroc_hand_computed():
@@ -101,3 +101,38 @@ def test_per_defect_auroc_compares_good_with_each_type():
     assert result["crack"]["image_auroc"] == pytest.approx(1.0)
     assert result["hole"]["image_auroc"] == pytest.approx(0.25)  # 0.15 beats 0.1 only
     assert result["hole"]["n_images"] == 2 and result["hole"]["n_good"] == 2
+
+
+def test_aupro_at_005_hand_computed():
+    """MVTec AD 2's AU-PRO@0.05: the same curve, integrated to FPR 0.05 and divided by it."""
+    mask = _square()  # 4 defective pixels, 96 defect-free
+    maps = np.zeros_like(mask)
+    maps[mask > 0] = 0.5
+    maps[0, 9, :3] = 0.95  # 3 defect-free pixels above the region: the curve rises at FPR 3/96 < 0.05
+    assert aupro(mask, maps, fpr_limit=0.05)[0] == pytest.approx((0.05 - 3 / 96) / 0.05)
+    maps[0, 9, :10] = 0.95  # 10 of them: it rises at 10/96, past 0.05
+    assert aupro(mask, maps, fpr_limit=0.05)[0] == pytest.approx(0.0)
+
+
+def test_segf1_pools_every_pixel_of_every_image():
+    labels = [np.array([[1, 1], [0, 0]]), np.array([[0, 1]])]
+    scores = [np.array([[0.9, 0.2], [0.8, 0.1]]), np.array([[0.7, 0.6]])]
+    # at 0.5: TP 2 (0.9, 0.6), FP 2 (0.8, 0.7), FN 1 (0.2): 2 TP / (2 TP + FP + FN) = 4 / 7
+    assert f1_at(labels, scores, 0.5) == pytest.approx(4 / 7)
+    assert f1_at([np.zeros((2, 2))], [np.ones((2, 2))], 0.5) is None  # no defective pixel: undefined
+
+
+def test_ad2_metrics_at_the_thresholds_from_validation():
+    from method.thresholds import Calibration
+
+    mask = _square()
+    maps = np.zeros_like(mask)
+    maps[mask > 0] = 0.5
+    maps[0, 9, :3] = 0.95
+    calibration = Calibration(image_threshold=0.5, pixel_threshold=0.6, mean_3std_pixel_threshold=0.4, n_held_out=5,
+                              source="validation/good images")  # fmt: skip
+    result = ad2_metrics(np.array([1, 0]), np.array([0.7, 0.4]), list(mask), list(maps), calibration)
+    assert result["au_pro_0.05"] == pytest.approx((0.05 - 3 / 96) / 0.05)
+    assert result["seg_f1"] == pytest.approx(0.0)  # at 0.6 only the 3 false pixels are flagged
+    assert result["seg_f1_mean_3std"] == pytest.approx(2 * 4 / (2 * 4 + 3))  # at 0.4: the region and the 3
+    assert result["image_f1"] == pytest.approx(1.0) and result["thresholds"]["from"] == "5 validation/good images"

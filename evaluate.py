@@ -65,7 +65,8 @@ def parse_args() -> argparse.Namespace:
         default="model",
         choices=["model", "original"],
         help="pixel metrics at the model's input resolution (default), or at each image's own, as MVTec AD's evaluation does "
-        "(banks trained with --crop none; needs memory for every full-size map)",
+        "(banks trained with --crop none; needs memory for every full-size map); always the image's own on MVTec AD 2 and "
+        "for banks trained with --tile_size",
     )
     parser.add_argument(
         "--ad2_threshold",

@@ -37,7 +37,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Knobs that change how fast a run is, never what it computes."""
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto = cuda when available)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--batch_size", type=int, default=32,
+                        help="images per forward pass (default: 32; with --tile_size: one image, its tiles 8 at a time)")  # fmt: skip
     parser.add_argument(
         "--num_workers",
         type=int,
@@ -145,11 +146,12 @@ def check_runtime_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def make_loader(dataset, args: argparse.Namespace, device) -> object:
-    """Batches in file order; the workers decode and resize the images. Images whose model inputs differ in size
-    (tiles keep each image's aspect: dataset.input_sizes) go one at a time."""
+    """Batches in file order; the workers decode and resize the images. With tiles (a transform with tile_size), images
+    go one at a time: the backbone batches an image's tiles itself, and training holds one image's stitched features,
+    not a batch's."""
     import torch
 
-    batch_size = args.batch_size if len(getattr(dataset, "input_sizes", ())) <= 1 else 1
+    batch_size = 1 if getattr(dataset.transform, "tile_size", 0) else args.batch_size
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=args.num_workers, pin_memory=device.type == "cuda"
     )

@@ -118,6 +118,8 @@ def test_evaluate_reports_the_benchmarks_metrics_at_each_images_own_size(scored)
     summary = (out / "summary.md").read_text()
     assert "## MVTec AD 2 (percent)" in summary and "| *paper's PatchCore, mean of 8 scenes (TEST_priv)* | 28.8 | n/a | 3.7 |" in summary
     assert "arXiv 2503.21622" in summary
+    page = (out / "report.html").read_text()  # the review page: the benchmark's metrics on the scene's line, the table above
+    assert "AU-PRO@0.05 <b>" in page and "SegF1 <b>" in page and "MVTec AD 2 (percent)" in page
 
 
 def test_the_private_splits_are_written_for_the_evaluation_server(scored):

@@ -27,8 +27,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from method.tiles import working_size
-from plumbing.image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit
+from plumbing.image_io import IMAGE_EXTENSIONS, DataError, check_readable, image_files, load_rgb, open_image, to_8bit, working_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Preprocess:
     """The paper's preprocessing: shorter side to `resize`, center crop `image_size`, ImageNet mean/std.
     With crop 'none', the whole image is resized to image_size x image_size instead (aspect not kept); with tile_size
-    too, so that its longer side is image_size, the aspect kept (tiles.working_size), for the model to cut into tiles.
+    too, so that its longer side is image_size, the aspect kept (image_io.working_size), for the model to cut into tiles.
 
     Ground-truth masks are brought onto the same grid, as each protocol defines them:
     - paper: defective where the mask is at half its value range or more; resized with

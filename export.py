@@ -66,11 +66,11 @@ def main() -> None:
             if done["data"]
             else "one file, the bank inside"
         )
-        size = done["config"]["image_size"]
+        height, width = done["input_size"]
         print(f"{category}: exported {done['path']} ({done['bytes'] / 1e6:.1f} MB, {where}) in {seconds:.1f}s")
         print(f"  checked: onnxruntime scores {done['check_images']} probe images as predict() does "
               f"(largest difference {done['check_error']:.1e} of the largest value)")  # fmt: skip
-        print(f"  input: images, uint8 RGB [batch, {size}, {size}, 3]; outputs: {', '.join(done['outputs'])}")
+        print(f"  input: images, uint8 RGB [batch, {height}, {width}, 3]; outputs: {', '.join(done['outputs'])}")
         print(f"  search: {done['search']}")
         print(f'  run it: python predict_onnx.py {done["path"]} "line_camera/*.png"')
 

@@ -327,12 +327,13 @@ class PatchCore:
         rows = gather_rows(full_patches(self.features, chunks, dataloader), wanted)
         bank, c = rows["bank"], self.config
         scorer = self.scorer_for(rows.pop("calibration", bank[:calibration_size])) if held_out else None
-        note = note_on_fit(c.protocol == "paper", bool(c.reweight_b))
-        self.calibration, self.held_out_outputs = calibrate_held_out(scorer, dataloader, held_out, c.calibration_holdout,
-                                                                     c.target_fpr, note, keep_held_out)  # fmt: skip
+        self.calibration, self.held_out_outputs = calibrate_held_out(scorer, dataloader, held_out, c.calibration_holdout, c.target_fpr,
+                                                                     note_on_fit(c.protocol == "paper", bool(c.reweight_b)), keep_held_out)
         del rows, scorer
         self.set_memory_bank(bank)
         facts = {"n_images": n_images, "n_patches": n_images * per_image, "memory_bank_size": len(bank)}
+        if self.config.tile_size:  # the training images' working size (width, height): an exported graph's input
+            facts["input_size"] = [self.grid[1] * self.features.cell, self.grid[0] * self.features.cell]
         if held_out:  # paper: the bank's first rows are the calibration bank; official: it is not saved
             facts["calibration_bank_size"] = calibration_size
         if self.config.outlier_share:  # the robust bank's cut, which --add holds new rows to
@@ -408,9 +409,8 @@ class PatchCore:
     def _check_bank_size(self, bank_size: int, n_patches: int = 0) -> None:
         """Eq. 7 and the k-nearest mean need enough rows; fit's `n_patches` must fit in RAM (said before it starts)."""
         settings = self.config.to_dict()
-        problem = bank_size_problem(settings, bank_size) or (
-            n_patches and fit_memory_problem(settings, n_patches, self.feature_dim, bank_size, available_memory_bytes()))
-        if problem:
+        if problem := bank_size_problem(settings, bank_size) or (
+                n_patches and fit_memory_problem(settings, n_patches, self.feature_dim, bank_size, available_memory_bytes())):
             raise ValueError(problem)
 
     def scorer_for(self, memory_bank: torch.Tensor) -> AnomalyScorer:

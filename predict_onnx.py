@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from deploy.onnx_model import RUNTIMES, DeployedModel
 from plumbing.cli import ArgumentParser, now, run_main
 from plumbing.files import staging, write_json
-from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map
+from plumbing.image_io import DataError, find_images, heatmap_names, heatmap_panel, load_rgb, model_input, resize_map, working_size
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,12 +55,28 @@ def thresholds_from(model: DeployedModel) -> str:
     return f"calibrated on {images} for {calibration['target_fpr']:.0%} false alarms"
 
 
+def check_input_sizes(model: DeployedModel, paths: list[Path]) -> None:
+    """A tiled model's graph takes one input size, its training images' working size: an image whose aspect gives
+    another is a DataError, said before any work (from the files' headers)."""
+    height, width = model.input_size
+    for path in paths:
+        with Image.open(path) as image:  # the header only (find_images checked every file readable)
+            size = working_size(image.size, model.image_size)
+        if size != (width, height):
+            raise DataError(
+                f"{path} becomes {size[0]}x{size[1]} pixels at image size {model.image_size}, but {model.path.name} takes "
+                f"{width}x{height}, its training images' size: give it images of their aspect, or score this one with evaluate.py --images"
+            )
+
+
 def main() -> None:
     args = parse_args()
     model = DeployedModel(args.model, args.runtime)
     paths = find_images(args.images)
     out_dir = Path(args.output_dir) if args.output_dir else Path(args.model).parent / "inference_onnx"
     resize, size, crop = (model.preprocessing[key] for key in ("resize", "image_size", "crop"))
+    if model.tile_size:
+        check_input_sizes(model, paths)
     scale = model.calibration.get("heatmap_scale")  # a fixed colour scale; else each heatmap its own
     base = Path(os.path.commonpath([p.absolute().parent for p in paths]))
     names = [name.as_posix() for name in heatmap_names([p.absolute().relative_to(base) for p in paths])]  # as evaluate.py names them
@@ -68,7 +85,7 @@ def main() -> None:
     with staging(out_dir) as stage:
         for first in range(0, len(paths), args.batch_size):
             batch = paths[first : first + args.batch_size]
-            images = np.stack([model_input(load_rgb(path), resize, size, crop) for path in batch])
+            images = np.stack([model_input(load_rgb(path), resize, size, crop, model.tile_size) for path in batch])
             outputs = model(images)
             for i, path in enumerate(batch):
                 record = {"path": str(path), "score": float(outputs["scores"][i])}

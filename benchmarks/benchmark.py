@@ -259,7 +259,7 @@ def stage_tiles(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
     """High resolution by tiles (issue 30): train.py and evaluate.py on a synthetic MVTec AD 2 scene of
     --tiles_size images, at each working resolution of --tiles_resolutions (the longer side, --image_size) with
     --tile_size --tiles_tile, at the drivers' other defaults: seconds and peak RSS per megapixel of working image."""
-    from method.tiles import working_size
+    from plumbing.image_io import working_size
     from synthetic import make_synthetic_scene
 
     width, height = (int(v) for v in args.tiles_size.split("x"))

@@ -26,6 +26,7 @@ from dataset import IMAGENET_MEAN, IMAGENET_STD
 from deploy.onnx_model import DECISION_OUTPUTS, FORMAT, FORMAT_VERSION, INPUT, KEY, OUTPUTS, DeployedModel, ExportError
 from deploy.onnx_search import translation_table
 from method.search import GROUP, GraphSearch, block_rows
+from method.tiles import stitched_patches
 from patchcore import AnomalyScorer, PatchCore
 from plumbing.bank import FORMAT_VERSION as BANK_FORMAT_VERSION
 from plumbing.bank import BankError, load_bank
@@ -40,8 +41,11 @@ CHECK_TOLERANCE = 1e-4  # relative to the largest value; measured on the tests' 
 
 
 class DeployedScorer(torch.nn.Module):
-    """uint8 RGB images [B, S, S, 3] -> dataset.Preprocess's ToTensor and Normalize -> AnomalyScorer -> scores [B],
-    maps [B, S, S], and, given thresholds, normalized scores, decisions and defect masks (onnx_model.py).
+    """uint8 RGB images [B, H, W, 3] -> dataset.Preprocess's ToTensor and Normalize -> AnomalyScorer -> scores [B],
+    maps [B, H, W], and, given thresholds, normalized scores, decisions and defect masks (onnx_model.py). H = W = S
+    (image_size), or, for a tiled bank, the working size its training images took: every tile of an image goes through
+    the backbone in one run and the stitched grid is scored (AnomalyScorer scores tile by tile, which a graph of one
+    input size does not need; the scores are the same).
 
     The decisions compare the float32 scores and maps with the thresholds rounded to float32, as evaluate.py
     --images does (NumPy compares a float32 score with a Python float in float32)."""
@@ -57,7 +61,12 @@ class DeployedScorer(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = images.permute(0, 3, 1, 2).float().div(255)  # torchvision's ToTensor
         x = x.sub(self.mean).div(self.std)  # torchvision's Normalize
-        scores, maps = self.scorer(x)
+        if self.scorer.config.tile_size:
+            tile, overlap, cell, _ = self.scorer.features.tiling()
+            patches, grid = stitched_patches(self.scorer.features.untiled, x, tile, overlap, cell, group=None)
+            scores, maps = self.scorer.score(patches, grid, tuple(x.shape[-2:]))
+        else:
+            scores, maps = self.scorer(x)
         if self.image_threshold is None:
             return scores, maps
         return scores, maps, scores / self.image_threshold, scores >= self.image_threshold, maps >= self.pixel_threshold
@@ -70,10 +79,10 @@ def check_single_model(path: Path, header: dict) -> None:
             f"{path} holds an ensemble of {len(header['members'])} networks: export.py exports one model's bank as one scoring "
             "graph, and ensembles cannot be exported yet; export a single-network bank, or score with evaluate.py --images"
         )
-    if (header.get("config") or {}).get("tile_size"):
+    if (header.get("config") or {}).get("tile_size") and "input_size" not in (header.get("train") or {}):
         raise BankError(
-            f"{path} was trained with --tile_size {header['config']['tile_size']}: the exported graph takes one fixed square "
-            "input, and tiled banks cannot be exported yet; score them with evaluate.py --images"
+            f"{path} was trained with --tile_size before banks recorded their training images' size, which the exported "
+            "graph takes as its input: run train.py again"
         )
     extra = sorted(set(header) - SINGLE_MODEL_SECTIONS)
     if extra or not isinstance(header.get("config"), dict) or not isinstance(header.get("model"), dict):
@@ -93,13 +102,20 @@ def project_version() -> str:
     return described.stdout.strip() if described.returncode == 0 and described.stdout.strip() else "unknown"
 
 
+def input_size(model: PatchCore) -> tuple[int, int]:
+    """(height, width) of the graph's input: the square image_size, or a tiled bank's training images' working size."""
+    width, height = model.train_facts["input_size"] if model.config.tile_size else (model.config.image_size,) * 2
+    return height, width
+
+
 def metadata(model: PatchCore, header: dict, search: GraphSearch) -> dict[str, str]:
     """The file's metadata_props (onnx_model.py lists the keys)."""
     config, calibration = model.config, model.calibration
+    height, width = input_size(model)
     outputs = {
         "scores": "float32 [B]: image scores, as PatchCore.predict gives them"
         + (" (squared L2 distances: --protocol official)" if config.protocol == "official" else " (L2 distances, Eq. 6)"),
-        "maps": f"float32 [B, {config.image_size}, {config.image_size}]: anomaly maps, blurred, as PatchCore.predict gives them",
+        "maps": f"float32 [B, {height}, {width}]: anomaly maps, blurred, as PatchCore.predict gives them",
     }
     calibrated = calibration.calibrated
     if calibrated:
@@ -109,15 +125,21 @@ def metadata(model: PatchCore, header: dict, search: GraphSearch) -> dict[str, s
             defect_masks="bool [B, S, S]: true = the map is at or above patchcore.pixel_threshold (compared in float32)",
         )
     preprocessing = {
-        "input": f"uint8 RGB, [batch, {config.image_size}, {config.image_size}, 3] (height, width, channel), 0..255",
+        "input": f"uint8 RGB, [batch, {height}, {width}, 3] (height, width, channel), 0..255",
+        "input_size": [width, height],
         "resize": config.resize,
         "image_size": config.image_size,
         "crop": config.crop,
+        "tile_size": config.tile_size,
         "geometry": (
             f"the shorter side resized to {config.resize} (the longer to int({config.resize} * long / short)), then the central "
             f"{config.image_size} x {config.image_size} cut out at offsets int(round((side - {config.image_size}) / 2)), "
             "rounding half to even"
             if config.crop == "center"
+            else f"the whole image resized to {width} x {height}: the longer side to {config.image_size}, each side "
+            f"round(side * {config.image_size} / longer / 32) * 32 (at least 32), which only images of the training images' "
+            f"aspect make; the graph cuts it into tiles of {config.tile_size} pixels overlapping by {config.tile_overlap}"
+            if config.tile_size
             else f"the whole image resized to {config.image_size} x {config.image_size}, aspect not kept"
         ),
         "filter": "PIL's Image.resize with Image.BILINEAR (antialiased when shrinking) on the 8-bit RGB image; none when the size is right",
@@ -160,9 +182,9 @@ def deployed_scorer(model: PatchCore) -> tuple[DeployedScorer, GraphSearch]:
     return DeployedScorer(scorer, *thresholds).eval(), search
 
 
-def probe_images(image_size: int, n: int, seed: int = 0) -> np.ndarray:
-    """n seeded random uint8 RGB images [n, S, S, 3]: the export's example input and its check."""
-    return np.random.default_rng(seed).integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+def probe_images(size: tuple[int, int], n: int, seed: int = 0) -> np.ndarray:
+    """n seeded random uint8 RGB images [n, H, W, 3] of size (H, W): the export's example input and its check."""
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *size, 3), dtype=np.uint8)
 
 
 def check_against_predict(path: Path, model: PatchCore, images: np.ndarray) -> float:
@@ -190,7 +212,7 @@ def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, 
                   "as PatchCore does where the CPU lacks it: scores differ from this machine's by about 1e-3 relative")  # fmt: skip
         model.backbone.amp = model.amp = "none"
     deployed, search = deployed_scorer(model)
-    example = torch.from_numpy(probe_images(model.config.image_size, 2))
+    example = torch.from_numpy(probe_images(input_size(model), 2))
     names = [*OUTPUTS, *(DECISION_OUTPUTS if deployed.image_threshold is not None else ())]
     program = torch.onnx.export(
         deployed, (example,), dynamo=True, input_names=[INPUT], output_names=names, verbose=False,
@@ -210,7 +232,7 @@ def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, 
         import onnx_ir
 
         onnx_ir.save(program.model, stage / output.name, format="protobuf", external_data=data_name if external else None)
-        error = check_against_predict(stage / output.name, model, probe_images(model.config.image_size, CHECK_IMAGES, seed=1))
+        error = check_against_predict(stage / output.name, model, probe_images(input_size(model), CHECK_IMAGES, seed=1))
         if external:
             os.replace(stage / data_name, output.parent / data_name)
         os.replace(stage / output.name, output)  # the model file last: whoever opens it finds its data in place
@@ -224,5 +246,5 @@ def export_onnx(bank: Path, output: Path, protobuf_limit: int = PROTOBUF_LIMIT, 
     return {
         "path": output, "data": output.parent / data_name if external else None, "bytes": sum(sizes), "tensor_bytes": tensor_bytes,
         "outputs": names, "check_error": error, "check_images": CHECK_IMAGES, "search": search.describe(),
-        "config": dataclasses.asdict(model.config),
+        "config": dataclasses.asdict(model.config), "input_size": input_size(model),
     }  # fmt: skip

@@ -2,20 +2,22 @@
 its metadata checked, then onnxruntime or OpenVINO. This file is the export's contract, as bank.py is
 the memory bank's: the names below are what onnx_export.py writes and what any caller reads.
 
-The graph, B images a call (any B), S = the bank's image_size:
-  input    images             uint8 [B, S, S, 3]  RGB, height x width x channel, already resized and cropped
+The graph, B images a call (any B), H = W = the bank's image_size, or, for a bank trained with tile_size, the size
+(width, height) its training images took, preprocessing's input_size:
+  input    images             uint8 [B, H, W, 3]  RGB, height x width x channel, already resized and cropped
                                                    as PREPROCESSING says (image_io.model_input does it in Python)
   outputs  scores             float32 [B]          image scores, as PatchCore.predict gives them
-           maps               float32 [B, S, S]    anomaly maps, blurred, as PatchCore.predict gives them
+           maps               float32 [B, H, W]    anomaly maps, blurred, as PatchCore.predict gives them
            normalized_scores  float32 [B]          scores / the calibrated image threshold (1.0 or more: defective)
            decisions          bool [B]             true: defective (score >= the image threshold)
-           defect_masks       bool [B, S, S]       true: the pixel is at or above the pixel threshold
+           defect_masks       bool [B, H, W]       true: the pixel is at or above the pixel threshold
   The last three exist only where the bank has calibrated thresholds (metadata 'patchcore.calibration').
 
 Metadata (ONNX metadata_props, each a string; JSON where marked). A reader needs REQUIRED_METADATA (format,
 format_version, preprocessing, config, calibration) and refuses a file without one of them, naming it:
   patchcore.format, patchcore.format_version   FORMAT, FORMAT_VERSION
-  patchcore.preprocessing                      JSON: input layout, resize, crop, image_size, filter, mean, std
+  patchcore.preprocessing                      JSON: input layout and input_size, resize, crop, image_size, tile_size,
+                                               filter, mean, std
   patchcore.config                             JSON: the bank's PatchCoreConfig
   patchcore.calibration                        JSON: the bank's calibration (thresholds, how), or why there is none
   patchcore.image_threshold, patchcore.pixel_threshold   the thresholds the outputs decide with, or absent
@@ -98,7 +100,9 @@ class DeployedModel:
         lacking = [name for name in PREPROCESSING_FIELDS if name not in self.preprocessing]
         if lacking:
             raise ExportError(f"{self.path}: its metadata '{KEY}preprocessing' lacks {', '.join(lacking)}; {again}")
-        self.image_size = int(self.preprocessing["image_size"])
+        self.image_size, self.tile_size = int(self.preprocessing["image_size"]), int(self.preprocessing.get("tile_size", 0))
+        width, height = self.preprocessing.get("input_size", (self.image_size, self.image_size))
+        self.input_size = (int(height), int(width))  # (height, width) of the input
         self.image_threshold, self.pixel_threshold = (self._number(name, again) for name in ("image_threshold", "pixel_threshold"))
         if any(name in self.output_names for name in DECISION_OUTPUTS) and self.image_threshold is None:
             raise ExportError(f"{self.path} has decision outputs but no '{KEY}image_threshold' metadata; {again}")
@@ -137,8 +141,8 @@ class DeployedModel:
             raise ExportError(f"{self.path}: its metadata '{KEY}{name}' is not a number ({text!r}); {again}") from err
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Outputs by name for a batch of model inputs, uint8 [B, S, S, 3]."""
-        expected = (self.image_size, self.image_size, 3)
+        """Outputs by name for a batch of model inputs, uint8 [B, H, W, 3]."""
+        expected = (*self.input_size, 3)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise ExportError(f"the model takes uint8 images [B, {', '.join(map(str, expected))}], got {images.dtype} {list(images.shape)}")
         if self.runtime == "onnxruntime":

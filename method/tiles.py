@@ -1,16 +1,19 @@
 """High resolution by tiles: the method on images far larger than the backbone's usual input, in bounded memory.
 
 With `tile_size` set, an image is resized so that its longer side is `image_size` (aspect kept, each side a
-multiple of ALIGN pixels), and cut into square tiles of `tile_size` pixels that overlap their neighbours by
-`tile_overlap`. Each tile goes through the backbone and Eq. 1-2 on its own; of each tile, only the patches nearer
-its own centre than any other tile's are kept (the overlap is split down its middle), so every cell of the image's
-patch grid comes from exactly one tile, at least tile_overlap / 2 pixels from that tile's inner edges: one grid, no
-gaps, no cell twice. The grid is the one a backbone run on the whole image would have: a cell of `cell` pixels
-(8 for layer2), H / cell x W / cell cells. What differs from a whole-image run is only what a tile's border
-padding changes in its kept cells, which the overlap keeps away from them.
+multiple of 32 pixels: plumbing/image_io.working_size, torch-free, for the exported model's runner), and cut into
+square tiles of `tile_size` pixels that overlap their neighbours by `tile_overlap`. Each tile goes through the
+backbone and Eq. 1-2 on its own; of each tile, only the patches nearer its own centre than any other tile's are kept
+(the overlap is split down its middle), so every cell of the image's patch grid comes from exactly one tile, at least
+tile_overlap / 2 pixels from that tile's inner edges: one grid, no gaps, no cell twice. The grid is the one a
+backbone run on the whole image would have: a cell of `cell` pixels (8 for layer2), H / cell x W / cell cells. What
+differs from a whole-image run is only what a tile's border padding changes in its kept cells, which the overlap
+keeps away from them.
 
 Scoring goes a tile at a time (AnomalyScorer): each tile's kept patches are searched as they come, so that the
-memory in flight is one group of tiles' activations and the images' maps, whatever the image's size.
+memory in flight is one group of tiles' activations and the images' maps, whatever the image's size. The exported
+graph (onnx_export.py) has one fixed input size: it runs all of an image's tiles through the backbone at once and
+scores the stitched grid (stitched_patches with group None), the same scores.
 """
 
 from __future__ import annotations
@@ -19,15 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-
-ALIGN = 32  # working sizes, tiles and overlaps are multiples of it: every layer's grid (stride 8 to 32) then aligns
-
-
-def working_size(size: tuple[int, int], longer: int) -> tuple[int, int]:
-    """(width, height) of an image of `size` (width, height) resized so that its longer side is `longer`, the aspect
-    kept, each side rounded to a multiple of ALIGN (at least ALIGN)."""
-    scale = longer / max(size)
-    return tuple(max(ALIGN, round(side * scale / ALIGN) * ALIGN) for side in size)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -74,12 +68,13 @@ def tiles_of(height: int, width: int, tile: int, overlap: int, cell: int) -> tup
 
 
 def tile_patches(features: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]], images: torch.Tensor, tile: int,
-                 overlap: int, cell: int, group: int) -> Iterator[tuple[Tile, torch.Tensor]]:  # fmt: skip
+                 overlap: int, cell: int, group: int | None) -> Iterator[tuple[Tile, torch.Tensor]]:  # fmt: skip
     """Each tile of a batch of images [B, 3, H, W] with the patch features [B, rows, cols, C] it keeps, `group` tile
-    crops through `features` (the untiled patch features: crops -> ([n, h*w, C], (h, w))) at a time."""
-    b = len(images)
+    crops through `features` (the untiled patch features: crops -> ([n, h*w, C], (h, w))) at a time; None: every tile
+    of the batch in one run (a number of runs that does not depend on the batch, as an exported graph needs)."""
+    b = images.shape[0]  # not len(): a symbolic batch stays symbolic in an export
     tiles, _ = tiles_of(images.shape[-2], images.shape[-1], tile, overlap, cell)
-    per_group = max(1, group // b)  # tiles per backbone run: about `group` crops
+    per_group = len(tiles) if group is None else max(1, group // b)  # tiles per backbone run: about `group` crops, or all
     for first in range(0, len(tiles), per_group):
         chosen = tiles[first : first + per_group]
         crops = torch.cat([images[:, :, t.y : t.y + tile, t.x : t.x + tile] for t in chosen])
@@ -90,13 +85,13 @@ def tile_patches(features: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[in
 
 
 def stitched_patches(features: Callable[[torch.Tensor], tuple[torch.Tensor, tuple[int, int]]], images: torch.Tensor, tile: int,
-                     overlap: int, cell: int, group: int) -> tuple[torch.Tensor, tuple[int, int]]:  # fmt: skip
+                     overlap: int, cell: int, group: int | None) -> tuple[torch.Tensor, tuple[int, int]]:  # fmt: skip
     """The patch features of whole images [B, N, C] (N = the image's grid, row by row) from their tiles, and the grid."""
     _, grid = tiles_of(images.shape[-2], images.shape[-1], tile, overlap, cell)
     out = None
     for t, patches in tile_patches(features, images, tile, overlap, cell, group):
         if out is None:
-            out = patches.new_empty(len(images), *grid, patches.shape[-1])
+            out = patches.new_empty(images.shape[0], *grid, patches.shape[-1])
         out[:, t.rows, t.cols] = patches
     return out.flatten(1, 2), grid
 

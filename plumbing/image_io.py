@@ -3,6 +3,7 @@ runner (predict_onnx.py).
 
   load_rgb      any PNG/JPEG/BMP/TIFF (grey, RGBA, palette, 16-bit) as 8-bit RGB
   find_images   the image files of a folder or a glob, each checked readable
+  working_size  a tiled model's input size for an image
   model_input   an image on the model's input grid as uint8, exactly as dataset.Preprocess resizes and crops it
   heatmap_panel input | heatmap | predicted region | colour bar, drawn without matplotlib (evaluate.py's and the runner's)
   heatmap_names the heatmap file of each image (evaluate.py's and the runner's)
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+ALIGN = 32  # tiled inputs' sides are multiples of it, as tiles and overlaps are: every layer's grid (stride 8 to 32) then aligns
 
 
 class DataError(Exception):
@@ -98,18 +100,26 @@ def find_images(spec: str) -> list[Path]:
     return images
 
 
-def model_input(image: Image.Image, resize: int, image_size: int, crop: str) -> np.ndarray:
-    """An 8-bit RGB image on the model's input grid, uint8 [image_size, image_size, 3]: what dataset.Preprocess
-    makes of it before ToTensor and Normalize (which an exported graph does itself), pixel for pixel.
+def working_size(size: tuple[int, int], longer: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` (width, height) resized so that its longer side is `longer`, the aspect
+    kept, each side rounded to a multiple of ALIGN (at least ALIGN): a tiled model's input (method/tiles.py)."""
+    scale = longer / max(size)
+    return tuple(max(ALIGN, round(side * scale / ALIGN) * ALIGN) for side in size)
+
+
+def model_input(image: Image.Image, resize: int, image_size: int, crop: str, tile_size: int = 0) -> np.ndarray:
+    """An 8-bit RGB image on the model's input grid, uint8 [height, width, 3]: what dataset.Preprocess makes of it
+    before ToTensor and Normalize (which an exported graph does itself), pixel for pixel.
 
     crop 'center': torchvision's Resize(resize) on a PIL image: the shorter side to `resize`, the longer to
     int(resize * long / short), with PIL's BILINEAR (antialiased when shrinking), skipped when the size is already
     right; then CenterCrop(image_size): offsets int(round((side - image_size) / 2)), Python's round (half to even).
-    crop 'none': the whole image resized to image_size x image_size the same way.
+    crop 'none': the whole image resized to image_size x image_size the same way; with tile_size, to its working
+    size instead (working_size: the longer side image_size, the aspect kept).
     """
     width, height = image.size
     if crop == "none":
-        size = (image_size, image_size)
+        size = working_size(image.size, image_size) if tile_size else (image_size, image_size)
     else:
         short, long = min(width, height), max(width, height)
         new_short, new_long = resize, int(resize * long / short)

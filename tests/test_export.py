@@ -142,13 +142,14 @@ def test_the_runners_preprocessing_equals_datasets_pixel_for_pixel(tmp_path):
     }
     for name, image in files.items():
         image.save(tmp_path / name)
-    for resize, size, crop in ((72, 64, "center"), (73, 64, "center"), (72, 64, "none"), (64, 64, "center")):
-        pre = Preprocess(resize, size, crop=crop)
+    for resize, size, crop, tile in ((72, 64, "center", 0), (73, 64, "center", 0), (72, 64, "none", 0), (64, 64, "center", 0),
+                                     (72, 96, "none", 64), (72, 160, "none", 64)):  # fmt: skip
+        pre = Preprocess(resize, size, crop=crop, tile_size=tile)
         for name in files:
             rgb = load_rgb(tmp_path / name)
             undone = (pre.image(rgb).permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN) * 255
             assert np.abs(undone - np.round(undone)).max() < 1e-3  # dataset.py's values are whole 8-bit levels, undone
-            got = model_input(rgb, resize, size, crop)
+            got = model_input(rgb, resize, size, crop, tile)
             assert got.dtype == np.uint8 and np.array_equal(got, np.round(undone).astype(np.uint8)), (name, resize, crop)
 
 

@@ -2,13 +2,19 @@
 features and tile-by-tile scores against a hand-made stitch and a float64 brute-force search, the seams, a small
 defect on a large image found with tiles and lost at 224 px, and the one-line refusals."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
+from test_export import TRAINING_STACK, run_without
 
-from method.tiles import kept_cells, tile_starts, tiles_of, working_size
+from deploy.onnx_export import export_onnx
+from method.tiles import kept_cells, tile_starts, tiles_of
 from patchcore import PatchCore
+from plumbing.bank import BankError, load_bank, save_bank
+from plumbing.image_io import working_size
 from scripts import SMALL, one_line_error, run
 from synthetic import _normal_part, make_synthetic_scene
 
@@ -141,8 +147,35 @@ def test_tiles_on_an_mvtec_ad2_scene_end_to_end(tmp_path):
     assert '"tile_size": 128' in metrics and '"au_pro_0.05"' in metrics
     maps = np.load(tmp_path / "out" / "scene" / "anomaly_maps.npz")
     assert all(maps[name].shape == (224, 320) for name in maps.files)
+    # the export: its graph takes the training images' working size (320 x 224) and scores as evaluate.py --images,
+    # run by predict_onnx.py without torch
     exported = run("export.py", "--output_dir", tmp_path / "out", "--category", "scene")
-    assert "tiled banks cannot be exported yet" in one_line_error(exported)
+    assert exported.returncode == 0, exported.stderr
+    assert "input: images, uint8 RGB [batch, 224, 320, 3]" in exported.stdout
+    images = f"{tmp_path}/data/scene/test_public/*/*.png"
+    expected = run("evaluate.py", *common, "--images", images)
+    assert expected.returncode == 0, expected.stderr
+    expected = json.loads((tmp_path / "out" / "scene" / "inference" / "scores.json").read_text())["images"]
+    model = tmp_path / "out" / "scene" / "patchcore.onnx"
+    ran = run_without(TRAINING_STACK, "predict_onnx.py", model, images, "--output_dir", tmp_path / "onnx", "--batch_size", "3")
+    assert ran.returncode == 0, ran.stderr
+    got = json.loads((tmp_path / "onnx" / "scores.json").read_text())["images"]
+    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 4
+    assert [r["decision"] for r in got] == [r["decision"] for r in expected]
+    for mine, theirs in zip(got, expected):
+        assert mine["score"] == pytest.approx(theirs["score"], rel=1e-4)  # as the untiled export's check (measured: 5.6e-7)
+    # an image of another aspect takes another working size, which the graph cannot take: one line, nothing written
+    Image.new("RGB", (224, 320)).save(tmp_path / "portrait.png")
+    refused = run_without(TRAINING_STACK, "predict_onnx.py", model, tmp_path / "portrait.png", "--output_dir", tmp_path / "refused")
+    assert "portrait.png becomes 224x320 pixels at image size 320, but patchcore.onnx takes 320x224" in one_line_error(refused)
+    assert not (tmp_path / "refused").exists()
+    # a tiled bank from before banks recorded their images' size cannot tell the graph's input: refused in one line
+    bank, header = load_bank(tmp_path / "out" / "scene" / "memory_bank.npz")
+    header["train"].pop("input_size")
+    fields = {k: v for k, v in header.items() if k not in ("format", "format_version", "sha256")}
+    save_bank(tmp_path / "old" / "memory_bank.npz", bank, fields)
+    with pytest.raises(BankError, match="before banks recorded their training images' size"):
+        export_onnx(tmp_path / "old" / "memory_bank.npz", tmp_path / "old" / "patchcore.onnx")
 
 
 @pytest.mark.parametrize("extra, expected, code", [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from plumbing.files import NpzWriter, staging, write_json
 from plumbing.image_io import find_images, heatmap_names, heatmap_panel, load_rgb, resize_map
 from plumbing.system import device_name, warn_once
 from reporting.metrics import ad2_metrics, compute_metrics
+from reporting.pixel_curves import PixelCurves
 from reporting.report import mask_outline, plot_histogram, plot_roc, save_heatmap, write_summary
 from reporting.report_page import save_thumbnail, thumbnail_name, write_images_page, write_report_page
 
@@ -65,8 +67,8 @@ def parse_args() -> argparse.Namespace:
         default="model",
         choices=["model", "original"],
         help="pixel metrics at the model's input resolution (default), or at each image's own, as MVTec AD's evaluation does "
-        "(banks trained with --crop none; needs memory for every full-size map); always the image's own on MVTec AD 2 and "
-        "for banks trained with --tile_size",
+        "(banks trained with --crop none; counted as they come, in memory that does not grow with the images); always the "
+        "image's own on MVTec AD 2 and for banks trained with --tile_size",
     )
     parser.add_argument(
         "--ad2_threshold",
@@ -145,8 +147,8 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         )
     n, size = len(dataset), config.image_size
     scores, labels = np.empty(n), np.empty(n, np.int64)
-    if at_original:  # each image's own size: lists
-        maps, masks = [], []
+    if at_original:  # each image's own size: counted into the pixel curves as they come (the maps wait on disk for the heatmaps)
+        masks, maps = None, PixelCurves([t for t in (calibration.pixel_threshold, calibration.mean_3std_pixel_threshold) if t is not None])
     else:
         maps, masks = np.empty((n, size, size), np.float32), np.empty((n, size, size), bool)
     if transductive:  # every member's scores and maps, normalised once the whole test set is in
@@ -154,6 +156,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
     paths, defects, decided = [], [], None
     with staging(out_dir) as stage:
         start, i = time.perf_counter(), 0
+        full_maps = stage / ".maps_at_original"  # float32 maps at each image's own size, one file each, until the heatmaps are drawn
         with NpzWriter(stage / "anomaly_maps.npz", compress=True) as raw:
 
             def keep_raw(index: int, path: str, anomaly_map: np.ndarray) -> None:
@@ -161,8 +164,9 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
                     anomaly_map = resize_map(anomaly_map, dataset.original_size(index))
                 raw.add(path, anomaly_map.astype(np.float16))
                 if at_original:
-                    maps.append(anomaly_map)
-                    masks.append(dataset.original_mask(index))
+                    maps.add(anomaly_map, dataset.original_mask(index))
+                    full_maps.mkdir(exist_ok=True)
+                    np.save(full_maps / f"{index}.npy", anomaly_map.astype(np.float32))
 
             for images, batch_labels, batch_masks, batch_paths, batch_defects in tqdm(
                 make_loader(dataset, args, model.device), desc=f"{category} test", unit="batch"
@@ -205,14 +209,15 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
             "n_defective": int((labels == 1).sum()),
             "computed_on": f"image metrics: all {n} test images; pixel metrics: every pixel of every test image, "
             f"at {where}, with the {config.protocol} protocol's masks"
-            + (" (its rule at the image's own resolution, no resize or crop)" if at_original else ""),
+            + (" (its rule at the image's own resolution, no resize or crop; the curves from scores in bins 2.4e-4 wide, "
+               "relative, the rates at the calibrated thresholds exact: reporting/pixel_curves.py)" if at_original else ""),
             "pixel_metrics_at": "original" if at_original else "model",
             "image_score": image_score_text(model, transductive),
             "backbone_precision": model.amp if model.amp == config.amp else f"{model.amp} (the bank's {config.amp} is not native here)",
             "patch_score": "squared L2 distance (official)" if config.protocol == "official" else "L2 distance (Eq. 6)",
             "nearest_neighbour_search": model.search_name(),
             "heatmap_scale": (calibration.heatmap_scale if on_calibrated_scale else None)
-            or [min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)],
+            or ([maps.low, maps.high] if at_original else [float(maps.min()), float(maps.max())]),
             "heatmap_region": "at the calibrated pixel threshold" if on_calibrated_scale else "at the labelled pixel F1 threshold",
             "thresholds_on_scores": not transductive,  # else they apply to the inductive combination, normalized_score x threshold
             "calibration": calibration.to_dict(),
@@ -245,7 +250,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
         if whole:
             for i in tqdm(range(n), desc=f"{category} heatmaps", unit="img"):
                 rgb, mask = dataset.original(i)
-                anomaly_map = maps[i] if at_original else resize_map(maps[i], rgb.size)
+                anomaly_map = np.load(full_maps / f"{i}.npy") if at_original else resize_map(maps[i], rgb.size)
                 panel = heatmap_panel(np.asarray(rgb, np.float64), anomaly_map, vmin, vmax, threshold, mask_outline(mask))
                 save_heatmap(stage / "anomaly_maps" / names[i], panel)
                 save_thumbnail(stage / thumbnail_name(names[i]), panel, rgb.size[0])
@@ -257,6 +262,7 @@ def evaluate_category(args: argparse.Namespace, category: str) -> dict:
                     save_heatmap(stage / "anomaly_maps" / names[i], panel)
                     save_thumbnail(stage / thumbnail_name(names[i]), panel, image.shape[-1])
                     i += 1
+        shutil.rmtree(full_maps, ignore_errors=True)
         plot_roc(stage / "roc.png", labels, scores, metrics["image_auroc"], category)
         plot_histogram(stage / "score_hist.png", labels, scores, metrics["image_f1_threshold"], category)
         records = [

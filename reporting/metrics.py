@@ -52,6 +52,11 @@ def _pixels(arrays) -> np.ndarray:
     return np.asarray(arrays).ravel()
 
 
+def defect_regions(defect: np.ndarray) -> tuple[np.ndarray, int]:
+    """A boolean mask's 8-connected regions: (labels 1..count, 0 outside), count), as MVTec AD's evaluation has them."""
+    return ndimage.label(defect, structure=np.ones((3, 3)))
+
+
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-region-overlap curve: (FPR, PRO) at every distinct score, from (0, 0) to (1, 1).
 
@@ -62,7 +67,7 @@ def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """
     regions, n_regions = [], 0
     for mask in masks:
-        labelled, count = ndimage.label(np.asarray(mask) > 0.5, structure=np.ones((3, 3)))
+        labelled, count = defect_regions(np.asarray(mask) > 0.5)
         regions.append(np.where(labelled > 0, labelled + n_regions, 0).ravel())
         n_regions += count
     flat = np.concatenate(regions)
@@ -85,7 +90,11 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float | None, str | None
     reason = _one_class(_pixels(masks) > 0.5, "test pixel")
     if reason:
         return None, reason
-    fpr, pro = pro_curve(masks, maps)
+    return pro_area(*pro_curve(masks, maps), fpr_limit), None
+
+
+def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """The area under a PRO curve (ascending FPR from 0) up to fpr_limit, by the trapezoid rule, over fpr_limit."""
     keep = fpr <= fpr_limit
     x, y = fpr[keep], pro[keep]
     if x[-1] < fpr_limit:  # close the area at the limit, interpolating on the segment that crosses it
@@ -93,7 +102,7 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float | None, str | None
         y_limit = pro[after - 1] + (pro[after] - pro[after - 1]) * (fpr_limit - fpr[after - 1]) / (fpr[after] - fpr[after - 1])
         x, y = np.r_[x, fpr_limit], np.r_[y, y_limit]
     area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)  # trapezoid rule
-    return float(area / fpr_limit), None
+    return float(area / fpr_limit)
 
 
 def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
@@ -129,20 +138,28 @@ def f1_at(labels, scores, threshold: float) -> float | None:
     return 2 * tp / (2 * tp + int((~labels & flagged).sum()) + int((labels & ~flagged).sum()))
 
 
-def ad2_metrics(labels: np.ndarray, scores: np.ndarray, masks: list, maps: list, calibration: Calibration) -> dict:
+def ad2_metrics(labels: np.ndarray, scores: np.ndarray, masks: list | None, maps, calibration: Calibration) -> dict:
     """MVTec AD 2's metrics (Heckler-Kram et al., 2025) on its labelled test split, each map and mask at its image's
     own size: AU-PRO up to a false-positive rate of 0.05 (the benchmark's main metric) and of 0.3; SegF1, the pixel
     F1 with every test pixel pooled, at the pixel threshold set on validation/good (calibrated) and at the benchmark's
-    own rule (mean + 3 std of the validation pixels); the image F1 at the calibrated image threshold."""
+    own rule (mean + 3 std of the validation pixels); the image F1 at the calibrated image threshold. masks and maps:
+    lists of per-image arrays, or None and a pixel_curves.PixelCurves that holds them (with exact counts at the
+    calibrated thresholds), as evaluate.py streams them."""
+    from reporting.pixel_curves import PixelCurves
+
+    streamed = isinstance(maps, PixelCurves)
     result = {}
     for limit in (0.05, 0.3):
-        result[f"au_pro_{limit:g}"], reason = aupro(masks, maps, fpr_limit=limit)
+        result[f"au_pro_{limit:g}"], reason = maps.aupro(fpr_limit=limit) if streamed else aupro(masks, maps, fpr_limit=limit)
         if reason:
             result[f"au_pro_{limit:g}_undefined"] = reason
     if calibration.calibrated:
-        result["seg_f1"] = f1_at([m > 0.5 for m in masks], maps, calibration.pixel_threshold)
-        result["seg_f1_mean_3std"] = (None if calibration.mean_3std_pixel_threshold is None
-                                      else f1_at([m > 0.5 for m in masks], maps, calibration.mean_3std_pixel_threshold))  # fmt: skip
+        def seg_f1(threshold: float | None) -> float | None:
+            if threshold is None:
+                return None
+            return maps.f1_at(threshold) if streamed else f1_at([m > 0.5 for m in masks], maps, threshold)
+
+        result["seg_f1"], result["seg_f1_mean_3std"] = seg_f1(calibration.pixel_threshold), seg_f1(calibration.mean_3std_pixel_threshold)
         result["image_f1"] = f1_at(labels, scores, calibration.image_threshold)
         result["thresholds"] = {"image": calibration.image_threshold, "pixel": calibration.pixel_threshold,
                                 "pixel_mean_3std": calibration.mean_3std_pixel_threshold, "from": calibration.images()}  # fmt: skip
@@ -164,30 +181,40 @@ def compute_metrics(
     """Every metric of a category's test split; pixel metrics over all pixels of all test images, and, as the
     released code reports them too, over the defective images alone (pixel_auroc_defective, aupro_defective).
 
-    masks and maps: [N, H, W] arrays or lists of per-image arrays. `no_masks`: why there is no
+    masks and maps: [N, H, W] arrays or lists of per-image arrays, or None and a pixel_curves.PixelCurves that holds
+    them (maps streamed at each image's own size; its thresholds, the calibrated pixel one). `no_masks`: why there is no
     pixel ground truth (masks is then ignored, and every pixel metric is None with that reason).
     `calibration` (thresholds set on good images, thresholds.calibrate): the false-positive rate
     and recall it gives at image and pixel level, beside the F1-optimal thresholds, on `decided`
     (scores, maps) where the thresholds apply to other scores than the metrics' (an official ensemble's).
     """
+    from reporting.pixel_curves import PixelCurves
+
     metrics: dict = {}
     reasons: dict = {}
-    pixel_labels, pixel_scores = (None, None) if no_masks else (_pixels(masks) > 0.5, _pixels(maps))
-    defective = [] if no_masks else [i for i, mask in enumerate(masks) if (np.asarray(mask) > 0.5).any()]
-    for name, compute in {
-        "image_auroc": lambda: auroc(labels, scores, "test image"),
+    streamed = isinstance(maps, PixelCurves)
+    pixel_labels, pixel_scores = (None, None) if no_masks or streamed else (_pixels(masks) > 0.5, _pixels(maps))
+    defective = [] if no_masks or streamed else [i for i, mask in enumerate(masks) if (np.asarray(mask) > 0.5).any()]
+    pixel = {
         "pixel_auroc": lambda: auroc(pixel_labels, pixel_scores, "test pixel"),
         "aupro": lambda: aupro(masks, maps),
         "pixel_auroc_defective": lambda: auroc(_pixels([masks[i] for i in defective]) > 0.5, _pixels([maps[i] for i in defective]),
                                                "pixel of the defective test images"),  # fmt: skip
         "aupro_defective": lambda: aupro([masks[i] for i in defective], [maps[i] for i in defective]),
-    }.items():
+    }
+    if streamed:
+        pixel = {"pixel_auroc": maps.auroc, "aupro": maps.aupro, "pixel_auroc_defective": lambda: maps.auroc(defective_images=True),
+                 "aupro_defective": lambda: maps.aupro(defective_images=True)}  # fmt: skip
+    for name, compute in {"image_auroc": lambda: auroc(labels, scores, "test image"), **pixel}.items():
         value, reason = (None, no_masks) if no_masks and name != "image_auroc" else compute()
         metrics[name] = value
         if reason:
             reasons[name] = reason
     for level, (y, s) in {"image": (labels, scores), "pixel": (pixel_labels, pixel_scores)}.items():
-        value, threshold, reason = (None, None, no_masks) if no_masks and level == "pixel" else f1_max(y, s, f"test {level}")
+        if no_masks and level == "pixel":
+            value, threshold, reason = None, None, no_masks
+        else:
+            value, threshold, reason = maps.f1_max() if streamed and level == "pixel" else f1_max(y, s, f"test {level}")
         metrics[f"{level}_f1_max"], metrics[f"{level}_f1_threshold"] = value, threshold
         if reason:
             reasons[f"{level}_f1_max"] = reason
@@ -197,9 +224,11 @@ def compute_metrics(
               "target_fpr": calibration.target_fpr, "expected_fpr": calibration.expected_fpr}  # fmt: skip
         decided_scores, decided_pixels = (scores, pixel_scores) if decided is None else (decided[0], _pixels(decided[1]))
         at["image_fpr"], at["image_recall"] = rates_at(labels, decided_scores, calibration.image_threshold)
-        at["pixel_fpr"], at["pixel_recall"] = (
-            (None, None) if no_masks else rates_at(pixel_labels, decided_pixels, calibration.pixel_threshold)
-        )
+        if no_masks:
+            at["pixel_fpr"], at["pixel_recall"] = None, None
+        else:
+            at["pixel_fpr"], at["pixel_recall"] = (maps.rates_at(calibration.pixel_threshold) if streamed
+                                                   else rates_at(pixel_labels, decided_pixels, calibration.pixel_threshold))  # fmt: skip
         at["f1_image_threshold"], at["f1_pixel_threshold"] = metrics["image_f1_threshold"], metrics["pixel_f1_threshold"]
         metrics["at_calibrated_thresholds"] = at
     if reasons:

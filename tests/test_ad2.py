@@ -15,6 +15,7 @@ from PIL import Image
 from dataset import CategoryDataset, find_layout, list_categories
 from patchcore import PatchCore, PatchCoreConfig
 from plumbing.image_io import DataError
+from reporting.metrics import aupro, auroc
 from scripts import SMALL, one_line_error, run
 from synthetic import make_synthetic_scene
 
@@ -108,13 +109,21 @@ def test_evaluate_reports_the_benchmarks_metrics_at_each_images_own_size(scored)
     raw = np.load(out / "scene" / "anomaly_maps.npz")
     test = CategoryDataset(root, "scene", "test", PatchCore.from_bank(out / "scene" / "memory_bank.npz", device="cpu").config.preprocess())
     tp = fp = fn = 0
+    kept_maps, kept_masks = [], []
     for i in range(len(test)):
         anomaly_map = raw[test.relative_path(i)].astype(np.float32)
         mask = np.asarray(Image.open(test.samples[i].mask)) > 127 if test.samples[i].mask else np.zeros(SIZE[::-1], bool)
         assert anomaly_map.shape == mask.shape == SIZE[::-1]
         flagged = anomaly_map >= ad2["thresholds"]["pixel"]
         tp, fp, fn = tp + (flagged & mask).sum(), fp + (flagged & ~mask).sum(), fn + (~flagged & mask).sum()
+        kept_maps.append(anomaly_map)
+        kept_masks.append(mask)
     assert ad2["seg_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=0.02)  # float16 maps: pixels at the threshold may flip
+    # the streamed curves (reporting/pixel_curves.py) against metrics.py's exact sort of every pixel of those maps
+    for limit in (0.05, 0.3):
+        assert ad2[f"au_pro_{limit:g}"] == pytest.approx(aupro(kept_masks, kept_maps, limit)[0], abs=0.01)
+    labels, scores = np.concatenate([m.ravel() for m in kept_masks]), np.concatenate([m.ravel() for m in kept_maps])
+    assert metrics["pixel_auroc"] == pytest.approx(auroc(labels, scores)[0], abs=1e-3)
     summary = (out / "summary.md").read_text()
     assert "## MVTec AD 2 (percent)" in summary and "| *paper's PatchCore, mean of 8 scenes (TEST_priv)* | 28.8 | n/a | 3.7 |" in summary
     assert "arXiv 2503.21622" in summary

@@ -628,6 +628,7 @@ def test_whole_image_maps_land_on_the_original_image(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "w" / "metrics.json").read_text())
     assert metrics["pixel_metrics_at"] == "original" and "each image's own resolution (the whole image)" in metrics["computed_on"]
+    assert not list((tmp_path / "out").rglob(".maps_at_original"))  # the full-size maps the heatmaps were drawn from: gone
 
 
 def test_config_options_are_parsed_by_each_fields_real_type():

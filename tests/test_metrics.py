@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from reporting.metrics import ad2_metrics, aupro, auroc, compute_metrics, f1_at, f1_max, per_defect_auroc, pro_curve
+from reporting.metrics import ad2_metrics, aupro, auroc, compute_metrics, f1_at, f1_max, per_defect_auroc, pro_curve, rates_at
 
 
 def test_auroc_hand_computed():
@@ -136,3 +136,63 @@ def test_ad2_metrics_at_the_thresholds_from_validation():
     assert result["seg_f1"] == pytest.approx(0.0)  # at 0.6 only the 3 false pixels are flagged
     assert result["seg_f1_mean_3std"] == pytest.approx(2 * 4 / (2 * 4 + 3))  # at 0.4: the region and the 3
     assert result["image_f1"] == pytest.approx(1.0) and result["thresholds"]["from"] == "5 validation/good images"
+
+
+def _scene_maps(seed: int, tied: bool) -> tuple[list, list]:
+    """Maps and masks of several sizes (one image without a defect, one with two regions), smooth scores higher in the
+    defects; tied: whole numbers 0..40 only, each the lower edge of its bin."""
+    rng = np.random.default_rng(seed)
+    masks, maps = [], []
+    for h, w, boxes in ((37, 53, [(5, 9, 12, 20)]), (64, 64, []), (20, 90, [(2, 5, 6, 15), (10, 60, 18, 75)]), (48, 30, [(30, 3, 47, 10)])):
+        mask = np.zeros((h, w), bool)
+        for top, left, bottom, right in boxes:
+            mask[top:bottom, left:right] = True
+        values = rng.gamma(2.0, 1.0, (h, w)) + 2.5 * mask * rng.random((h, w))
+        maps.append(np.floor(values * 6).astype(np.float32) if tied else values.astype(np.float32))
+        masks.append(mask)
+    return masks, maps
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_pixel_curves_are_the_exact_metrics_on_binned_scores(tied):
+    """reporting/pixel_curves.py against metrics.py's exact sort over every pixel: with whole-number scores (each the
+    lower edge of its bin, many ties) the same to float rounding, which checks the ties; with continuous scores within
+    what bins 2.4e-4 wide allow; at the thresholds given up front exactly the same counts."""
+    from reporting.pixel_curves import PixelCurves, bins, lower_edge
+
+    masks, maps = _scene_maps(1, tied)
+    thresholds = [3.0, float(np.quantile(np.concatenate([m.ravel() for m in maps]), 0.9))]
+    curves = PixelCurves(thresholds)
+    for anomaly_map, mask in zip(maps, masks):
+        curves.add(anomaly_map, mask)
+    defective = [i for i, m in enumerate(masks) if m.any()]
+    labels, scores = np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps])
+    tolerance = 1e-12 if tied else 2e-4  # measured over 20 seeds: continuous scores at most 1.7e-4 apart
+    assert curves.auroc()[0] == pytest.approx(auroc(labels, scores)[0], abs=tolerance)
+    only = [masks[i] for i in defective], [maps[i] for i in defective]
+    exact = auroc(np.concatenate([m.ravel() for m in only[0]]), np.concatenate([m.ravel() for m in only[1]]))[0]
+    assert curves.auroc(defective_images=True)[0] == pytest.approx(exact, abs=tolerance)
+    for limit in (0.05, 0.3):
+        assert curves.aupro(limit)[0] == pytest.approx(aupro(masks, maps, limit)[0], abs=tolerance)
+    assert curves.aupro(defective_images=True)[0] == pytest.approx(aupro(*only)[0], abs=tolerance)
+    value, threshold, _ = curves.f1_max()
+    assert value == pytest.approx(f1_max(labels, scores)[0], abs=tolerance)
+    assert value == pytest.approx(f1_at(masks, maps, threshold), abs=1e-12)  # its threshold gives its F1, exactly
+    for t in thresholds:
+        assert curves.f1_at(t) == f1_at(masks, maps, t) and curves.rates_at(t) == rates_at(labels, scores, t)
+    assert (curves.low, curves.high) == (float(scores.min()), float(scores.max()))
+    values = np.sort(np.random.default_rng(0).normal(0, 100, 10_000).astype(np.float32))
+    key = bins(values)
+    assert np.all(np.diff(key) >= 0)  # the bins keep the values' order, negative ones too
+    assert all(lower_edge(b) <= v < lower_edge(b + 1) for b, v in zip(key[::97], values[::97]))
+
+
+def test_streamed_pixel_curves_say_what_is_undefined_and_take_only_their_thresholds():
+    from reporting.pixel_curves import PixelCurves
+
+    curves = PixelCurves([0.5])
+    curves.add(np.ones((4, 4)), np.zeros((4, 4)))
+    assert curves.auroc() == (None, "undefined: every test pixel is good") and curves.f1_at(0.5) is None
+    assert curves.aupro(defective_images=True) == (None, "undefined: every pixel of the defective test images is good")
+    with pytest.raises(ValueError, match="no exact counts at 0.7"):
+        curves.f1_at(0.7)

@@ -283,6 +283,23 @@ def stage_tiles(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
         record(rows, f"tiles: evaluate.py at {longer} px", working=f"{work_w}x{work_h}", megapixels=round(megapixels, 2),
                seconds=round(seconds, 1), s_per_megapixel=round(seconds / (n_scored * megapixels), 2), peak_rss_gib=round(peak, 3),
                images=n_scored, au_pro_005=metrics["mvtec_ad2"]["au_pro_0.05"])  # fmt: skip
+    # evaluation's peak RSS against the number of test images, their maps and metrics at the images' own size (the pixel
+    # curves count them as they come): the first resolution's bank on scenes of --tiles_scored test_public images
+    longer, peaks, counts = int(args.tiles_resolutions.split(",")[0]), [], [int(v) for v in args.tiles_scored.split(",")]
+    for n in counts:
+        scene, out = work / f"tiles-scored{n}", work / f"tiles-scored{n}-out"
+        make_synthetic_scene(scene, "scene", size=(width, height), defect_px=16, seed=4, n_train=1, n_validation=1,
+                             n_test_good=n // 2, n_test_bad=n - n // 2, n_private=1)  # fmt: skip
+        (out / "scene").mkdir(parents=True)
+        shutil.copy(work / f"tiles-{longer}" / "scene" / "memory_bank.npz", out / "scene" / "memory_bank.npz")
+        seconds, peak, _ = run_child(["evaluate.py", "--data_path", str(scene), "--category", "scene", "--output_dir", str(out),
+                                      "--device", args.device])  # fmt: skip
+        peaks.append(peak)
+        record(rows, f"tiles: evaluate.py at {longer} px, {n} test images", seconds=round(seconds, 1), peak_rss_gib=round(peak, 3),
+               images=n + 2, original=f"{width}x{height}")  # fmt: skip
+    growth = (peaks[-1] - peaks[0]) * 1024 / (counts[-1] - counts[0])
+    record(rows, f"tiles: evaluate.py at {longer} px: growth", mib_per_test_image=round(growth, 1),
+           map_and_mask_mib_per_test_image=round(width * height * 5 / 2**20, 1))  # fmt: skip
 
 
 def stage_presets(args: argparse.Namespace, work: Path, rows: list[dict]) -> None:
@@ -652,6 +669,8 @@ def main() -> None:
     parser.add_argument("--tiles_tile", type=int, default=512, help="tiles stage: --tile_size (default: 512)")
     parser.add_argument("--tiles_ratio", type=float, default=0.01, help="tiles stage: --coreset_ratio (default: 0.01)")
     parser.add_argument("--tiles_train", type=int, default=6, help="tiles stage: training images (default: 6)")
+    parser.add_argument("--tiles_scored", default="4,16",
+                        help="tiles stage: test_public sizes whose evaluation peak RSS is compared (default: 4,16)")  # fmt: skip
     parser.add_argument("--deploy_test", type=int, default=48, help="test images of the deploy stage (default: 48)")
     parser.add_argument("--deploy_venv", default=None,
                         help="deploy stage: a venv with requirements-deploy.txt and openvino installed (default: make one with pip, "

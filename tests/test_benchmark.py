@@ -15,7 +15,7 @@ def test_benchmark_small_run(tmp_path):
                "--equal_n", "150", "--e2e_images", "3", "--memory_images", "2,4", "--memory_scored", "2,4", "--large_images", "3",
                "--search_test", "6", "--repeats", "2", "--deploy_test", "6",
                "--tiles_size", "320x224", "--tiles_resolutions", "256,320", "--tiles_tile", "128", "--tiles_ratio", "0.05",
-               "--tiles_train", "3",
+               "--tiles_train", "3", "--tiles_scored", "2,4",
                "--deploy_venv", sys.prefix, "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -58,3 +58,5 @@ def test_benchmark_small_run(tmp_path):
         for script in ("train.py", "evaluate.py"):
             row = rows[f"tiles: {script} at {longer} px"]
             assert row["working"] == working and row["s_per_megapixel"] > 0 and row["peak_rss_gib"] > 0.2
+    assert rows["tiles: evaluate.py at 256 px, 4 test images"]["images"] == 6
+    assert "mib_per_test_image" in rows["tiles: evaluate.py at 256 px: growth"]

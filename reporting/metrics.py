@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+from reporting.pixel_curves import PixelCurves, defect_regions, pro_area
 
 if TYPE_CHECKING:
     from method.thresholds import Calibration
@@ -52,11 +53,6 @@ def _pixels(arrays) -> np.ndarray:
     return np.asarray(arrays).ravel()
 
 
-def defect_regions(defect: np.ndarray) -> tuple[np.ndarray, int]:
-    """A boolean mask's 8-connected regions: (labels 1..count, 0 outside), count), as MVTec AD's evaluation has them."""
-    return ndimage.label(defect, structure=np.ones((3, 3)))
-
-
 def pro_curve(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-region-overlap curve: (FPR, PRO) at every distinct score, from (0, 0) to (1, 1).
 
@@ -91,18 +87,6 @@ def aupro(masks, maps, fpr_limit: float = 0.3) -> tuple[float | None, str | None
     if reason:
         return None, reason
     return pro_area(*pro_curve(masks, maps), fpr_limit), None
-
-
-def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """The area under a PRO curve (ascending FPR from 0) up to fpr_limit, by the trapezoid rule, over fpr_limit."""
-    keep = fpr <= fpr_limit
-    x, y = fpr[keep], pro[keep]
-    if x[-1] < fpr_limit:  # close the area at the limit, interpolating on the segment that crosses it
-        after = np.argmax(fpr > fpr_limit)
-        y_limit = pro[after - 1] + (pro[after] - pro[after - 1]) * (fpr_limit - fpr[after - 1]) / (fpr[after] - fpr[after - 1])
-        x, y = np.r_[x, fpr_limit], np.r_[y, y_limit]
-    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)  # trapezoid rule
-    return float(area / fpr_limit)
 
 
 def rates_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
@@ -145,8 +129,6 @@ def ad2_metrics(labels: np.ndarray, scores: np.ndarray, masks: list | None, maps
     own rule (mean + 3 std of the validation pixels); the image F1 at the calibrated image threshold. masks and maps:
     lists of per-image arrays, or None and a pixel_curves.PixelCurves that holds them (with exact counts at the
     calibrated thresholds), as evaluate.py streams them."""
-    from reporting.pixel_curves import PixelCurves
-
     streamed = isinstance(maps, PixelCurves)
     result = {}
     for limit in (0.05, 0.3):
@@ -188,8 +170,6 @@ def compute_metrics(
     and recall it gives at image and pixel level, beside the F1-optimal thresholds, on `decided`
     (scores, maps) where the thresholds apply to other scores than the metrics' (an official ensemble's).
     """
-    from reporting.pixel_curves import PixelCurves
-
     metrics: dict = {}
     reasons: dict = {}
     streamed = isinstance(maps, PixelCurves)

@@ -14,16 +14,33 @@ histograms as the image is scored, and the image is let go:
   - the thresholds given up front (the calibrated ones) are counted exactly, pixel by pixel: the false-positive rate,
     recall and F1 at them are exact.
 Memory: the four histograms (2^BITS bins, 64 MB at BITS = 21) and one image's map and mask at a time.
+The regions and the PRO area are metrics.py's too (defect_regions, pro_area): one rule for both.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from reporting.metrics import defect_regions, pro_area
+from scipy import ndimage
 
 BITS = 21
 SHIFT = 32 - BITS
+
+
+def defect_regions(defect: np.ndarray) -> tuple[np.ndarray, int]:
+    """A boolean mask's 8-connected regions: (labels 1..count, 0 outside), count), as MVTec AD's evaluation has them."""
+    return ndimage.label(defect, structure=np.ones((3, 3)))
+
+
+def pro_area(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """The area under a PRO curve (ascending FPR from 0) up to fpr_limit, by the trapezoid rule, over fpr_limit."""
+    keep = fpr <= fpr_limit
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < fpr_limit:  # close the area at the limit, interpolating on the segment that crosses it
+        after = np.argmax(fpr > fpr_limit)
+        y_limit = pro[after - 1] + (pro[after] - pro[after - 1]) * (fpr_limit - fpr[after - 1]) / (fpr[after] - fpr[after - 1])
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_limit]
+    area = np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)  # trapezoid rule
+    return float(area / fpr_limit)
 
 
 def bins(values: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ LAYERS = {  # lowest first: a module may import modules of its own layer or of a
     "method's parts": ["method.presets", "method.backbone", "method.config_rules", "method.coreset", "method.audit", "method.search",
                        "method.maps", "method.official", "method.tiles", "method.thresholds"],
     "model": ["dataset", "synthetic", "patchcore", "ensemble"],
-    "reporting": ["reporting.published", "reporting.metrics", "reporting.report", "reporting.report_page"],
+    "reporting": ["reporting.published", "reporting.pixel_curves", "reporting.metrics", "reporting.report", "reporting.report_page"],
     "deploy": ["deploy.onnx_model", "deploy.onnx_search", "deploy.onnx_export"],
     "drivers": ["train", "evaluate", "export", "predict_onnx"],
 }

@@ -1,6 +1,6 @@
 """Mutation check: does the test suite notice when PatchCore is computed wrongly?
 
-    python tests/mutations.py            (or: make mutations; about an hour on 2 cores)
+    python tests/mutations.py            (or: make mutations; a few hours on 2 cores)
     python tests/mutations.py --only max_to_mean,blur_off
 
 Each mutation below is a small deliberate error in a library module. One at a time, it is

@@ -258,9 +258,9 @@ def _near_ties(n_queries=60, per_query=5, spread=1e-3, seed=7, dim=64):
 
 def _hard_cases():
     """Banks and queries built to break a search that is not exact: near-ties (relative gaps of 1e-6, below float32's
-    product), rows repeated many times (ties the bank index must break), queries far from everything, a bank whose
-    variance is spread over every direction (the sketches' bound is loose), and rows on a low-dimensional patch-like
-    manifold with a large common offset (the product's cancellation is worst)."""
+    product), rows repeated many times and different rows at equal distances (ties the bank index must break), queries far
+    from everything, a bank whose variance is spread over every direction (the sketches' bound is loose), and rows on a
+    low-dimensional patch-like manifold with a large common offset (the product's cancellation is worst)."""
     rng = np.random.default_rng(11)
     cases = {"near-ties 1e-3": _near_ties(), "near-ties 1e-6": _near_ties(spread=1e-6, seed=8)}
     queries, bank = _near_ties(seed=9)
@@ -272,6 +272,12 @@ def _hard_cases():
     basis = rng.normal(size=(6, 256))
     rows = rng.normal(size=(2600, 6)) @ basis + 0.01 * rng.normal(size=(2600, 256)) + 40.0
     cases["offset manifold"] = (torch.from_numpy(rows[:100].astype(np.float32)), torch.from_numpy(rows[100:].astype(np.float32)))
+    # exact ties between different rows: q + v and q - v (whole numbers, so float64's distances are equal), in both
+    # index orders, so that for some query the higher index has the lower key and only the index can break the tie
+    queries, steps = rng.integers(-20, 21, size=(30, 32)), rng.integers(-3, 4, size=(30, 32))
+    pairs = [(q - v, q + v) if i % 2 else (q + v, q - v) for i, (q, v) in enumerate(zip(queries, steps))]
+    mirrored = np.concatenate([np.array(pairs).reshape(-1, 32), rng.integers(-20, 21, size=(300, 32))]).astype(np.float32)
+    cases["mirrored ties"] = (torch.from_numpy(queries.astype(np.float32)), torch.from_numpy(mirrored))
     return cases
 
 

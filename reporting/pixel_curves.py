@@ -79,15 +79,15 @@ class PixelCurves:
             raise ValueError(f"a map of {values.shape} against a mask of {defect.shape}")
         self.low, self.high = min(self.low, float(values.min())), max(self.high, float(values.max()))
         key, flat = bins(values), defect.ravel()
-        n = len(self.good)
-        self.defect += np.bincount(key[flat], minlength=n)
+        n, defect_keys = len(self.good), key[flat]
+        self.defect += np.bincount(defect_keys, minlength=n)
         good = np.bincount(key[~flat], minlength=n)
         self.good += good
         if flat.any():
             labelled, count = defect_regions(defect)
             sizes = np.bincount(labelled.ravel())
             self.good_in_defective += good
-            self.overlap += np.bincount(key[flat], weights=1.0 / sizes[labelled.ravel()[flat]], minlength=n)
+            self.overlap += np.bincount(defect_keys, weights=1.0 / sizes[labelled.ravel()[flat]], minlength=n)
             self.regions += count
         for threshold, counts in self.exact.items():
             flagged = values.ravel() >= threshold

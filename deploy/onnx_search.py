@@ -2,22 +2,23 @@
 onnx_export.py gives torch's ONNX exporter, so that the exported graph searches as ExactSearch does, without torch.
 
 The bounds are ExactSearch's (search.py explains them), with the same rounding margins, in the steps of one small
-block (the graph's blocks hold 32 queries, so there is one window and one slice a block, and no groups or tiles):
-  1. the queries' sketches and keys in float64; the scan's float32 product (Gemm) with the rows within `window`
-     positions of the block's keys (a Slice of the bank in key order; ONNX has no searchsorted, so a position is a
-     count of keys below), its CANDIDATES smallest (TopK);
+block (the graph's blocks hold 32 queries, so there is one window a block, and the tiles are scanned by all 32):
+  1. the queries' sketches and keys in float64; the scan's float32 product (Gemm) with the rows of the slabs
+     holding the block's keys, 2 `window` rows at least (a Slice of the bank's layout; ONNX has no searchsorted, so a
+     slab's index is a count of slabs below), its CANDIDATES smallest (TopK);
   2. the candidates' direct float32 distances and UB, the k-th of them raised by its rounding bound (ExactSearch
      computes only the k candidates lowest on the finer sketch: a UB as valid, not lower);
-  3. the rows whose keys lie within UB of a query's (a second Slice), of those the rows whose scan bound does not
-     exceed UB (NonZero), less the candidates, and of those the rows the second sketch keeps (float64; ExactSearch:
-     float32, less its rounding): their direct float32 distances, in one padded [n, w] matrix (ScatterND) beside the candidates';
+  3. the rows of the tiles whose box lies within UB of one of the queries (a Gather of tiles), of those the rows
+     whose scan bound does not exceed UB (NonZero), less the candidates, and of those the rows the second sketch
+     keeps (float64; ExactSearch: float32, less its rounding): their direct float32 distances, in one padded [n, w]
+     matrix (ScatterND) beside the candidates';
   4. the rows within float32's rounding of the k-th get their distance in float64; then the rows sorted by bank
      index and the k smallest distances taken with TopK, which puts the lower index first on ties: the ranking is
      (float64 distance, bank index), float64 brute force's.
 Two steps are written differently, with the same guarantee: the threshold is rounded up to float32 by a relative
-margin of 2^-22 (ONNX has no nextafter), and the key range is widened by float32's rounding of the keys (for
-runtimes that compute float64 as float32). Pair distances are computed PAIR_CHUNK pairs at a time (an ONNX Loop). A
-block holds its scan of the rows in key range ([rows, M] at the very worst), a mask and the (query, row) pairs the
+margin of 2^-22 (ONNX has no nextafter), and the reach of the boxes is widened by float32's rounding of the
+coordinates (for runtimes that compute float64 as float32). Pair distances are computed PAIR_CHUNK pairs at a time
+(an ONNX Loop). A block holds its scan of the tiles it reaches ([rows, M] at the very worst), a mask and the (query, row) pairs the
 mask leaves.
 """
 
@@ -31,9 +32,9 @@ from onnxscript import INT64 as INT64_T
 from onnxscript import opset18 as op  # the exporter's default opset: the function is inlined into its graph
 from onnxscript import script
 
-from method.search import FP32_EPS, SLACK, gamma
+from method.search import FP32_EPS, SLAB, SLACK, TILE, gamma
 
-FLOAT, DOUBLE = 1, 11  # ONNX's element types
+FLOAT, INT32, DOUBLE = 1, 6, 11  # ONNX's element types
 PAIR_CHUNK = 2048  # pairs whose distance one Loop step computes: [PAIR_CHUNK, C] differences at a time (written out in pair_distances)
 
 
@@ -76,7 +77,8 @@ def pair_distances64(left: FLOAT_T[...], right: FLOAT_T[...], which: INT64_T[...
     return out
 
 
-def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, keys, order, scan_rows, second_sketch, norm_max):
+def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, slabs, order, boxes, scan_rows, second_sketch,
+              norm_max):
     """patchcore::exact_knn in ONNX ops: squared distances (float64) and bank indices [n, k] of one block of queries."""
     n_rows, width = (int(d) for d in bank.shape)
     d1 = int(scan_rows.shape[1]) - 2
@@ -98,10 +100,11 @@ def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, 
     lhs = op.Concat(scan32, ones, axis=1)  # (s(x), 1), against (-2 s(y), ||s(y)||^2)
     c = min(n_rows, max(candidates, k))
     w = max(window, (c + 1) // 2)  # 2 w >= c rows, or the whole bank
-    a = op.Max(zero, op.Min(op.Sub(below(keys, op.ReduceMin(key, keepdims=0)), ints(w)), ints(n_rows - 2 * w)))
-    b = op.Min(ints(n_rows), op.Max(op.Add(at_most(keys, op.ReduceMax(key, keepdims=0)), ints(w)), ints(2 * w)))
+    start, end = slab_rows(slabs, op.ReduceMin(key, keepdims=0), op.ReduceMax(key, keepdims=0), n_rows)
+    b = op.Min(ints(n_rows), op.Max(end, op.Add(start, ints(2 * w))))  # 2 w rows at least: c candidates
+    a = op.Max(zero, op.Min(start, op.Sub(b, ints(2 * w))))
     _, nearest = op.TopK(op.Gemm(lhs, op.Slice(scan_rows, a, b, zero), transB=1), ints(c), axis=1, largest=0, sorted=1)
-    cand_at = op.Add(nearest, a)  # positions in key order
+    cand_at = op.Add(nearest, a)  # positions
     cand = op.Gather(order, cand_at)  # bank indices
 
     # 2. the candidates' exact float32 distances: UB
@@ -109,25 +112,30 @@ def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, 
     d32 = op.Reshape(pair_distances(queries, bank, each, flat(cand), float64=False), ints(-1, c))
     upper = op.Mul(op.Sqrt(op.Mul(op.Cast(kth(d32, k), to=DOUBLE), f64(1 + 2 * gamma(width + 2)))), f64(1 + SLACK))  # [n, 1]
 
-    # 3. the rows in key range, and of those what the sketches leave
+    # 3. the rows of the tiles the queries reach, and of those what the sketches leave
     scan64 = op.Cast(scan32, to=DOUBLE)
     scan_sq_q = op.ReduceSum(op.Mul(scan64, scan64), one, keepdims=1)
     spread = op.Add(op.Sqrt(scan_sq_q), norm_max)
     margin = op.Add(op.Mul(f64(FP32_EPS), norm_max), op.Mul(f64(SLACK), spread))
     reach = op.Add(upper, margin)
-    # the key range, widened by float32's rounding of the keys (|fl(p1.x) - p1.x| <= gamma_C ||x||, the stored keys'
-    # u |key|): ExactSearch needs no such term, but OpenVINO's CPU plugin computes float64 as float32
-    key_reach = op.Add(reach, op.Mul(f64(gamma(width + 2)), op.Add(op.Sqrt(squared), norm_max)))
-    a = below(keys, op.ReduceMin(op.Sub(key, key_reach), keepdims=0))
-    b = at_most(keys, op.ReduceMax(op.Add(key, key_reach), keepdims=0))
-    partial = op.Gemm(lhs, op.Slice(scan_rows, a, b, zero), transB=1)
+    # the tiles whose box some query reaches; the reach widened by float32's rounding of the two coordinates (each
+    # |fl(p.x) - p.x| <= gamma_C ||x||, the stored boxes' u |p.y|, twice over for the pair): ExactSearch needs no such
+    # term, but OpenVINO's CPU plugin computes float64 as float32
+    box_reach = op.Add(reach, op.Mul(f64(2 * gamma(width + 2)), op.Add(op.Sqrt(squared), norm_max)))  # [n, 1]
+    point = op.Unsqueeze(op.Slice(second, zero, ints(2), one), one)  # [n, 1, 2]
+    low, high = op.Slice(boxes, zero, ints(2), one), op.Slice(boxes, ints(2), ints(4), one)  # [T, 2]: the tiles' boxes
+    gap = op.Add(op.Relu(op.Sub(low, point)), op.Relu(op.Sub(point, high)))  # [n, T, 2]
+    reached = op.LessOrEqual(op.ReduceSum(op.Mul(gap, gap), ints(2), keepdims=0), op.Mul(box_reach, box_reach))  # [n, T]
+    tiles = flat(op.NonZero(op.ReduceMax(op.Cast(reached, to=INT32), zero, keepdims=0)))  # the tiles any query reaches
+    rows = op.Reshape(op.Gather(op.Reshape(scan_rows, ints(-1, TILE * (d1 + 2))), tiles, axis=0), ints(-1, d1 + 2))
+    partial = op.Gemm(lhs, rows, transB=1)
     rounding = op.Mul(f64(gamma(d1 + 4)), op.Mul(spread, spread))
     threshold = op.Sub(op.Add(op.Mul(reach, reach), rounding), scan_sq_q)
     # rounded up to float32: a relative 2^-22 is more than float32's half ulp, 1e-30 more than its smallest spacing
     threshold32 = op.Cast(op.Add(op.Add(threshold, op.Mul(op.Abs(threshold), f64(2.0**-22))), f64(1e-30)), to=FLOAT)  # [n, 1]
     pairs = op.NonZero(op.LessOrEqual(partial, threshold32))
     pair_query, pair_row = (flat(op.Slice(pairs, ints(i), ints(i + 1), zero)) for i in (0, 1))
-    pair_row = op.Add(pair_row, a)  # positions in key order
+    pair_row = op.Add(op.Mul(op.Gather(tiles, op.Div(pair_row, ints(TILE))), ints(TILE)), op.Mod(pair_row, ints(TILE)))  # positions
     second_sq = pair_distances(second, second_sketch, pair_query, pair_row, float64=True)
     lower = op.Sub(op.Sqrt(second_sq), op.Gather(flat(margin), pair_query))
     keep = op.LessOrEqual(lower, op.Gather(flat(upper), pair_query))
@@ -158,14 +166,14 @@ def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, 
     return distances, op.GatherElements(rows_all, order, axis=1)
 
 
-def below(keys, value):
-    """How many keys (ascending) are < value, [1]: torch.searchsorted's left position."""
-    return op.Reshape(op.ReduceSum(op.Cast(op.Less(keys, value), to=7), keepdims=0), ints(1))
-
-
-def at_most(keys, value):
-    """How many keys (ascending) are <= value, [1]: torch.searchsorted's right position."""
-    return op.Reshape(op.ReduceSum(op.Cast(op.LessOrEqual(keys, value), to=7), keepdims=0), ints(1))
+def slab_rows(slabs, low, high, n_rows: int):
+    """ExactSearch.slab_rows: the positions [start, end), each [1], of the slabs that hold every bank row whose key
+    lies in [low, high] (slabs: each slab's lowest and highest key, [2, S]; ONNX has no searchsorted, so a slab's
+    index is a count of slabs)."""
+    lowest, highest = (flat(op.Slice(slabs, ints(i), ints(i + 1), ints(0))) for i in (0, 1))
+    start = op.Mul(op.Reshape(op.ReduceSum(op.Cast(op.Less(highest, low), to=7), keepdims=0), ints(1)), ints(SLAB))
+    end = op.Mul(op.Reshape(op.ReduceSum(op.Cast(op.LessOrEqual(lowest, high), to=7), keepdims=0), ints(1)), ints(SLAB))
+    return start, op.Max(start, op.Min(end, ints(n_rows)))
 
 
 def kth(distances, k: int):

@@ -2,7 +2,7 @@
 
 Three searches, all torch.nn.Modules holding the bank as a buffer, called as search(queries, k):
 - ExactSearch (the default, on every device): the k rows nearest by exact distance, certified. Cheap
-  lower bounds (each row's key and sketch, below) rule out most of the bank without touching it; only
+  lower bounds (each tile's box and each row's sketch, below) rule out most of the bank without touching it; only
   rows they cannot rule out get their distance computed, and the answer is a float64 brute force's;
 - GraphSearch: ExactSearch as an exportable graph (onnx_export.py): a scan over blocks of queries,
   each block one custom operation, patchcore::exact_knn, that onnx_search.py writes in ONNX ops;
@@ -23,12 +23,12 @@ import torch
 SEARCHES = ("exact", "faiss")
 SKETCH_DIMS = (32, 128)  # the sketches' principal directions: the scan of the rows in key range, the second look at what it left
 CANDIDATES = 4  # rows per query, nearest by sketch in its window, of which the k lowest on the finer sketch give UB
-WINDOW = 1024  # rows either side of a window's keys (in key order) among which the candidates are sought
+WINDOW = 1024  # the candidates are sought among the slabs holding a window's keys, 2 WINDOW rows at least
 BLOCK = 1024  # queries per block, in key order (fewer where the block's scan would pass block_bytes)
-WINDOW_QUERIES = 128  # queries per window: consecutive in key order, their candidates come from one slice of the bank
-GROUP = 32  # queries per group of the scan: a group scans the tiles its queries' key ranges reach
-FAR = 1.5  # a query whose UB passes FAR x its block's median UB is grouped with the other far ones
-TILE = 256  # bank rows per tile of the scan, in key order
+WINDOW_QUERIES = 128  # queries per window: consecutive as arranged, their candidates come from one slice of the bank
+GROUP = 32  # queries per chunk of the scan: a tile is scanned by the queries that reach it, GROUP at a time
+TILE = 256  # bank rows per tile of the scan: consecutive positions, within one slab
+SLAB = 2048  # bank rows per slab: consecutive in key order, in order of their second coordinate within (a multiple of TILE)
 FP32_EPS = 2.0**-24  # float32's unit roundoff u
 SLACK = 1e-9  # relative to the norms: more than any float64 rounding in the bounds
 
@@ -65,31 +65,33 @@ class ExactSearch(torch.nn.Module):
     directions, orthonormal (float64). The sketch of a row is s(x) = (P x, ||x - P^T P x||): its projection and
     the length of what the projection leaves out. Then, for every pair,
 
-        |p1.x - p1.y|  <=  ||s(x) - s(y)||,   ||s(x) - s(y)||^2 = ||P(x - y)||^2 + (||Rx|| - ||Ry||)^2
-                                                                <= ||P(x - y)||^2 + ||R(x - y)||^2 = ||q - m||^2
+        ||(p1.x, p2.x) - (p1.y, p2.y)||  <=  ||s(x) - s(y)||,   ||s(x) - s(y)||^2 = ||P(x - y)||^2 + (||Rx|| - ||Ry||)^2
+                                                                          <= ||P(x - y)||^2 + ||R(x - y)||^2 = ||q - m||^2
 
-    (p1: the first direction, its coordinate the row's key; R = I - P^T P; the reverse triangle inequality), so
-    neither the key gap nor the sketch distance ever exceeds the true distance. On patch features the bank's
-    variance sits in few directions and the bounds are tight: at bottle's size the true nearest row lies within a
-    few percent of the bank in key order.
+    (p1, p2: the first two directions, p1.x the row's key; R = I - P^T P; the reverse triangle inequality), so
+    neither the gap on the first two coordinates nor the sketch distance ever exceeds the true distance. On patch
+    features the bank's variance sits in few directions and the bounds are tight: at bottle's size a test patch's
+    UB reaches the boxes of 5 % of the bank's rows, and its sketch bound leaves 0.1 %.
 
-    The bank's sketches are stored in key order, in tiles of TILE rows. Queries are searched in key order, in
-    blocks of BLOCK (fewer where a block's scan would pass `block_bytes`); for each block:
-      1. UB: for each WINDOW_QUERIES consecutive queries, the `window` rows on either side of their keys; among them
-         each query's CANDIDATES nearest by sketch (SKETCH_DIMS[0] directions, one float32 product); the k of those
-         lowest on the finer sketch (SKETCH_DIMS[1] directions) get their exact fp32 distance, whose largest, raised
-         by its rounding bound, is an upper bound UB of the true k-th nearest distance;
-      2. the scan: groups of GROUP queries (consecutive in key order; the far ones, UB above FAR x the block's
-         median, apart) scan the tiles holding rows whose keys lie within UB (+ margin) of a query's; a row is out
-         when its sketch distance, less the product's rounding bound, exceeds UB;
+    The layout: the bank's rows in slabs of SLAB rows consecutive in key order, each slab's rows in order of p2, in
+    tiles of TILE positions; each tile keeps the box its rows span on (p1, p2). The box's distance from a query's
+    (p1.x, p2.x) bounds every row's in the tile. Queries are searched in key order, in blocks of BLOCK (fewer where a
+    block's scan would pass `block_bytes`), a block's queries arranged as the rows are (by slab, then p2):
+      1. UB: for each WINDOW_QUERIES consecutive queries, the slabs holding their keys (2 `window` rows at least);
+         among them each query's CANDIDATES nearest by sketch (SKETCH_DIMS[0] directions, one float32 product); the k
+         of those lowest on the finer sketch (SKETCH_DIMS[1] directions) get their exact fp32 distance, whose largest,
+         raised by its rounding bound, is an upper bound UB of the true k-th nearest distance;
+      2. the scan: a query reaches the tiles whose box lies within UB (+ margin) of it; each tile is scanned by the
+         queries that reach it, GROUP at a time; a row is out when its sketch distance, less the product's rounding
+         bound, exceeds UB;
       3. the second look: of the rows left, those whose finer sketch distance, less its rounding, exceeds UB are
          out; the rows lowest on it may lower UB (their exact distance), and rule out more;
       4. of the rest, the k nearest by (exact distance, bank index); distances close enough to the k-th for float32
          rounding to matter are recomputed in float64, so the ranking is float64's and the same whatever the batch,
          the blocks, the thread count or the instruction set.
     No row is ruled out by an estimate: each bound carries the rounding of the arithmetic that made it, so the
-    result is a float64 brute force's (ties: the lower bank index), for any bank and any queries. The candidates,
-    the window and the groups only decide how tight UB is and how much is scanned: never the answer.
+    result is a float64 brute force's (ties: the lower bank index), for any bank and any queries. The layout, the
+    candidates, the window and the chunks only decide how tight UB is and how much is scanned: never the answer.
     """
 
     def __init__(self, bank: torch.Tensor, candidates: int = CANDIDATES, sketch_dims: tuple[int, int] = SKETCH_DIMS,
@@ -107,10 +109,19 @@ class ExactSearch(torch.nn.Module):
         self.register_buffer("basis", vectors.flip(1)[:, : self.dims[1]].T.contiguous())
         sketches = [self.sketches(rows) for rows in bank.split(4096)]  # float64, made once
         scan, second = (torch.cat(level) for level in zip(*sketches))
-        keys, order = second[:, 0].sort(stable=True)  # the key: the first coordinate, P[0].(m - mean)
-        self.register_buffer("keys", keys)  # float64, ascending
-        self.register_buffer("order", order)  # the bank index of each position in key order
+        # the layout: slabs of SLAB rows in key order (the key: the first coordinate, P[0].(m - mean)), each slab's rows
+        # in order of their second coordinate; positions count rows in this layout
+        keys, by_key = second[:, 0].sort(stable=True)
+        slab = torch.arange(n_rows, device=bank.device) // SLAB
+        within = second[by_key, 1].argsort(stable=True)
+        order = by_key[within[slab[within].argsort(stable=True)]]
+        self.register_buffer("order", order)  # the bank index of each position
+        last = (torch.arange(SLAB, n_rows + SLAB, SLAB, device=bank.device) - 1).clamp_max(n_rows - 1)
+        self.register_buffer("slabs", torch.stack([keys[::SLAB], keys[last]]))  # [2, S]: each slab's lowest and highest key
         scan, second = scan[order], second[order]
+        # each tile's box on the first two coordinates, [T, 4] float64: (lowest p1, lowest p2, highest p1, highest p2)
+        plane = torch.cat([second[:, :2], second[-1:, :2].expand(-n_rows % TILE, 2)]).view(-1, TILE, 2)
+        self.register_buffer("boxes", torch.cat([plane.amin(1), plane.amax(1)], 1))
         self.register_buffer("norm_max", second.norm(dim=1).max())  # ||y|| = ||s(y)|| for every y
         # the scan's product, one matrix: (s(x), 1) . (-2 s(y), ||s(y)||^2) = ||s(y)||^2 - 2 s(x).s(y), float32 [M', d1 + 2],
         # M' = M rounded up to whole tiles: the rows past the bank are (0, +inf), which no bound keeps
@@ -161,14 +172,26 @@ class ExactSearch(torch.nn.Module):
         distances, indices = distances[back], indices[back]
         return (distances if squared else distances.sqrt()).float(), indices
 
-    def positions(self, keys: torch.Tensor, right: bool = False) -> torch.Tensor:
-        """Positions in key order: of the first bank row whose key is >= each of `keys` (> with right=True)."""
-        return torch.searchsorted(self.keys, keys.contiguous(), right=right)
+    def slab_rows(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions [start, end) of the slabs that hold every bank row whose key lies in [low, high]: from the
+        first slab whose highest key is >= low to the last whose lowest key is <= high."""
+        start = SLAB * torch.searchsorted(self.slabs[1], low.contiguous())
+        end = (SLAB * torch.searchsorted(self.slabs[0], high.contiguous(), right=True)).clamp_max(len(self.bank))
+        return start, torch.maximum(start, end)
+
+    def arrangement(self, second: torch.Tensor) -> torch.Tensor:
+        """The order in which a block's queries are searched: by the slab their key falls in, then by their second
+        coordinate, as the bank's rows are laid out, so that consecutive queries reach the same tiles."""
+        slab = torch.searchsorted(self.slabs[1], second[:, 0].contiguous())
+        by_second = second[:, 1].argsort(stable=True)
+        return by_second[slab[by_second].argsort(stable=True)]
 
     def search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances (float64) and bank indices [n, k] of one block of queries in key order (fast when their
-        keys are close)."""
+        """Squared distances (float64) and bank indices [n, k] of one block of queries (fast when their keys are
+        close)."""
         scan, second = self.sketches(q)
+        arranged = self.arrangement(second)
+        q, scan, second = q[arranged], scan[arranged], second[arranged]
         lhs = torch.cat([scan.float(), torch.ones(len(q), 1, device=q.device)], 1)  # (s(x), 1): the scan's left side
         margin = FP32_EPS * self.norm_max + SLACK * (second.norm(dim=1) + self.norm_max)  # the stored sketches' rounding, float64's
         upper = self.upper_bound(q, lhs, second, margin, k)
@@ -176,12 +199,15 @@ class ExactSearch(torch.nn.Module):
         lower = self.finer_lower_bounds(second, margin, which, position)
         upper, known = self.lower_upper_bound(q, which, position, lower, upper, k)
         keep = lower <= upper[which]
-        return self.k_nearest(q, which[keep], self.order[position[keep]], k, known[keep])
+        distances, indices = self.k_nearest(q, which[keep], self.order[position[keep]], k, known[keep])
+        back = torch.empty_like(arranged)
+        back[arranged] = torch.arange(len(q), device=q.device)
+        return distances[back], indices[back]
 
     def upper_bound(self, q: torch.Tensor, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, k: int) -> torch.Tensor:
-        """UB [n] (float64): for each WINDOW_QUERIES queries, the `window` rows either side of their keys (whole tiles,
-        one batched product); each query's c nearest there by sketch; the k of them lowest on the finer sketch get
-        their exact fp32 distance, and the largest, raised by its rounding bound, is UB."""
+        """UB [n] (float64): for each WINDOW_QUERIES queries, the slabs holding their keys, 2 `window` rows at least
+        (whole tiles, one batched product); each query's c nearest there by sketch; the k of them lowest on the finer
+        sketch get their exact fp32 distance, and the largest, raised by its rounding bound, is UB."""
         n, n_rows = len(q), len(self.bank)
         c = min(n_rows, max(self.candidates, k))
         w = max(self.window, (c + 1) // 2)  # 2 w >= c rows, or the whole bank
@@ -189,8 +215,9 @@ class ExactSearch(torch.nn.Module):
         windows, pad = -(-n // size), -n % size
         key = torch.cat([second[:, 0], second[-1:, 0].expand(pad)]).view(windows, size)  # the last window padded
         tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1])
-        low = (self.positions(key[:, 0]) - w).clamp(0, max(0, n_rows - 2 * w))  # 2 w rows at least: c candidates
-        high = (self.positions(key[:, -1], right=True) + w).clamp(min(2 * w, n_rows), n_rows)
+        start, end = self.slab_rows(key.amin(1), key.amax(1))
+        high = torch.maximum(end, start + 2 * w).clamp_max(n_rows)  # 2 w rows at least: c candidates
+        low = torch.minimum(start, high - 2 * w).clamp_min(0)
         first, last = low // TILE, (high + TILE - 1) // TILE
         span = int((last - first).max())
         first = first.clamp_max(len(tiles) - span)
@@ -205,40 +232,37 @@ class ExactSearch(torch.nn.Module):
         return raised(seen.amax(1), q.shape[1])
 
     def scan(self, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pairs (query, position in key order) that the key and the scan's sketch do not rule out. Queries go in
-        groups of GROUP (in key order, the far ones apart); a group scans, in one batched product with the others,
-        the tiles holding the rows whose keys lie within UB (+ margin) of one of its queries' keys. There a row is
-        out when its lower bound exceeds UB: sqrt(sketch distance^2 - rounding) - margin > UB. The product is a sum
-        of d1 + 2 terms whose magnitudes add up to at most (||s(x)|| + ||s(y)||)^2."""
+        """The pairs (query, position) that the tiles' boxes and the scan's sketch do not rule out. A query reaches a
+        tile when its first two coordinates lie within UB (+ margin) of the tile's box (the box's distance bounds every
+        row's); each tile is scanned by the queries that reach it, GROUP at a time, all in one batched product. There a
+        row is out when its lower bound exceeds UB: sqrt(sketch distance^2 - rounding) - margin > UB. The product is a
+        sum of d1 + 2 terms whose magnitudes add up to at most (||s(x)|| + ||s(y)||)^2."""
         n, device = len(lhs), lhs.device
-        key, scan32 = second[:, 0], lhs[:, :-1].double()
-        far = upper > FAR * upper.median()
-        by_group = far.to(torch.int8).argsort(stable=True)  # in key order, the far ones after the others
-        groups, pad = -(-n // GROUP), -n % GROUP
-        members = torch.cat([by_group, by_group[-1:].expand(pad)]).view(groups, GROUP)  # the last group padded
+        scan32 = lhs[:, :-1].double()
         reach = upper + margin
-        first = self.positions((key - reach)[members].amin(1)) // TILE
-        last = torch.maximum((self.positions((key + reach)[members].amax(1), right=True) + TILE - 1) // TILE, first)
-        count = last - first  # tiles each group scans
-        group = torch.repeat_interleave(torch.arange(groups, device=device), count)
-        tile = torch.arange(len(group), device=device) - (torch.cumsum(count, 0) - count)[group] + first[group]
+        low, high = self.boxes[:, :2, None], self.boxes[:, 2:, None]  # [T, 2, 1]: the tiles' boxes
+        gap = (low - second[:, :2].T).clamp_min_(0).add_((second[:, :2].T - high).clamp_min_(0))  # [T, 2, n]: each query's gap
+        tile_of, query_of = (gap.square_().sum(1) <= reach.square()).nonzero(as_tuple=True)  # [T, n]: by tile, then query
+        # each tile's queries in chunks of GROUP: chunk c scans tile chunk_tile[c] for the queries members[c] (n: none)
+        count = torch.bincount(tile_of, minlength=len(self.boxes))
+        chunks = (count + GROUP - 1) // GROUP
+        slot = torch.arange(len(tile_of), device=device) - (torch.cumsum(count, 0) - count)[tile_of]
+        members = torch.full((int(chunks.sum()), GROUP), n, device=device)
+        members[(torch.cumsum(chunks, 0) - chunks)[tile_of] + slot // GROUP, slot % GROUP] = query_of
+        chunk_tile = torch.repeat_interleave(torch.arange(len(chunks), device=device), chunks)
         rounding = gamma(self.dims[0] + 4) * (scan32.norm(dim=1) + self.norm_max) ** 2
         threshold = (upper + margin) ** 2 + rounding - (scan32**2).sum(1)  # ||s(x)||^2 joins the threshold
         threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=device))
-        tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1]).index_select(0, tile).view(len(tile), TILE, -1)
-        partial = torch.bmm(lhs[members[group]], tiles.transpose(1, 2))  # ||s(y)||^2 - 2 s(x).s(y): [pairs of (group, tile), GROUP, TILE]
-        pair, member, row = (partial <= threshold[members[group]][:, :, None]).nonzero(as_tuple=True)
-        which, position = members[group[pair], member], tile[pair] * TILE + row
-        first_seen = torch.ones_like(which, dtype=torch.bool)
-        if pad:  # the padded group repeats its last query: keep each (query, row) once
-            repeated = member >= GROUP - pad
-            first_seen = ~(repeated & (group[pair] == groups - 1))
-        return which[first_seen], position[first_seen]
+        threshold = torch.cat([threshold, threshold.new_full((1,), float("-inf"))])  # the padding's: no row passes
+        tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1]).index_select(0, chunk_tile).view(len(chunk_tile), TILE, -1)
+        partial = torch.bmm(torch.cat([lhs, lhs.new_zeros(1, lhs.shape[1])])[members], tiles.transpose(1, 2))  # [chunks, GROUP, TILE]
+        chunk, member, row = (partial <= threshold[members][:, :, None]).nonzero(as_tuple=True)  # ||s(y)||^2 - 2 s(x).s(y)
+        return members[chunk, member], chunk_tile[chunk] * TILE + row
 
     def finer_lower_bounds(self, second: torch.Tensor, margin: torch.Tensor, which: torch.Tensor, position: torch.Tensor,
                            chunk: int = 65536) -> torch.Tensor:  # fmt: skip
         """Lower bounds of ||q - m|| from the finer sketch, float64 [pairs], for the pairs (queries[which], rows at
-        `position` in key order): ||s(x) - s(y)|| in float32, `chunk` pairs at a time, less its rounding: the query's
+        `position`): ||s(x) - s(y)|| in float32, `chunk` pairs at a time, less its rounding: the query's
         sketch rounded to float32 moves it by u ||s(x)|| at most, and the sum of d2 + 1 squared differences is
         within gamma(d2 + 4) of the exact one, relatively."""
         query = second.float()
@@ -320,17 +344,17 @@ def raised(squared: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.library.custom_op("patchcore::exact_knn", mutates_args=())
 def exact_knn(queries: torch.Tensor, k: int, candidates: int, window: int, bank: torch.Tensor, mean: torch.Tensor,
-              basis: torch.Tensor, keys: torch.Tensor, order: torch.Tensor, scan_rows: torch.Tensor,
+              basis: torch.Tensor, slabs: torch.Tensor, order: torch.Tensor, boxes: torch.Tensor, scan_rows: torch.Tensor,
               second_sketch: torch.Tensor, norm_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """ExactSearch.search_block as one torch operation over its buffers: squared distances (float64) and bank
     indices [n, k]. torch.export sees one node with these static output shapes; onnx_search.py gives its ONNX ops."""
-    buffers = {"bank": bank, "mean": mean, "basis": basis, "keys": keys, "order": order, "scan_rows": scan_rows,
-               "second_sketch": second_sketch, "norm_max": norm_max}  # fmt: skip
+    buffers = {"bank": bank, "mean": mean, "basis": basis, "slabs": slabs, "order": order, "boxes": boxes,
+               "scan_rows": scan_rows, "second_sketch": second_sketch, "norm_max": norm_max}  # fmt: skip
     return ExactSearch.from_buffers(buffers, candidates, window).search_block(queries.float(), k)
 
 
 @exact_knn.register_fake
-def _(queries, k, candidates, window, bank, mean, basis, keys, order, scan_rows, second_sketch, norm_max):
+def _(queries, k, candidates, window, bank, mean, basis, slabs, order, boxes, scan_rows, second_sketch, norm_max):
     return queries.new_empty(len(queries), k, dtype=torch.float64), queries.new_empty(len(queries), k, dtype=torch.long)
 
 
@@ -360,7 +384,8 @@ class GraphSearch(ExactSearch):
         # padded with a whole block of the last query, then cut: a block of a computed size would be a ConstantOfShape
         # whose size OpenVINO cannot prove non-negative
         padded = torch.cat([ordered, ordered[-1:].expand(rows, width)])[: blocks * rows].reshape(blocks, rows, width)
-        buffers = (self.bank, self.mean, self.basis, self.keys, self.order, self.scan_rows, self.second_sketch, self.norm_max)
+        buffers = (self.bank, self.mean, self.basis, self.slabs, self.order, self.boxes, self.scan_rows, self.second_sketch,
+                   self.norm_max)  # fmt: skip
 
         def step(carry: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
             return carry.clone(), torch.ops.patchcore.exact_knn(q, k, self.candidates, self.window, *buffers)

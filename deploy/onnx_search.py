@@ -167,7 +167,7 @@ def exact_knn(queries, k: int, candidates: int, window: int, bank, mean, basis, 
 
 
 def slab_rows(slabs, low, high, n_rows: int):
-    """ExactSearch.slab_rows: the positions [start, end), each [1], of the slabs that hold every bank row whose key
+    """The positions [start, end), each [1], of the slabs that hold every bank row whose key
     lies in [low, high] (slabs: each slab's lowest and highest key, [2, S]; ONNX has no searchsorted, so a slab's
     index is a count of slabs)."""
     lowest, highest = (flat(op.Slice(slabs, ints(i), ints(i + 1), ints(0))) for i in (0, 1))

@@ -23,9 +23,9 @@ import torch
 SEARCHES = ("exact", "faiss")
 SKETCH_DIMS = (32, 128)  # the sketches' principal directions: the scan of the rows in key range, the second look at what it left
 CANDIDATES = 4  # rows per query, nearest by sketch in its window, of which the k lowest on the finer sketch give UB
-WINDOW = 1024  # the candidates are sought among the slabs holding a window's keys, 2 WINDOW rows at least
+WINDOW = 256  # positions either side of a window's home tiles among which the candidates are sought
 BLOCK = 1024  # queries per block, in key order (fewer where the block's scan would pass block_bytes)
-WINDOW_QUERIES = 128  # queries per window: consecutive as arranged, their candidates come from one slice of the bank
+WINDOW_QUERIES = 32  # queries per window: consecutive as arranged, their candidates come from one slice of the bank
 GROUP = 32  # queries per chunk of the scan: a tile is scanned by the queries that reach it, GROUP at a time
 TILE = 256  # bank rows per tile of the scan: consecutive positions, within one slab
 SLAB = 2048  # bank rows per slab: consecutive in key order, in order of their second coordinate within (a multiple of TILE)
@@ -76,8 +76,9 @@ class ExactSearch(torch.nn.Module):
     The layout: the bank's rows in slabs of SLAB rows consecutive in key order, each slab's rows in order of p2, in
     tiles of TILE positions; each tile keeps the box its rows span on (p1, p2). The box's distance from a query's
     (p1.x, p2.x) bounds every row's in the tile. Queries are searched in key order, in blocks of BLOCK (fewer where a
-    block's scan would pass `block_bytes`), a block's queries arranged as the rows are (by slab, then p2):
-      1. UB: for each WINDOW_QUERIES consecutive queries, the slabs holding their keys (2 `window` rows at least);
+    block's scan would pass `block_bytes`), a block's queries arranged as the rows are (by their home: the tile where
+    rows like them lie, in the slab of their key, by their p2; then by p2):
+      1. UB: for each WINDOW_QUERIES consecutive queries, the rows within `window` positions of their home tiles;
          among them each query's CANDIDATES nearest by sketch (SKETCH_DIMS[0] directions, one float32 product); the k
          of those lowest on the finer sketch (SKETCH_DIMS[1] directions) get their exact fp32 distance, whose largest,
          raised by its rounding bound, is an upper bound UB of the true k-th nearest distance;
@@ -172,52 +173,51 @@ class ExactSearch(torch.nn.Module):
         distances, indices = distances[back], indices[back]
         return (distances if squared else distances.sqrt()).float(), indices
 
-    def slab_rows(self, low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The positions [start, end) of the slabs that hold every bank row whose key lies in [low, high]: from the
-        first slab whose highest key is >= low to the last whose lowest key is <= high."""
-        start = SLAB * torch.searchsorted(self.slabs[1], low.contiguous())
-        end = (SLAB * torch.searchsorted(self.slabs[0], high.contiguous(), right=True)).clamp_max(len(self.bank))
-        return start, torch.maximum(start, end)
-
-    def arrangement(self, second: torch.Tensor) -> torch.Tensor:
-        """The order in which a block's queries are searched: by the slab their key falls in, then by their second
-        coordinate, as the bank's rows are laid out, so that consecutive queries reach the same tiles."""
-        slab = torch.searchsorted(self.slabs[1], second[:, 0].contiguous())
-        by_second = second[:, 1].argsort(stable=True)
-        return by_second[slab[by_second].argsort(stable=True)]
+    def home(self, second: torch.Tensor) -> torch.Tensor:
+        """Each query's home in the layout [n]: the first position of the tile where a row like it would lie (in the
+        slab its key falls in, the first tile whose box reaches up to its p2; the slab's last tile if none)."""
+        per, n_tiles = SLAB // TILE, len(self.boxes)
+        first = per * torch.searchsorted(self.slabs[1], second[:, 0].contiguous()).clamp_max(self.slabs.shape[1] - 1)
+        last = (first + per).clamp_max(n_tiles) - 1
+        tiles = torch.minimum(first[:, None] + torch.arange(per, device=second.device), last[:, None])
+        below = (self.boxes[tiles, 3] < second[:, 1, None]).sum(1)  # the slab's tiles whose rows all lie below its p2
+        return TILE * torch.minimum(first + below, last)
 
     def search_block(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances (float64) and bank indices [n, k] of one block of queries (fast when their keys are
         close)."""
         scan, second = self.sketches(q)
-        arranged = self.arrangement(second)
-        q, scan, second = q[arranged], scan[arranged], second[arranged]
+        home = self.home(second)
+        by_second = second[:, 1].argsort(stable=True)
+        arranged = by_second[home[by_second].argsort(stable=True)]  # as the rows are laid out: by home, then p2
+        q, scan, second, home = q[arranged], scan[arranged], second[arranged], home[arranged]
         lhs = torch.cat([scan.float(), torch.ones(len(q), 1, device=q.device)], 1)  # (s(x), 1): the scan's left side
         margin = FP32_EPS * self.norm_max + SLACK * (second.norm(dim=1) + self.norm_max)  # the stored sketches' rounding, float64's
-        upper = self.upper_bound(q, lhs, second, margin, k)
+        upper, candidates, seen = self.upper_bound(q, lhs, second, margin, home, k)
         which, position = self.scan(lhs, second, margin, upper)
         lower = self.finer_lower_bounds(second, margin, which, position)
-        upper, known = self.lower_upper_bound(q, which, position, lower, upper, k)
+        upper, known = self.lower_upper_bound(q, which, position, lower, upper, candidates, seen, k)
         keep = lower <= upper[which]
         distances, indices = self.k_nearest(q, which[keep], self.order[position[keep]], k, known[keep])
         back = torch.empty_like(arranged)
         back[arranged] = torch.arange(len(q), device=q.device)
         return distances[back], indices[back]
 
-    def upper_bound(self, q: torch.Tensor, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, k: int) -> torch.Tensor:
-        """UB [n] (float64): for each WINDOW_QUERIES queries, the slabs holding their keys, 2 `window` rows at least
+    def upper_bound(self, q: torch.Tensor, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, home: torch.Tensor,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """UB [n] (float64): for each WINDOW_QUERIES queries, their home tiles and the `window` positions either side
         (whole tiles, one batched product); each query's c nearest there by sketch; the k of them lowest on the finer
-        sketch get their exact fp32 distance, and the largest, raised by its rounding bound, is UB."""
+        sketch get their exact fp32 distance, and the largest, raised by its rounding bound, is UB. Also returns those
+        k rows' positions and exact fp32 distances, [n, k] each."""
         n, n_rows = len(q), len(self.bank)
         c = min(n_rows, max(self.candidates, k))
         w = max(self.window, (c + 1) // 2)  # 2 w >= c rows, or the whole bank
         size = min(WINDOW_QUERIES, n)
         windows, pad = -(-n // size), -n % size
-        key = torch.cat([second[:, 0], second[-1:, 0].expand(pad)]).view(windows, size)  # the last window padded
+        home = torch.cat([home, home[-1:].expand(pad)]).view(windows, size)  # the last window padded
         tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1])
-        start, end = self.slab_rows(key.amin(1), key.amax(1))
-        high = torch.maximum(end, start + 2 * w).clamp_max(n_rows)  # 2 w rows at least: c candidates
-        low = torch.minimum(start, high - 2 * w).clamp_min(0)
+        low = (home.amin(1) - w).clamp(0, max(0, n_rows - 2 * w))  # 2 w rows at least: c candidates
+        high = (home.amax(1) + TILE + w).clamp(min(2 * w, n_rows), n_rows)
         first, last = low // TILE, (high + TILE - 1) // TILE
         span = int((last - first).max())
         first = first.clamp_max(len(tiles) - span)
@@ -229,7 +229,7 @@ class ExactSearch(torch.nn.Module):
         lower = self.finer_lower_bounds(second, margin, every.repeat_interleave(c), nearest.flatten()).view(n, c)
         chosen = nearest.gather(1, lower.topk(k, dim=1, largest=False).indices)
         seen = self.exact_fp32(q, every.repeat_interleave(k), self.order[chosen.flatten()]).view(n, k)
-        return raised(seen.amax(1), q.shape[1])
+        return raised(seen.amax(1), q.shape[1]), chosen, seen
 
     def scan(self, lhs: torch.Tensor, second: torch.Tensor, margin: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The pairs (query, position) that the tiles' boxes and the scan's sketch do not rule out. A query reaches a
@@ -240,9 +240,11 @@ class ExactSearch(torch.nn.Module):
         n, device = len(lhs), lhs.device
         scan32 = lhs[:, :-1].double()
         reach = upper + margin
-        low, high = self.boxes[:, :2, None], self.boxes[:, 2:, None]  # [T, 2, 1]: the tiles' boxes
-        gap = (low - second[:, :2].T).clamp_min_(0).add_((second[:, :2].T - high).clamp_min_(0))  # [T, 2, n]: each query's gap
-        tile_of, query_of = (gap.square_().sum(1) <= reach.square()).nonzero(as_tuple=True)  # [T, n]: by tile, then query
+        low1, low2, high1, high2 = self.boxes.T.contiguous()[:, :, None]  # [T, 1] each: the tiles' boxes on p1, p2
+        p1, p2 = second[:, 0].contiguous(), second[:, 1].contiguous()  # the queries' first two coordinates
+        gap1 = (low1 - p1).clamp_min_(0).add_((p1 - high1).clamp_min_(0))  # [T, n]: how far each query is off each box
+        gap2 = (low2 - p2).clamp_min_(0).add_((p2 - high2).clamp_min_(0))
+        tile_of, query_of = (gap1.square_().add_(gap2.square_()) <= reach.square()).nonzero(as_tuple=True)  # by tile, then query
         # each tile's queries in chunks of GROUP: chunk c scans tile chunk_tile[c] for the queries members[c] (n: none)
         count = torch.bincount(tile_of, minlength=len(self.boxes))
         chunks = (count + GROUP - 1) // GROUP
@@ -274,19 +276,23 @@ class ExactSearch(torch.nn.Module):
         return (squares / (1 + gamma(second.shape[1] + 3))).sqrt() - own[which]
 
     def lower_upper_bound(self, q: torch.Tensor, which: torch.Tensor, position: torch.Tensor, lower: torch.Tensor,
-                          upper: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                          upper: torch.Tensor, candidates: torch.Tensor, seen: torch.Tensor,
+                          k: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """UB again, from the rows the scan left: each query's k lowest on the finer sketch get their exact fp32
-        distance (k = 1: every row at the lowest). Returns the lower of the two UBs [n], and the exact distances
-        computed, by pair (NaN where not computed)."""
+        distance (k = 1: every row at the lowest), unless UB's candidates (positions [n, k], their distances `seen`)
+        hold it already. Returns the lower of the two UBs [n], and the exact distances known, by pair (NaN elsewhere)."""
         n, device = len(q), q.device
+        match = position[:, None] == candidates[which]  # [pairs, k]: the pair is one of its query's candidates
+        from_ub = seen[which].gather(1, match.to(torch.uint8).argmax(1, keepdim=True)).squeeze(1)
+        known = torch.where(match.any(1), from_ub, float("nan"))
         if k == 1:  # any one row's distance bounds the nearest's
             lowest = torch.full((n,), float("inf"), dtype=lower.dtype, device=device).scatter_reduce(0, which, lower, "amin")
             chosen = (lower == lowest[which]).nonzero().squeeze(1)
         else:  # the k lowest rows of each query (it has k or more: the true k are never ruled out)
             chosen = first_k(which, n, k, lower).flatten()
-        seen = self.exact_fp32(q, which[chosen], self.order[position[chosen]])
-        known = torch.full((len(which),), float("nan"), device=device)
-        known[chosen] = seen
+        todo = chosen[known[chosen].isnan()]
+        known[todo] = self.exact_fp32(q, which[todo], self.order[position[todo]])
+        seen = known[chosen]
         if k == 1:
             bound = torch.full((n,), float("inf"), device=device).scatter_reduce(0, which[chosen], seen, "amin")
         else:

@@ -328,7 +328,7 @@ class ExactSearch(torch.nn.Module):
         return d64[first], rows[first]
 
     def describe(self) -> str:
-        return (f"exact: key and sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "
+        return (f"exact: box and sketch bounds ({self.dims[0]} and {self.dims[1]} principal directions) rule rows out, "
                 f"the rest ranked by exact distance (float64 where float32 could tie)")
 
 

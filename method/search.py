@@ -253,7 +253,7 @@ class ExactSearch(torch.nn.Module):
         members[(torch.cumsum(chunks, 0) - chunks)[tile_of] + slot // GROUP, slot % GROUP] = query_of
         chunk_tile = torch.repeat_interleave(torch.arange(len(chunks), device=device), chunks)
         rounding = gamma(self.dims[0] + 4) * (scan32.norm(dim=1) + self.norm_max) ** 2
-        threshold = (upper + margin) ** 2 + rounding - (scan32**2).sum(1)  # ||s(x)||^2 joins the threshold
+        threshold = reach**2 + rounding - (scan32**2).sum(1)  # ||s(x)||^2 joins the threshold
         threshold = torch.nextafter(threshold.float(), torch.tensor(float("inf"), device=device))
         threshold = torch.cat([threshold, threshold.new_full((1,), float("-inf"))])  # the padding's: no row passes
         tiles = self.scan_rows.view(-1, TILE * self.scan_rows.shape[1]).index_select(0, chunk_tile).view(len(chunk_tile), TILE, -1)
